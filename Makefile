@@ -19,8 +19,9 @@ DM ?= runs/dm/$(DATASET)$(if $(SUBSET),-n$(SUBSET)-s$(SUBSET_SEED))-$(PRESET)
 SHARDS ?= shards/$(DATASET)$(if $(SUBSET),-n$(SUBSET)-s$(SUBSET_SEED))/$(notdir $(DM))-seed$(SEED)
 VAE ?= runs/vae/$(DATASET)$(if $(SUBSET),-n$(SUBSET)-s$(SUBSET_SEED))-dmaapx-k$(SCALE)-seed$(SEED)
 SUBSET_ARGS := $(if $(SUBSET),--subset $(SUBSET) --subset-seed $(SUBSET_SEED))
+LAST_VAE = $(if $(filter command line,$(origin VAE)),,$(shell ls -td runs/vae/*/ 2>/dev/null | head -n 1))
 
-.PHONY: help setup test test-slow lint data dm shards train eval demo
+.PHONY: help setup test test-slow lint data dm shards train eval demo compare ablation overparam mix dm-subsets
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,3 +42,39 @@ lint: ## ruff
 
 data: ## data/<DATASET>.zarr from the official files (SUBSET=N for a seeded balanced subset)
 	$(BIN)/vaegen data $(DATASET) $(if $(SUBSET),--subset $(SUBSET) --seed $(SUBSET_SEED))
+
+dm: data ## train the diffusion model p_DM (PRESET=tiny|small|paper) into $(DM)
+	$(BIN)/vaegen dm train --dataset $(DATASET) $(SUBSET_ARGS) --preset $(PRESET) --out $(DM) $(if $(wildcard $(DM)/checkpoints),--resume)
+
+shards: ## SCALE x |D_train| DM samples into $(SHARDS); trains the DM first if there is none
+	@if [ ! -f $(DM)/dm.json ]; then $(MAKE) dm; fi
+	$(BIN)/vaegen generate --dm $(DM) --scale $(SCALE) --seed $(SEED) --out $(SHARDS)
+
+train: data ## a VAE on the first SCALE x |D_train| shard samples (DMaaPx) into $(VAE)
+	$(BIN)/vaegen train --dataset $(DATASET) $(SUBSET_ARGS) --shards $(SHARDS) --scale $(SCALE) --epochs $(EPOCHS) --seed $(SEED) --out $(VAE)
+
+eval: ## the gaps of the most recently trained VAE (or VAE=runs/vae/NAME)
+	$(BIN)/vaegen eval $(or $(LAST_VAE),$(VAE))
+
+# --- studies (STUDY_PRESET=demo|cpu|paper); each is resumable: rerunning skips finished runs ---------------
+STUDY_PRESET ?= cpu
+SCALES ?=
+STUDY_ARGS = --dataset $(DATASET) --preset $(STUDY_PRESET) $(if $(SCALES),--scales "$(SCALES)")
+
+demo: ## the whole pipeline at tiny scale (minutes on a CPU); prints the report's path
+	$(BIN)/vaegen study demo --preset demo --dataset fmnist
+
+compare: ## Normal vs DMaaPx vs Aug.Naive vs Aug.Tuned, 3 seeds (paper table 7)
+	$(BIN)/vaegen study compare $(STUDY_ARGS)
+
+ablation: ## sample-size ablation over SCALES="1 2 5 10 ..."
+	$(BIN)/vaegen study ablation $(STUDY_ARGS)
+
+overparam: ## m_z and n_c sweeps of the conv VAE (paper figures 6-8)
+	$(BIN)/vaegen study overparam $(STUDY_ARGS)
+
+mix: ## real/synthetic mixtures (appendix B.7)
+	$(BIN)/vaegen study mix $(STUDY_ARGS)
+
+dm-subsets: ## DMs trained on subsets of D_train (appendix B.8)
+	$(BIN)/vaegen study dm-subsets $(STUDY_ARGS)

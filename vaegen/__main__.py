@@ -1,0 +1,3 @@
+from vaegen.cli import main
+
+main(prog_name="vaegen")
