@@ -1,0 +1,332 @@
+"""The evaluation run, in one file: a trained VAE run dir -> <run>/eval/gaps.json + <run>/eval/per_example.zarr.
+
+    run dir check -> load VAE + real D_train / D_test (from the run's config.json) -> preprocess once
+    -> G_g (ELBO train vs test) -> G_a (q* per datapoint) -> G_r (attack + MS-SSIM)
+    -> IWAE log p(x) -> PSNR -> probes -> write eval/ under a temporary name, then rename.
+
+Every number in gaps.json is a mean over images with a 95% confidence interval (mean +- 1.96 standard errors;
+for G_r also over attack seeds), next to every setting that produced it. Settings the paper fixes are the
+defaults (`paper_config`); `--quick` shrinks the work for a CPU smoke run (`quick_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from evaluator.attack import AttackConfig
+from evaluator.gaps import (
+    PosteriorOptConfig,
+    amortization_gap,
+    amortized_elbo,
+    batches,
+    reconstruct,
+    robustness_gap,
+)
+from evaluator.likelihood import iwae_log_px
+from evaluator.msssim import MSSSIMConfig
+from evaluator.probes import probe_accuracies, psnr
+from trainer.models import MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, load_vae
+from vaegen.data import open_dataset, store_path
+from vaegen.errors import VaegenError
+from vaegen.provenance import fsync_dir, read_json, run_record, sha256_file, write_json_atomic
+
+GAPS = ("generalization", "amortization", "robustness")
+# Written by the trainer (trainer/train.py): the training config, and the completion marker written last.
+RUN_CONFIG_NAME, RUN_DONE_NAME = "config.json", "done.json"
+EVAL_DIR_NAME = "eval"
+
+# The paper's attack settings per dataset: (delta, PGD iterations, test images); 10 seeds and step size 1.0
+# for all. MNIST in grey levels is an MNIST-type set like its binarized twin.
+PAPER_ATTACK = {
+    "binary-mnist": (0.1, 50, 50),
+    "mnist": (0.1, 50, 50),
+    "fmnist": (0.1, 50, 50),
+    "cifar10": (0.05, 100, 20),
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    run_dir: str
+    gaps: tuple[str, ...] = GAPS
+    seed: int = 0
+    device: str = "cpu"
+    quick: bool = False
+    # generalization gap
+    elbo_samples: int = 10  # MC samples per image for the amortized ELBO
+    train_images: int | None = None  # None: the full split (the paper); else a seeded subsample
+    test_images: int | None = None
+    # amortization gap
+    amortization_images: int | None = None  # None: all of D_test (the paper)
+    posterior_opt: PosteriorOptConfig = field(default_factory=PosteriorOptConfig)
+    # robustness gap
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(delta=0.1, iterations=50))
+    attack_images: int = 50
+    attack_seeds: int = 10
+    msssim: MSSSIMConfig = field(default_factory=MSSSIMConfig)
+    # beyond the paper
+    iwae_k: int = 5000  # 0 skips IWAE
+    iwae_images: int | None = None  # None: every image used for the generalization gap
+    probes: bool = False
+    probe_train_images: int | None = 10000  # RBF-SVM training is quadratic in this
+    batch_size: int = 1000  # images per forward pass / per q* optimization batch
+    max_decode: int = 8192  # at most this many latents decoded at once (bounds memory)
+
+
+# How much is decoded at once, per architecture: the conv decoder keeps ~20 maps of n_c x 32 x 32 per image
+# alive (under autograd for q*), the FC decoder a few kilobytes. Results do not depend on these.
+BATCHING = {
+    "conv": {"batch_size": 128, "max_decode": 512, "posterior_opt.batch_size": 128},
+}
+
+
+def paper_config(run_dir, dataset: str, arch: str = "fc", **overrides) -> EvalConfig:
+    """The paper's settings for `dataset`; anything in `overrides` that is not None replaces them."""
+    delta, iterations, images = PAPER_ATTACK.get(dataset, PAPER_ATTACK["fmnist"])
+    base = EvalConfig(run_dir=str(run_dir), attack=AttackConfig(delta=delta, iterations=iterations),
+                      attack_images=images)
+    return _override(_override(base, BATCHING.get(arch, {})), overrides)
+
+
+def quick_config(run_dir, dataset: str, arch: str = "fc", **overrides) -> EvalConfig:
+    """Minutes on a CPU: subsampled splits, a shorter q* optimization, k=100, fewer attacked images and seeds."""
+    paper = paper_config(run_dir, dataset, arch)
+    quick = dataclasses.replace(
+        paper, quick=True, elbo_samples=1, train_images=1000, test_images=1000, amortization_images=100,
+        posterior_opt=dataclasses.replace(paper.posterior_opt, max_iters=300, eval_samples=20),
+        attack_images=10, attack_seeds=3, iwae_k=100, iwae_images=200, probe_train_images=1000,
+    )
+    return _override(quick, overrides)
+
+
+def _override(config: EvalConfig, overrides: dict) -> EvalConfig:
+    """Replace top-level fields, or nested ones given as 'posterior_opt.lr' / 'attack.delta'."""
+    top, nested = {}, {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if "." in key:
+            group, name = key.split(".", 1)
+            nested.setdefault(group, {})[name] = value
+        else:
+            top[key] = value
+    for group, values in nested.items():
+        top[group] = dataclasses.replace(getattr(config, group), **values)
+    return dataclasses.replace(config, **top)
+
+
+# --- inputs ------------------------------------------------------------------------------------------------
+
+def read_run(run_dir: Path) -> tuple[dict, dict]:
+    """The training config and the model build config of a finished VAE run; a one-line error otherwise."""
+    expected = (RUN_CONFIG_NAME, MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, RUN_DONE_NAME)
+    missing = [n for n in expected if not (run_dir / n).is_file()]
+    if missing:
+        raise VaegenError(f"{run_dir} is not a finished VAE run (missing {', '.join(missing)}); "
+                          "pass a runs/vae/NAME directory written by vaegen-train")
+    configs = []
+    for name in (RUN_CONFIG_NAME, MODEL_CONFIG_NAME):
+        try:
+            configs.append(read_json(run_dir / name))
+        except (OSError, ValueError) as e:
+            raise VaegenError(f"{run_dir / name} is not valid JSON ({e})") from None
+        if not isinstance(configs[-1], dict):
+            raise VaegenError(f"{run_dir / name} is not a JSON object")
+    run_config, model_config = configs
+    if "dataset" not in run_config:
+        raise VaegenError(f"{run_dir / RUN_CONFIG_NAME} does not name the dataset the VAE was trained on")
+    return run_config, model_config
+
+
+def real_split(run_config: dict, split: str):
+    """D_train / D_test exactly as the run defined them (same dataset, subset and subset seed)."""
+    return open_dataset(run_config["dataset"], split, run_config.get("subset"), run_config.get("subset_seed", 0),
+                        run_config.get("data_root", "data"))
+
+
+def seeded_subsample(n: int, size: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded subsample of range(n) of `size` (all of them when size is None or >= n)."""
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def _ci(mean: float, se: float | None) -> list[float] | None:
+    return None if se is None else [mean - 1.96 * se, mean + 1.96 * se]
+
+
+def mean_ci(values) -> dict:
+    """Mean with a 95% normal confidence interval over independent values (none from a single value)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+    mean = float(v.mean())
+    return {"mean": mean, "se": se, "ci95": _ci(mean, se), "n": len(v)}
+
+
+def difference_ci(a, b) -> dict:
+    """mean(a) - mean(b) for independent samples, with a 95% confidence interval."""
+    ma, mb = mean_ci(a), mean_ci(b)
+    gap = ma["mean"] - mb["mean"]
+    se = None if None in (ma["se"], mb["se"]) else math.sqrt(ma["se"] ** 2 + mb["se"] ** 2)
+    return {"gap": gap, "se": se, "ci95": _ci(gap, se)}
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+
+def evaluate(config: EvalConfig) -> Path:
+    """Run every requested measurement and write <run_dir>/eval/; returns that directory."""
+    run_dir = Path(config.run_dir)
+    run_config, _ = read_run(run_dir)
+    unknown = sorted(set(config.gaps) - set(GAPS))
+    if unknown:
+        raise VaegenError(f"unknown gap(s) {', '.join(unknown)}; choose from {', '.join(GAPS)}")
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    vae = load_vae(run_dir, device)
+    vae.requires_grad_(False)  # every gradient below is w.r.t. images or posterior parameters, never weights
+    train, test = real_split(run_config, "train"), real_split(run_config, "test")
+    if train.images.shape[1:] != vae.image_shape:
+        raise VaegenError(f"the VAE in {run_dir} takes images {vae.image_shape}, but {run_config['dataset']} "
+                          f"has {train.images.shape[1:]}")
+
+    def generator(offset: int) -> torch.Generator:
+        # one independent stream per measurement, so adding one never changes another's numbers
+        return torch.Generator(device=device).manual_seed(config.seed * 1000 + offset)
+
+    def preprocess(images_u8: np.ndarray, offset: int) -> torch.Tensor:
+        # binary-mnist: one fixed binarization per image for the whole evaluation
+        return vae.preprocess(torch.from_numpy(images_u8).to(device), generator(offset))
+
+    train_idx = seeded_subsample(len(train.images), config.train_images, config.seed)
+    test_idx = seeded_subsample(len(test.images), config.test_images, config.seed + 1)
+    x_train, x_test = preprocess(train.images[train_idx], 1), preprocess(test.images[test_idx], 2)
+    summary, arrays = {}, {"train/index": train_idx, "test/index": test_idx}
+    common = {"batch_size": config.batch_size, "max_decode": config.max_decode}
+
+    if "generalization" in config.gaps:
+        elbo_train = amortized_elbo(vae, x_train, config.elbo_samples, generator(3), desc="ELBO train", **common)
+        elbo_test = amortized_elbo(vae, x_test, config.elbo_samples, generator(4), desc="ELBO test", **common)
+        arrays["train/elbo"], arrays["test/elbo"] = elbo_train, elbo_test
+        summary["generalization"] = {
+            **difference_ci(elbo_train.cpu(), elbo_test.cpu()),
+            "elbo_train": mean_ci(elbo_train.cpu()), "elbo_test": mean_ci(elbo_test.cpu()),
+            "mc_samples_per_image": config.elbo_samples,
+            "definition": "mean ELBO(real D_train) - mean ELBO(D_test), encoder posterior",
+        }
+
+    if "amortization" in config.gaps:
+        pick = seeded_subsample(len(x_test), config.amortization_images, config.seed + 2)
+        result = amortization_gap(vae, x_test[pick], config.posterior_opt, generator(5), config.max_decode)
+        converged = (result.iterations < config.posterior_opt.max_iters).float().mean()
+        arrays.update({"amortization/index": test_idx[pick], "amortization/elbo": result.elbo,
+                       "amortization/elbo_star": result.elbo_star, "amortization/iterations": result.iterations})
+        gap = mean_ci(result.gap.cpu())
+        summary["amortization"] = {
+            "gap": gap["mean"], "se": gap["se"], "ci95": gap["ci95"], "n_images": gap["n"],
+            "elbo": mean_ci(result.elbo.cpu()), "elbo_star": mean_ci(result.elbo_star.cpu()),
+            "iterations_mean": float(result.iterations.float().mean()), "converged_fraction": float(converged),
+            "optimizer": dataclasses.asdict(config.posterior_opt),
+            "definition": "mean over D_test of ELBO*(x) - ELBO(x); q* diagonal Gaussian per datapoint, "
+                          "Adam from the encoder's output, decoder frozen; both ELBOs share their noise draws",
+        }
+
+    if "robustness" in config.gaps:
+        pick = seeded_subsample(len(x_test), config.attack_images, config.seed + 3)
+        seeds = [config.seed * 1000 + i for i in range(config.attack_seeds)]
+        result = robustness_gap(vae, x_test[pick], config.attack, seeds, config.msssim, config.batch_size)
+        per_seed = result.gap.mean(1).cpu()
+        over_seeds = mean_ci(per_seed)
+        arrays.update({"robustness/index": test_idx[pick], "robustness/seeds": np.asarray(seeds),
+                       "robustness/msssim_input": result.msssim_input, "robustness/msssim_recon": result.msssim_recon,
+                       "robustness/skl": result.skl})
+        summary["robustness"] = {
+            "gap": over_seeds["mean"], "se": over_seeds["se"], "ci95": over_seeds["ci95"],
+            "ci_over": "attack seeds (per-seed mean over images)", "per_seed": per_seed.tolist(),
+            "over_images": mean_ci(result.gap.mean(0).cpu()),
+            "msssim_input": mean_ci(result.msssim_input.cpu()), "msssim_recon": mean_ci(result.msssim_recon.cpu()),
+            "symmetric_kl": mean_ci(result.skl.cpu()), "n_images": len(pick), "seeds": seeds,
+            "attack": dataclasses.asdict(config.attack), "msssim_config": config.msssim.describe(),
+            "definition": "E[MS-SSIM(x_r, x_a) - MS-SSIM(x~_r, x~_a)], x_a = L-inf PGD maximizing "
+                          "SKL(q(z|x_r), q(z|x_a)), x~ = decoder mean at the posterior mean",
+        }
+
+    if config.iwae_k > 0:
+        log_px = {}
+        for split, x, offset in (("train", x_train, 6), ("test", x_test, 7)):
+            pick = seeded_subsample(len(x), config.iwae_images, config.seed + offset)
+            xs, gen = x[pick], generator(offset)
+            log_px[split] = torch.cat([
+                iwae_log_px(vae, xs[sl], config.iwae_k, gen, config.max_decode, progress=True)
+                for sl in batches(len(xs), config.batch_size, f"IWAE k={config.iwae_k} {split}")
+            ])
+            arrays[f"{split}/iwae_index"] = (train_idx if split == "train" else test_idx)[pick]
+            arrays[f"{split}/iwae"] = log_px[split]
+        summary["log_likelihood"] = {
+            "k": config.iwae_k, "train": mean_ci(log_px["train"].cpu()), "test": mean_ci(log_px["test"].cpu()),
+            "generalization_gap": difference_ci(log_px["train"].cpu(), log_px["test"].cpu()),
+            "definition": "IWAE bound log (1/k) sum p(x, z_i)/q(z_i|x), encoder proposal",
+        }
+
+    reconstructions = torch.cat([reconstruct(vae, x_test[sl]) for sl in batches(len(x_test), config.batch_size)])
+    arrays["test/psnr"] = psnr(x_test, reconstructions)
+    summary["psnr"] = {"test": mean_ci(arrays["test/psnr"].clamp(max=100).cpu()),
+                       "definition": "10 log10(1 / MSE(x, x~)) in dB, x~ = decoder mean at the posterior mean"}
+
+    if config.probes:
+        probe_idx = seeded_subsample(len(x_train), config.probe_train_images, config.seed + 4)
+        features = {split: torch.cat([vae.encode(x[sl])[0] for sl in batches(len(x), config.batch_size)]).cpu()
+                    for split, x in (("train", x_train[probe_idx]), ("test", x_test))}
+        accuracies = probe_accuracies(features["train"].numpy(), train.labels[train_idx][probe_idx],
+                                      features["test"].numpy(), test.labels[test_idx], config.seed)
+        summary["probes"] = {"test_accuracy": accuracies, "n_train": len(probe_idx), "n_test": len(x_test),
+                             "features": "posterior means of the encoder"}
+
+    summary.update({
+        "run_dir": str(run_dir), "dataset": run_config["dataset"], "model": vae.config,
+        "units": "nats per image, summed over pixels; x in [0, 1] (densities for gaussian, probabilities for "
+                 "bernoulli/dmol); MS-SSIM in [0, 1]; PSNR in dB",
+        "n_train": len(train_idx), "n_test": len(test_idx),
+        "provenance": run_record(config, inputs={
+            "model_sha256": sha256_file(run_dir / MODEL_WEIGHTS_NAME),
+            "data_store": str(store_path(run_config["dataset"], run_config.get("subset"),
+                                         run_config.get("subset_seed", 0), run_config.get("data_root", "data"))),
+            "data_store_attrs": {"train": train.attrs.get("sources"), "subset": train.attrs.get("subset")},
+        }),
+    })
+    return write_eval_dir(run_dir, summary, arrays)
+
+
+def write_eval_dir(run_dir: Path, summary: dict, arrays: dict) -> Path:
+    """Write gaps.json + per_example.zarr under a temporary name, then swap it in for <run>/eval."""
+    import zarr
+
+    final = run_dir / EVAL_DIR_NAME
+    tmp = run_dir / f".{EVAL_DIR_NAME}.tmp-{os.getpid()}"
+    old = run_dir / f".{EVAL_DIR_NAME}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        root = zarr.open_group(str(tmp / "per_example.zarr"), mode="w", zarr_format=3)
+        for name, values in tqdm(sorted(arrays.items()), desc="write", leave=False):
+            data = values.detach().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
+            root.create_array(name, data=data)
+        root.attrs.update({"description": "per-image evaluation arrays; */index are rows of the run's real "
+                                          "D_train / D_test; see gaps.json for settings"})
+        write_json_atomic(tmp / "gaps.json", summary)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(run_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return final

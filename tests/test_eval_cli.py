@@ -1,0 +1,150 @@
+"""`vaegen eval` end to end on tiny run directories: outputs, refusals, determinism, atomic replacement."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from trainer.models import build_vae, save_vae
+from vaegen.cli import main
+
+QUICK_SMALL = ["--quick", "--iwae-k", "20", "--qstar-max-iters", "60", "--attack-iters", "5", "--attack-images", "4",
+               "--attack-seeds", "2"]
+
+
+def write_tiny_store(root: Path, dataset="fmnist", channels=1, likelihood="gaussian", n_train=80, n_test=40):
+    """data/<dataset>.zarr in the vaegen.data contract: a bright square whose position is the label."""
+    rng = np.random.default_rng(0)
+    group = zarr.open_group(str(root / f"{dataset}.zarr"), mode="w", zarr_format=3)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = (np.arange(n) % 4).astype(np.uint8)
+        images = rng.integers(0, 40, (n, channels, 32, 32)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            r, c = divmod(int(label), 2)
+            images[i, :, 4 + 14 * r: 14 + 14 * r, 4 + 14 * c: 14 + 14 * c] = 230
+        g = group.create_group(split)
+        g.create_array("images", data=images)
+        g.create_array("labels", data=labels)
+    group.attrs.update({"dataset": dataset, "channels": channels, "likelihood": likelihood, "image_size": 32,
+                        "subset": None, "sources": {}})
+
+
+def write_run(run: Path, data_root: Path, done=True, dataset="fmnist", model=None) -> Path:
+    """A finished run dir as the trainer leaves it: model files, config.json naming the data, done.json."""
+    torch.manual_seed(0)
+    save_vae(build_vae(model or {"arch": "fc", "hidden": 32, "dataset": dataset}), run)
+    (run / "config.json").write_text(json.dumps({"dataset": dataset, "subset": None, "subset_seed": 0,
+                                                 "data_root": str(data_root)}))
+    if done:
+        (run / "done.json").write_text("{}")
+    return run
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    write_tiny_store(tmp_path / "data")
+    return write_run(tmp_path / "runs" / "vae" / "tiny", tmp_path / "data")
+
+
+def invoke(*args):
+    torch.set_num_threads(1)
+    return CliRunner().invoke(main, ["eval", *map(str, args)])
+
+
+def test_eval_writes_gaps_json_and_per_example_arrays(run_dir):
+    result = invoke(run_dir, *QUICK_SMALL, "--probes")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_dir / "eval" / "gaps.json").read_text())
+    for key in ("generalization", "amortization", "robustness", "log_likelihood", "psnr", "probes"):
+        assert key in summary
+    for gap in ("generalization", "amortization", "robustness"):
+        lo, hi = summary[gap]["ci95"]
+        assert lo <= summary[gap]["gap"] <= hi
+    assert summary["amortization"]["gap"] > 0  # an optimized q* beats the (untrained) encoder
+    assert summary["robustness"]["msssim_config"]["kernel_size"] == 7
+    assert summary["robustness"]["attack"]["delta"] == 0.1  # fmnist's paper setting
+    assert summary["provenance"]["config"]["iwae_k"] == 20
+    assert set(summary["probes"]["test_accuracy"]) == {"logistic_regression", "linear_svm", "rbf_svm", "knn5"}
+    arrays = zarr.open_group(str(run_dir / "eval" / "per_example.zarr"), mode="r")
+    assert arrays["train/elbo"].shape == (80,) and arrays["test/elbo"].shape == (40,)
+    assert arrays["amortization/elbo_star"].shape == (40,)
+    assert arrays["robustness/msssim_input"].shape == (2, 4)
+    assert np.isfinite(arrays["test/iwae"][...]).all()
+    np.testing.assert_allclose(np.mean(arrays["amortization/elbo_star"][...] - arrays["amortization/elbo"][...]),
+                               summary["amortization"]["gap"], rtol=1e-5)
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []  # no temp dirs left
+
+
+@pytest.mark.parametrize("dataset,channels,model,delta", [
+    ("binary-mnist", 1, {"arch": "fc", "hidden": 32, "likelihood": "bernoulli"}, 0.1),
+    ("cifar10", 3, {"arch": "conv", "channels": 3, "n_c": 8, "likelihood": "dmol", "n_mix": 2}, 0.05),
+])
+def test_eval_handles_bernoulli_and_dmol_models_with_their_paper_attack_settings(tmp_path, dataset, channels,
+                                                                                  model, delta):
+    write_tiny_store(tmp_path / "data", dataset, channels, model["likelihood"], n_train=24, n_test=12)
+    run = write_run(tmp_path / "run", tmp_path / "data", dataset=dataset, model=model)
+    result = invoke(run, *QUICK_SMALL, "--qstar-max-iters", "20")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "eval" / "gaps.json").read_text())
+    assert summary["robustness"]["attack"]["delta"] == delta
+    values = [summary[g]["gap"] for g in ("generalization", "amortization", "robustness")]
+    values += [summary["log_likelihood"]["test"]["mean"], summary["psnr"]["test"]["mean"]]
+    assert np.isfinite(values).all(), values
+    assert summary["amortization"]["gap"] > 0
+
+
+def test_eval_is_reproducible_and_replaces_the_previous_eval(run_dir):
+    args = (run_dir, *QUICK_SMALL, "--gaps", "amortization,robustness", "--iwae-k", "0")
+    assert invoke(*args).exit_code == 0
+    first = json.loads((run_dir / "eval" / "gaps.json").read_text())
+    assert "generalization" not in first and "log_likelihood" not in first
+    assert invoke(*args).exit_code == 0
+    second = json.loads((run_dir / "eval" / "gaps.json").read_text())
+    for gap in ("amortization", "robustness"):
+        assert first[gap]["gap"] == second[gap]["gap"]
+    assert [p.name for p in run_dir.iterdir() if "eval" in p.name] == ["eval"]
+
+
+@pytest.mark.parametrize("breakage", ["no done.json", "no model", "no config"])
+def test_eval_refuses_a_directory_that_is_not_a_finished_run(tmp_path, breakage):
+    write_tiny_store(tmp_path / "data")
+    run = write_run(tmp_path / "run", tmp_path / "data", done=breakage != "no done.json")
+    if breakage == "no model":
+        (run / "model.safetensors").unlink()
+    if breakage == "no config":
+        (run / "config.json").unlink()
+    result = invoke(run, "--quick")
+    assert result.exit_code == 2
+    assert "not a finished VAE run" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (run / "eval").exists()
+
+
+def test_eval_rejects_an_unknown_gap_in_one_line(run_dir):
+    result = invoke(run_dir, "--gaps", "generalization,robustnes")
+    assert result.exit_code == 2
+    assert "robustnes" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (run_dir / "eval").exists()
+
+
+def test_eval_refuses_a_run_whose_data_store_is_missing(tmp_path):
+    run = write_run(tmp_path / "run", tmp_path / "nowhere")
+    result = invoke(run, "--quick")
+    assert result.exit_code == 2 and "no dataset store" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_eval_runs_on_a_vae_trained_by_vaegen_train(tmp_path):
+    write_tiny_store(tmp_path / "data")
+    run = tmp_path / "runs" / "vae" / "trained"
+    trained = CliRunner().invoke(main, ["train", "--dataset", "fmnist", "--source", "real", "--out", str(run),
+                                        "--data-root", str(tmp_path / "data"), "--epochs", "2", "--eval-every", "1",
+                                        "--batch-size", "40"])
+    assert trained.exit_code == 0, trained.output
+    result = invoke(run, *QUICK_SMALL)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "eval" / "gaps.json").read_text())
+    assert summary["model"]["arch"] == "fc" and summary["n_train"] == 80
