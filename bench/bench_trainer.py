@@ -1,0 +1,111 @@
+"""Training throughput from shards (trainer.data.ShardSource, webdataset) vs from in-memory tensors.
+
+Same FC VAE, same batch size, same number of images, measured side by side in one run (epochs alternate
+between the two paths; medians): the ratio shards / in-memory must be >= 0.9, i.e. the loader is never the
+bottleneck.
+The shard run is written here (random FashionMNIST-shaped images; the pixel values do not matter for speed).
+
+    .venv/bin/python bench/bench_trainer.py [--n 10000 --epochs 6 --device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from trainer.data import ShardSource, open_shard_pool
+from trainer.models import build_vae
+from vaegen.shardformat import BLOCK_SIZE, pack_block, shard_name
+
+
+def write_shards(run_dir: Path, images: np.ndarray, shard_size: int) -> None:
+    shardlist = []
+    for j, first in enumerate(range(0, len(images), shard_size)):
+        path = run_dir / shard_name(j)
+        count = min(shard_size, len(images) - first)
+        with wds.TarWriter(str(path)) as sink:
+            for b in range(first, first + count, BLOCK_SIZE):
+                sink.write(pack_block(images[b:min(b + BLOCK_SIZE, first + count)], b))
+        digest, size = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
+        (run_dir / f"shard-{j:06d}.done.json").write_text(json.dumps(
+            {"shard": j, "first": first, "count": count, "sha256": digest, "filesize": size}))
+        shardlist.append({"url": path.name, "nsamples": count, "filesize": size, "sha256": digest})
+    (run_dir / "index.json").write_text(json.dumps({"__kind__": "wids-shard-index-v1", "shardlist": shardlist}))
+    (run_dir / "generation.json").write_text(json.dumps(
+        {"dataset": "fmnist", "channels": 1, "image_size": 32, "n_train": None}))
+
+
+class Trainer:
+    """The FC VAE training step, timed per epoch for a given batch iterator."""
+
+    def __init__(self, device: str):
+        torch.manual_seed(0)
+        self.device = device
+        self.vae = build_vae({"arch": "fc"}).to(device)
+        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=1e-3)
+
+    def epoch_rate(self, batches) -> float:
+        seen, start = 0, time.perf_counter()
+        for images in batches:
+            x = self.vae.preprocess(images.to(self.device, non_blocking=True))
+            loss = -self.vae(x).mean()
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            seen += len(images)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return seen / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10000, help="images per effective epoch (N)")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per path")
+    parser.add_argument("--scale", type=int, default=3, help="pool of scale*N shard samples")
+    parser.add_argument("--shard-size", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    pool_images = rng.integers(0, 256, (args.scale * args.n, 1, 32, 32), dtype=np.uint8)
+    in_memory = torch.from_numpy(pool_images[:args.n].copy())
+
+    def memory_batches(epoch):
+        order = torch.randperm(args.n, generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, args.n, args.batch_size):
+            yield in_memory[order[i:i + args.batch_size]]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp)
+        write_shards(run_dir, pool_images, args.shard_size)
+        pool = open_shard_pool(run_dir, "fmnist", (1, 32, 32), args.n, args.scale)
+        source = ShardSource(pool, args.n, args.batch_size, seed=0)
+        trainer = Trainer(args.device)
+        rates = {"in-memory": [], "shards": []}
+        # Alternate epoch by epoch on the same model, so both paths see the same machine load (the CPU may be
+        # shared); the shard path's epochs include its first, unprefetched, load.
+        for epoch in range(args.epochs):
+            rates["in-memory"].append(trainer.epoch_rate(memory_batches(epoch)))
+            rates["shards"].append(trainer.epoch_rate(source.batches(epoch)))
+        source.close()
+    median = {k: float(np.median(v)) for k, v in rates.items()}
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, N={args.n}, batch {args.batch_size}, "
+          f"FC VAE, {args.epochs} alternating epochs per path (median)")
+    for name, values in rates.items():
+        print(f"  {name:10s} {median[name]:9.0f} img/s   (per epoch: {', '.join(f'{v:.0f}' for v in values)})")
+    ratio = median["shards"] / median["in-memory"]
+    print(f"ratio shards / in-memory = {ratio:.3f}  ({'OK' if ratio >= 0.9 else 'BELOW'} the 0.9 target)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The training loop and its CLI: outputs, exact resume, NaN stop, and one-line errors on bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from test_trainer_data import write_shard_run
+
+import trainer.train as train_module
+from trainer.models import FCVAE, load_vae
+from trainer.train import TrainConfig, train
+from vaegen.cli import main
+from vaegen.data import store_path
+
+torch.set_num_threads(1)
+
+
+def write_store(root, dataset="fmnist", n_train=48, n_test=24, subset=None, seed=0, channels=1):
+    """A tiny dataset store in the layout `vaegen data` writes (smooth random images, seeded)."""
+    rng = np.random.default_rng(seed)
+    group = zarr.open_group(str(store_path(dataset, subset, seed, root)), mode="w", zarr_format=3)
+    for split, n in (("train", n_train), ("test", n_test)):
+        coarse = rng.integers(0, 256, (n, channels, 8, 8)).astype(np.uint8)
+        images = np.repeat(np.repeat(coarse, 4, axis=2), 4, axis=3)
+        g = group.create_group(split)
+        g.create_array("images", data=images, chunks=images.shape)
+        g.create_array("labels", data=(np.arange(n) % 10).astype(np.uint8), chunks=(n,))
+    group.attrs.update({"dataset": dataset, "channels": channels, "image_size": 32,
+                        "likelihood": "gaussian" if dataset in ("fmnist", "mnist") else
+                        {"binary-mnist": "bernoulli", "cifar10": "dmol"}[dataset], "subset": None})
+    return root
+
+
+def small_config(tmp_path, **overrides):
+    base = dict(dataset="fmnist", out=str(tmp_path / "run"), source="real", data_root=str(tmp_path / "data"),
+                epochs=6, eval_every=2, checkpoint_every=2, batch_size=16, eval_batch_size=16, seed=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def metrics(run_dir):
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in lines]
+
+
+def test_training_writes_config_metrics_model_and_done_marker(tmp_path):
+    write_store(tmp_path / "data")
+    out = train(small_config(tmp_path))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint", "config.json", "done.json", "metrics.jsonl", "model.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "fmnist" and config["subset"] is None and config["data_root"].endswith("data")
+    assert config["arch"] == "fc" and config["likelihood"] == "gaussian" and config["lr"] == 1e-3
+    assert config["n_train"] == 48 and "code_version" in config["run_record"]
+    points = metrics(out)
+    assert [m["epoch"] for m in points] == [2, 4, 6] and [m["images"] for m in points] == [96, 192, 288]
+    assert points[-1]["train_elbo"] > points[0]["train_elbo"]  # it learns
+    assert all(np.isfinite(m["test_elbo"]) for m in points)
+    vae = load_vae(out)
+    assert vae.config["arch"] == "fc" and vae.config["sigma"] == 0.1
+
+
+def test_same_seed_gives_bit_identical_runs(tmp_path):
+    write_store(tmp_path / "data")
+    a = train(small_config(tmp_path, out=str(tmp_path / "a"), epochs=2))
+    b = train(small_config(tmp_path, out=str(tmp_path / "b"), epochs=2))
+    assert metrics(a) == metrics(b)
+
+
+@pytest.mark.parametrize("source", ["real", "shards"])
+def test_interrupted_run_resumes_to_the_uninterrupted_runs_exact_metrics_and_weights(tmp_path, monkeypatch, source):
+    write_store(tmp_path / "data")
+    extra = {}
+    if source == "shards":
+        write_shard_run(tmp_path / "shards", 48 * 3, 40, n_train=48)
+        extra = dict(source="shards", shards=str(tmp_path / "shards"), scale=3)
+    full = train(small_config(tmp_path, out=str(tmp_path / "full"), **extra))
+
+    real_generator = train_module.generator
+
+    def crash_in_epoch_5(device, *keys):
+        seed, epoch, rank, batch, purpose = (keys + (None,) * 5)[:5]
+        if purpose == train_module.BINARIZE and epoch == 4 and batch == 1:
+            raise KeyboardInterrupt("simulated kill in the middle of epoch 5")
+        return real_generator(device, *keys)
+
+    monkeypatch.setattr(train_module, "generator", crash_in_epoch_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tmp_path, out=str(tmp_path / "resumed"), **extra))
+    monkeypatch.setattr(train_module, "generator", real_generator)
+    resumed = tmp_path / "resumed"
+    assert json.loads((resumed / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 4
+    assert not (resumed / "done.json").exists() and not (resumed / "model.json").exists()
+    train(small_config(tmp_path, out=str(resumed), resume=True, **extra))
+
+    assert metrics(resumed) == metrics(full)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_exit_2_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    write_store(tmp_path / "data")
+    original = FCVAE.decode
+    calls = {"n": 0}
+
+    def decode_nan_in_epoch_3(self, z):
+        calls["n"] += 1
+        params = original(self, z)
+        return params * float("nan") if calls["n"] > 6 and self.training else params  # 3 steps per epoch
+
+    monkeypatch.setattr(FCVAE, "decode", decode_nan_in_epoch_3)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--dataset", "fmnist", "--source", "real", "--data-root",
+                                       str(tmp_path / "data"), "--epochs", "5", "--batch-size", "16",
+                                       "--checkpoint-every", "1", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "loss became nan in epoch 3" in result.output
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 2
+    assert not (out / "model.json").exists() and not (out / "done.json").exists()
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, ["train", *map(str, args)])
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    return result, error_lines
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("no-store", "no dataset store"), ("wrong-dataset", "are 'cifar10' samples"),
+    ("wrong-shape", "hold (3, 32, 32) images"), ("corrupt", "does not match the sha256"),
+    ("empty-pool", "the pool is empty"), ("too-small", "the pool needs"),
+    ("augment-shards", "--augment augments real data"), ("no-shards", "training on shards needs --shards"),
+])
+def test_bad_input_stops_before_training_with_one_line_and_exit_2(tmp_path, problem, message):
+    data, shards, out = tmp_path / "data", tmp_path / "shards", tmp_path / "run"
+    if problem != "no-store":
+        write_store(data)
+    if problem == "wrong-dataset":
+        write_shard_run(shards, 96, 48, dataset="cifar10")
+    elif problem == "wrong-shape":
+        write_shard_run(shards, 96, 48, channels=3)
+    elif problem == "too-small":
+        write_shard_run(shards, 40, 20)
+    elif problem in ("corrupt", "augment-shards", "no-store"):
+        write_shard_run(shards, 96, 48)
+        if problem == "corrupt":
+            blob = bytearray((shards / "shard-000001.tar").read_bytes())
+            blob[2000] ^= 1
+            (shards / "shard-000001.tar").write_bytes(bytes(blob))
+    elif problem == "empty-pool":
+        write_shard_run(shards, 96, 48)
+        (shards / "index.json").write_text(json.dumps({"__kind__": "wids-shard-index-v1", "shardlist": []}))
+    args = ["--dataset", "fmnist", "--data-root", data, "--epochs", 1, "--out", out]
+    if problem != "no-shards":
+        args += ["--shards", shards]
+    if problem == "augment-shards":
+        args += ["--augment", "naive"]
+    result, errors = run_cli(*args)
+    assert result.exit_code == 2, result.output
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_existing_run_needs_resume_and_a_finished_run_is_skipped(tmp_path):
+    write_store(tmp_path / "data")
+    args = ["--dataset", "fmnist", "--source", "real", "--data-root", tmp_path / "data", "--epochs", 1,
+            "--batch-size", 16, "--out", tmp_path / "run"]
+    assert run_cli(*args)[0].exit_code == 0
+    result, errors = run_cli(*args)
+    assert result.exit_code == 2 and "holds a finished run" in errors[0]
+    result, _ = run_cli(*args, "--resume")
+    assert result.exit_code == 0 and "already finished" in result.output
+    (tmp_path / "run" / "done.json").unlink()
+    result, errors = run_cli(*args[:-2], "--seed", 5, *args[-2:], "--resume")
+    assert result.exit_code == 2 and "different settings (seed)" in errors[0]
+
+
+def test_binary_mnist_trains_a_bernoulli_vae_and_augmented_and_mixed_sources_train(tmp_path):
+    write_store(tmp_path / "data", dataset="binary-mnist")
+    out = train(small_config(tmp_path, dataset="binary-mnist", epochs=1, eval_every=1, out=str(tmp_path / "b")))
+    assert load_vae(out).likelihood.name == "bernoulli" and metrics(out)[0]["test_elbo"] < 0
+    out = train(small_config(tmp_path, dataset="binary-mnist", epochs=1, augment="tuned", out=str(tmp_path / "a")))
+    assert json.loads((out / "config.json").read_text())["data"]["augment_ops"] == [
+        "translate", "scale", "aniso_scale", "rotate"]
+    write_shard_run(tmp_path / "shards", 96, 48, dataset="binary-mnist")
+    out = train(small_config(tmp_path, dataset="binary-mnist", epochs=2, source="shards", mix_real=0.5,
+                             shards=str(tmp_path / "shards"), out=str(tmp_path / "m")))
+    assert json.loads((out / "config.json").read_text())["data"]["kind"] == "mixed"
+
+
+def cli_env():
+    import os
+    return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+
+
+@pytest.mark.slow
+def test_sigkilled_process_resumes_to_the_uninterrupted_runs_exact_metrics(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_store(tmp_path / "data", n_train=96)
+    write_shard_run(tmp_path / "shards", 96 * 4, 50, n_train=96)
+    args = [sys.executable, "-m", "trainer", "--dataset", "fmnist", "--data-root", str(tmp_path / "data"),
+            "--shards", str(tmp_path / "shards"), "--epochs", "40", "--eval-every", "2", "--checkpoint-every", "1",
+            "--batch-size", "8"]
+    subprocess.run([*args, "--out", str(tmp_path / "full")], check=True, env=cli_env(), capture_output=True)
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
+    while proc.poll() is None and not (state.exists() and json.loads(state.read_text())["epoch"] >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "done.json").exists(), "the run finished before it could be killed"
+    subprocess.run([*args, "--out", str(tmp_path / "killed"), "--resume"], check=True, env=cli_env(),
+                   capture_output=True)
+    assert metrics(tmp_path / "killed") == metrics(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_two_process_run_on_cpu_trains_on_disjoint_shards_with_equal_batch_counts(tmp_path):
+    """A real 2-process run (torchrun + Accelerate on gloo): unequal batch counts would hang or fail DDP."""
+    import subprocess
+    import sys
+
+    write_store(tmp_path / "data", n_train=96)
+    write_shard_run(tmp_path / "shards", 96 * 2, 20, n_train=96)  # epochs cut through shards unevenly
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer",
+                    "--dataset", "fmnist", "--data-root", str(tmp_path / "data"), "--shards", str(tmp_path / "shards"),
+                    "--epochs", "3", "--eval-every", "1", "--batch-size", "16", "--out", str(out)],
+                   check=True, env=cli_env(), capture_output=True, timeout=300)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_processes"] == 2 and (out / "done.json").exists()
+    assert sorted(p.name for p in (out / "checkpoint").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    assert [m["epoch"] for m in metrics(out)] == [1, 2, 3]
+
+
+def test_bf16_run_trains_with_float32_elbos(tmp_path):
+    # A subprocess: Accelerate fixes the mixed-precision mode once per process.
+    import subprocess
+    import sys
+
+    write_store(tmp_path / "data")
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "trainer", "--dataset", "fmnist", "--source", "real", "--data-root",
+                    str(tmp_path / "data"), "--epochs", "2", "--eval-every", "1", "--batch-size", "16", "--bf16",
+                    "--out", str(out)], check=True, env=cli_env(), capture_output=True, timeout=300)
+    points = metrics(out)
+    assert json.loads((out / "config.json").read_text())["bf16"] is True
+    assert len(points) == 2 and all(np.isfinite(m["train_elbo"]) for m in points)

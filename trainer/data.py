@@ -1,0 +1,378 @@
+"""The one place that knows how training data becomes batches of uint8 images.
+
+Every source yields, per effective epoch, this process's share of the epoch as uint8 batches (B, C, H, W);
+one effective epoch is N = |D_train| images summed over all processes.
+
+    ShardSource      DMaaPx: samples of the diffusion model, streamed from WebDataset shards. The pool is the
+                     first K*N samples (K = --scale); epoch e uses pool samples [(e mod K)*N, (e mod K + 1)*N),
+                     so K epochs see fresh samples and epoch K repeats epoch 0's set (in a new order).
+    RealSource       the zarr training split (optionally a subset store), reshuffled every epoch.
+    MixedSource      a fraction f of each epoch's N images real (a fresh random f*N of D_train), the rest the
+                     first (1 - f)*N samples of the epoch's pool range.
+    AugmentedSource  any source with ADA-style augmentation applied to each batch (trainer.augment).
+
+Multi-process (Accelerate): shards are split between processes whole (disjoint shards per process), by a
+seeded per-epoch assignment that balances image counts; real images by a seeded per-epoch permutation.
+Processes pad their share by repeating some of their own images to the largest share, so every process runs
+the same number of equally sized batches (like torch's DistributedSampler). We assign shards ourselves rather
+than with webdataset's `split_by_node` because that splits round-robin without balancing or equalizing counts.
+
+An epoch's share (at most N images: 60 MB for FashionMNIST, 150 MB for CIFAR-10) is decoded once, block by
+block, into one array while the previous epoch trains (a background thread), then shuffled and cut into
+batches: the loader never waits on per-image decoding and the shuffle is a true permutation of the epoch.
+Everything random is a function of (seed, epoch, process), so an epoch can be replayed exactly on resume.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from vaegen.errors import VaegenError
+from vaegen.provenance import read_json, sha256_file
+from vaegen.shardformat import GENERATION_NAME, INDEX_NAME, read_index, unpack_block
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from a tuple of non-negative ints (seed, epoch, process, purpose, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+# --- the shard pool ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    first: int  # sample index of its first image (from the completion marker)
+    count: int
+    offset: int  # pool position of its first image
+
+
+@dataclass(frozen=True)
+class ShardPool:
+    """A verified prefix of a shard run: pool positions 0 .. size-1 are the run's first `size` samples."""
+
+    run_dir: Path
+    shards: tuple[Shard, ...]
+    size: int
+    generation: dict
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part [lo, hi) (pool positions) of one shard that an epoch uses."""
+
+    shard: Shard
+    lo: int
+    hi: int
+
+    @property
+    def count(self) -> int:
+        return self.hi - self.lo
+
+
+def expand_shard_spec(spec: str | Path) -> tuple[Path, list[Path]]:
+    """A run directory (its index.json lists the shards) or a brace pattern of shard paths in one directory."""
+    path = Path(spec)
+    if path.is_dir():
+        try:
+            index = read_index(path)
+        except FileNotFoundError:
+            raise VaegenError(f"{path} has no {INDEX_NAME}; is it a shard run directory (vaegen generate)?") from None
+        except ValueError as e:
+            raise VaegenError(str(e)) from None
+        return path, [path / entry["url"] for entry in index["shardlist"]]
+    if not path.exists() and "{" not in str(spec):
+        raise VaegenError(f"no shard run directory or shard file at {spec}")
+    paths = [Path(p) for p in wds.shardlists.expand_urls(str(spec))]
+    parents = {p.parent for p in paths}
+    if len(parents) != 1:
+        raise VaegenError(f"--shards {spec} names shards in several directories; give one run's shards")
+    return parents.pop(), paths
+
+
+def marker_path(shard_path: Path) -> Path:
+    return shard_path.with_name(shard_path.name.removesuffix(".tar") + ".done.json")
+
+
+def open_shard_pool(spec: str | Path, dataset: str, image_shape: tuple[int, int, int], n_train: int,
+                    scale: int | None = None) -> ShardPool:
+    """Check a shard run against the dataset and return its pool of K*N samples (K = scale, default: as many
+    whole epochs as the run holds). Refuses, with a one-line VaegenError, a run of another dataset or image
+    shape, shards without completion markers, shards whose sha256 differs from their marker, and a pool of
+    fewer than N samples."""
+    run_dir, paths = expand_shard_spec(spec)
+    generation_path = run_dir / GENERATION_NAME
+    if not generation_path.is_file():
+        raise VaegenError(f"{run_dir} has no {GENERATION_NAME}; not a shard run written by vaegen generate")
+    generation = read_json(generation_path)
+    if generation.get("dataset") != dataset:
+        raise VaegenError(f"shards in {run_dir} are {generation.get('dataset')!r} samples, not {dataset!r}")
+    shard_shape = (generation.get("channels"), generation.get("image_size"), generation.get("image_size"))
+    if shard_shape != tuple(image_shape):
+        raise VaegenError(f"shards in {run_dir} hold {shard_shape} images, {dataset} needs {tuple(image_shape)}")
+    if not paths:
+        raise VaegenError(f"{spec} names no shards: the pool is empty")
+
+    shards, offset = [], 0
+    for path in paths:
+        marker = marker_path(path)
+        if not path.is_file() or not marker.is_file():
+            raise VaegenError(f"{path} is missing or unfinished (no {marker.name}); finish generation or "
+                              "check with `vaegen shards verify`")
+        info = read_json(marker)
+        if shards and info["first"] != shards[-1].first + shards[-1].count:
+            raise VaegenError(f"{path} starts at sample {info['first']}, not right after the previous shard; "
+                              "give a contiguous range of shards")
+        shards.append(Shard(path, int(info["first"]), int(info["count"]), offset))
+        offset += int(info["count"])
+    total = offset
+    if scale is None:
+        scale = total // n_train
+    size = scale * n_train
+    if size == 0 or size > total:
+        raise VaegenError(f"the pool needs K*N = {max(scale, 1)}*{n_train} samples but {spec} holds {total}; "
+                          "generate more samples or lower --scale")
+    used = tuple(s for s in shards if s.offset < size)
+    check_shards(used, desc=f"verify {run_dir.name}")
+    pool = ShardPool(run_dir, used, size, generation)
+    check_block_shape(pool, image_shape)
+    return pool
+
+
+def check_shards(shards: tuple[Shard, ...], desc: str = "verify shards") -> None:
+    """Size and sha256 of every shard against its completion marker (a corrupt or truncated shard is refused)."""
+    for shard in tqdm(shards, desc=desc, unit="shard", disable=len(shards) < 8, leave=False):
+        marker = read_json(marker_path(shard.path))
+        if "filesize" in marker and shard.path.stat().st_size != marker["filesize"]:
+            raise VaegenError(f"{shard.path} is {shard.path.stat().st_size} bytes, its marker says "
+                              f"{marker['filesize']}: truncated or replaced; regenerate it")
+        if sha256_file(shard.path) != marker["sha256"]:
+            raise VaegenError(f"{shard.path} does not match the sha256 in {marker_path(shard.path).name}: "
+                              "corrupt; regenerate it")
+
+
+def check_block_shape(pool: ShardPool, image_shape: tuple[int, int, int]) -> None:
+    """Read the first block of the pool to confirm the image shape and dtype the metadata promises."""
+    pipeline = wds.DataPipeline(wds.SimpleShardList([str(pool.shards[0].path)]), wds.tarfile_to_samples())
+    for sample in pipeline:
+        images, _ = unpack_block(sample)
+        if images.dtype != np.uint8 or tuple(images.shape[1:]) != tuple(image_shape):
+            raise VaegenError(f"{pool.shards[0].path} holds {images.dtype} {images.shape[1:]} images, "
+                              f"expected uint8 {tuple(image_shape)}")
+        return
+    raise VaegenError(f"{pool.shards[0].path} holds no images")
+
+
+def epoch_range(epoch: int, n: int, pool_size: int) -> tuple[int, int]:
+    """Pool positions [lo, lo + n) of effective epoch `epoch` (0-based): fresh for K = pool_size / n epochs."""
+    scale = pool_size // n
+    lo = (epoch % scale) * n
+    return lo, lo + n
+
+
+def pieces_in_range(pool: ShardPool, lo: int, hi: int) -> list[Piece]:
+    return [Piece(s, max(lo, s.offset), min(hi, s.offset + s.count))
+            for s in pool.shards if s.offset < hi and s.offset + s.count > lo]
+
+
+def assign_pieces(pieces: list[Piece], world_size: int, seed: int, epoch: int) -> list[list[Piece]]:
+    """Whole shard pieces -> one list per process, disjoint, counts balanced greedily (largest first, in a
+    seeded per-epoch order so which process reads which shard changes every epoch)."""
+    if len(pieces) < world_size:
+        raise VaegenError(f"an epoch spans {len(pieces)} shard(s) but {world_size} processes train: each process "
+                          "needs its own shards; write smaller shards or use fewer processes")
+    order = np.random.default_rng(derive_seed(seed, epoch, 1)).permutation(len(pieces))
+    order = sorted(order, key=lambda i: -pieces[i].count)  # stable: ties keep the seeded order
+    shares: list[list[Piece]] = [[] for _ in range(world_size)]
+    totals = [0] * world_size
+    for i in order:
+        r = totals.index(min(totals))
+        shares[r].append(pieces[i])
+        totals[r] += pieces[i].count
+    return shares
+
+
+def read_pieces(pieces: list[Piece], image_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Stream the shards of `pieces` with webdataset; keep the images in each piece's range.
+    Returns (images (n, C, H, W) uint8, pool positions (n,))."""
+    if not pieces:
+        return np.zeros((0, *image_shape), np.uint8), np.zeros(0, np.int64)
+    by_path = {str(p.shard.path): p for p in pieces}
+    pipeline = wds.DataPipeline(wds.SimpleShardList(list(by_path)), wds.tarfile_to_samples())
+    images, positions = [], []
+    try:
+        for sample in pipeline:
+            piece = by_path[sample["__url__"]]
+            block, indices = unpack_block(sample)
+            if block.dtype != np.uint8 or tuple(block.shape[1:]) != tuple(image_shape):
+                raise VaegenError(f"{sample['__url__']} holds {block.dtype} {block.shape[1:]} images, "
+                                  f"expected uint8 {tuple(image_shape)}")
+            pos = indices - piece.shard.first + piece.shard.offset
+            keep = (pos >= piece.lo) & (pos < piece.hi)
+            if keep.any():
+                images.append(block[keep])
+                positions.append(pos[keep])
+    except (OSError, ValueError, KeyError) as e:  # a tar or npy that went bad after verification
+        raise VaegenError(f"cannot read shards ({type(e).__name__}: {e}); run `vaegen shards verify`") from None
+    images, positions = np.concatenate(images), np.concatenate(positions)
+    expected = sum(p.count for p in pieces)
+    if len(images) != expected:
+        raise VaegenError(f"shards {', '.join(by_path)} yielded {len(images)} of the {expected} images their "
+                          "markers promise; run `vaegen shards verify`")
+    return images, positions
+
+
+def pad_to(images: np.ndarray, target: int) -> np.ndarray:
+    """Repeat images cyclically to `target` rows (equal shares on every process)."""
+    if len(images) == target:
+        return images
+    if len(images) == 0:
+        raise VaegenError("a process got no images for this epoch; use fewer processes")
+    return images[np.arange(target) % len(images)]
+
+
+# --- sources ----------------------------------------------------------------------------------------------
+
+class BatchSource(abc.ABC):
+    """Per-epoch uint8 batches for one process. Subclasses say which images form the epoch's share."""
+
+    def __init__(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-prefetch")
+        self._prefetched: dict[int, Future] = {}
+
+    @abc.abstractmethod
+    def share_size(self, epoch: int) -> int:
+        """Images per process in this epoch (the same on every process)."""
+
+    @abc.abstractmethod
+    def epoch_share(self, epoch: int) -> np.ndarray:
+        """This process's images of the epoch, uint8 (share_size, C, H, W), in any order."""
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        return math.ceil(self.share_size(epoch) / self.batch_size)
+
+    def _share(self, epoch: int) -> np.ndarray:
+        future = self._prefetched.pop(epoch, None)
+        share = future.result() if future is not None else self.epoch_share(epoch)
+        self._prefetched = {epoch + 1: self._executor.submit(self.epoch_share, epoch + 1)}
+        return share
+
+    def batches(self, epoch: int):
+        """Yield the epoch's batches (uint8 CPU tensors) in a seeded per-epoch order."""
+        share = self._share(epoch)
+        order = np.random.default_rng(derive_seed(self.seed, epoch, self.rank, 2)).permutation(len(share))
+        for b in range(self.batches_in_epoch(epoch)):
+            yield torch.from_numpy(share[np.sort(order[b * self.batch_size:(b + 1) * self.batch_size])])
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class RealSource(BatchSource):
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(batch_size, seed, rank, world_size)
+        if len(images) == 0:
+            raise VaegenError("the real training split is empty")
+        self.images = images
+
+    def share_size(self, epoch: int) -> int:
+        return math.ceil(len(self.images) / self.world_size)
+
+    def real_share(self, epoch: int, count: int) -> np.ndarray:
+        """This process's part of a fresh random `count` of D_train (sorted indices: contiguous reads)."""
+        perm = np.random.default_rng(derive_seed(self.seed, epoch, 3)).permutation(len(self.images))[:count]
+        chosen = perm[np.arange(math.ceil(count / self.world_size) * self.world_size) % count]
+        return self.images[np.sort(chosen[self.rank::self.world_size])]
+
+    def epoch_share(self, epoch: int) -> np.ndarray:
+        return self.real_share(epoch, len(self.images))
+
+
+class ShardSource(BatchSource):
+    def __init__(self, pool: ShardPool, n_train: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, image_shape: tuple[int, int, int] = (1, 32, 32), synthetic_per_epoch=None):
+        super().__init__(batch_size, seed, rank, world_size)
+        self.pool, self.n_train, self.image_shape = pool, n_train, tuple(image_shape)
+        self.synthetic_per_epoch = n_train if synthetic_per_epoch is None else synthetic_per_epoch
+        self.epoch_shares(0)  # an impossible split (fewer shards than processes) fails before training
+
+    @property
+    def scale(self) -> int:
+        return self.pool.size // self.n_train
+
+    def epoch_shares(self, epoch: int) -> list[list[Piece]]:
+        lo, _ = epoch_range(epoch, self.n_train, self.pool.size)
+        pieces = pieces_in_range(self.pool, lo, lo + self.synthetic_per_epoch)
+        return assign_pieces(pieces, self.world_size, self.seed, epoch)
+
+    def share_size(self, epoch: int) -> int:
+        return max(sum(p.count for p in share) for share in self.epoch_shares(epoch))
+
+    def epoch_positions(self, epoch: int) -> np.ndarray:
+        """Pool positions this process trains on in `epoch` (before padding); for tests and diagnostics."""
+        return read_pieces(self.epoch_shares(epoch)[self.rank], self.image_shape)[1]
+
+    def epoch_share(self, epoch: int) -> np.ndarray:
+        images, _ = read_pieces(self.epoch_shares(epoch)[self.rank], self.image_shape)
+        return pad_to(images, self.share_size(epoch))
+
+
+class MixedSource(BatchSource):
+    """A fraction of every epoch real (fresh random real images each epoch), the rest synthetic."""
+
+    def __init__(self, real_images: np.ndarray, pool: ShardPool, real_fraction: float, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, image_shape: tuple[int, int, int] = (1, 32, 32)):
+        super().__init__(batch_size, seed, rank, world_size)
+        n = len(real_images)
+        self.n_real = round(real_fraction * n)
+        if not 0 < self.n_real < n:
+            raise VaegenError(f"--mix-real {real_fraction} of N={n} leaves no real or no synthetic images; "
+                              "use --source real or --mix-real 0 instead")
+        self.real = RealSource(real_images, batch_size, seed, rank, world_size)
+        self.synthetic = ShardSource(pool, n, batch_size, seed, rank, world_size, image_shape,
+                                     synthetic_per_epoch=n - self.n_real)
+
+    def share_size(self, epoch: int) -> int:
+        return math.ceil(self.n_real / self.world_size) + self.synthetic.share_size(epoch)
+
+    def epoch_share(self, epoch: int) -> np.ndarray:
+        return np.concatenate([self.real.real_share(epoch, self.n_real), self.synthetic.epoch_share(epoch)])
+
+    def close(self) -> None:
+        self.real.close()
+        self.synthetic.close()
+        super().close()
+
+
+class AugmentedSource(BatchSource):
+    """Another source's batches, augmented on `device` (kornia runs on the GPU when there is one)."""
+
+    def __init__(self, inner: BatchSource, augmenter, device="cpu"):
+        super().__init__(inner.batch_size, inner.seed, inner.rank, inner.world_size)
+        self.inner, self.augmenter, self.device = inner, augmenter, torch.device(device)
+
+    def share_size(self, epoch: int) -> int:
+        return self.inner.share_size(epoch)
+
+    def epoch_share(self, epoch: int) -> np.ndarray:
+        return self.inner.epoch_share(epoch)
+
+    def batches(self, epoch: int):
+        for b, batch in enumerate(self.inner.batches(epoch)):
+            yield self.augmenter(batch.to(self.device), derive_seed(self.seed, epoch, self.rank, b, 4))
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()

@@ -1,0 +1,325 @@
+"""Stage 2: train a VAE on shards of diffusion-model samples (DMaaPx), on real data, or on augmented data.
+
+The whole loop is in `train` below. Progress is counted in effective epochs of N = |D_train| images. Every
+`eval_every` epochs the mean ELBO on the *real* training set and on the test set goes to metrics.jsonl; every
+`checkpoint_every` epochs (and at the end) an Accelerate checkpoint (model, optimizer, RNG states) plus the
+epoch number is saved. The data of an epoch, the binarization noise and the reparameterization noise of every
+step are functions of (seed, epoch, batch, process), so resuming from a checkpoint at an epoch boundary
+continues exactly as if the run had never stopped.
+
+Output directory (runs/vae/NAME):
+    config.json          the resolved TrainConfig, the model config, N, the shard pool, provenance
+    metrics.jsonl        one line per evaluation: epoch, images, train_elbo, test_elbo, generalization_gap, ...
+    checkpoint/          the latest Accelerate checkpoint + trainer_state.json (the epoch to resume at)
+    model.json, model.safetensors   the final model (trainer.models.save_vae), written at the end
+    done.json            completion marker, written last; studies skip runs that have it
+
+Hyperparameters the paper leaves unstated (see README, "Trainer"): Adam with betas (0.9, 0.999), no weight
+decay, constant learning rate 1e-3 for the FC VAE and 2e-4 for the conv VAE, batch 128 per process, no gradient
+clipping, no learning-rate schedule, no early stopping, one reparameterization sample per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from trainer.augment import Augmenter, augmentation_ops
+from trainer.data import (
+    AugmentedSource,
+    BatchSource,
+    MixedSource,
+    RealSource,
+    ShardSource,
+    derive_seed,
+    open_shard_pool,
+)
+from trainer.models import VAE, build_vae, save_vae
+from vaegen.data import get_spec, open_dataset
+from vaegen.errors import VaegenError
+from vaegen.provenance import read_json, run_record, write_json_atomic
+
+DEFAULT_LR = {"fc": 1e-3, "conv": 2e-4}
+CHECKPOINT, STATE_NAME, DONE_NAME, METRICS_NAME, CONFIG_NAME = (
+    "checkpoint", "trainer_state.json", "done.json", "metrics.jsonl", "config.json")
+# Purposes of derived seeds (each stream of randomness gets its own).
+BINARIZE, REPARAM, EVAL_BINARIZE, EVAL_REPARAM, EVAL_SUBSET = 10, 11, 12, 13, 14
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str
+    out: str
+    source: str = "shards"  # shards | real
+    shards: str | None = None  # a shard run directory or a brace pattern of shard paths
+    subset: int | None = None  # D_train is the store data/<dataset>-n<subset>-s<subset_seed>.zarr
+    subset_seed: int = 0
+    data_root: str = "data"
+    scale: int | None = None  # pool = first scale*N shard samples (default: all whole epochs in the run)
+    augment: str | None = None  # naive | tuned (real data only)
+    augment_p: float = 0.1
+    mix_real: float = 0.0  # fraction of every epoch drawn from D_train when training on shards
+    epochs: int = 1000
+    seed: int = 0
+    arch: str | None = None  # default: fc for 1-channel datasets, conv for cifar10
+    likelihood: str | None = None  # default: the dataset's (store attrs)
+    sigma: float = 0.1
+    n_mix: int = 10
+    mz: int = 1
+    nc: int = 256
+    batch_size: int = 128  # per process
+    lr: float | None = None  # default: DEFAULT_LR[arch]
+    eval_every: int = 10
+    eval_images: int | None = None  # cap on real train/test images per evaluation (default: all)
+    eval_batch_size: int = 500
+    checkpoint_every: int = 10
+    bf16: bool = False
+    resume: bool = False
+
+
+# Keys of config.json that may differ between a run and its resumption: the flag itself, and the description
+# of the data source (the generator may add shards and rewrite generation.json; only the pool size matters).
+RUN_CONTROL_KEYS = ("resume", "data")
+
+
+def resolve_config(cfg: TrainConfig, store_attrs: dict) -> TrainConfig:
+    """Fill in the per-dataset defaults and refuse contradictory options."""
+    if cfg.source not in ("shards", "real"):
+        raise VaegenError(f"--source must be shards or real, got {cfg.source!r}")
+    if cfg.source == "shards" and not cfg.shards:
+        raise VaegenError("training on shards needs --shards RUN_DIR or a shard pattern (or use --source real)")
+    if cfg.source == "real" and (cfg.shards or cfg.mix_real or cfg.scale):
+        raise VaegenError("--source real trains on D_train only; --shards/--mix-real/--scale need --source shards")
+    if cfg.augment and cfg.source != "real":
+        raise VaegenError("--augment augments real data; use it with --source real")
+    arch = cfg.arch or ("conv" if store_attrs.get("channels", 1) == 3 else "fc")
+    return dataclasses.replace(
+        cfg, arch=arch, likelihood=cfg.likelihood or store_attrs.get("likelihood") or get_spec(cfg.dataset).likelihood,
+        lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[arch])
+
+
+def model_config(cfg: TrainConfig, channels: int) -> dict:
+    config = {"arch": cfg.arch, "channels": channels, "image_size": 32, "likelihood": cfg.likelihood,
+              "dataset": cfg.dataset}
+    if cfg.likelihood == "gaussian":
+        config["sigma"] = cfg.sigma
+    if cfg.likelihood == "dmol":
+        config["n_mix"] = cfg.n_mix
+    if cfg.arch == "conv":
+        config.update(m_z=cfg.mz, n_c=cfg.nc)
+    return config
+
+
+def build_source(cfg: TrainConfig, train_images: np.ndarray, rank: int, world_size: int, device) -> tuple[BatchSource, dict]:
+    """The batch source for this process and a description of it for config.json."""
+    image_shape = tuple(train_images.shape[1:])
+    n = len(train_images)
+    if cfg.source == "real":
+        source = RealSource(train_images, cfg.batch_size, cfg.seed, rank, world_size)
+        if cfg.augment:
+            ops = augmentation_ops(cfg.augment, cfg.dataset, image_shape[0])
+            source = AugmentedSource(source, Augmenter(ops, cfg.augment_p, image_shape[1]), device)
+            return source, {"kind": "real+augment", "augment_ops": list(ops), "augment_p": cfg.augment_p}
+        return source, {"kind": "real"}
+    pool = open_shard_pool(cfg.shards, cfg.dataset, image_shape, n, cfg.scale)
+    described = {"kind": "shards", "run_dir": str(pool.run_dir), "pool_size": pool.size, "scale": pool.size // n,
+                 "shards_used": len(pool.shards), "generation": pool.generation}
+    if pool.generation.get("n_train") not in (None, n) and rank == 0:
+        click.echo(f"note: the shards' DM was trained on N={pool.generation.get('n_train')} images, "
+                   f"this VAE's D_train has N={n}", err=True)
+    if cfg.mix_real:
+        described.update(kind="mixed", real_fraction=cfg.mix_real)
+        return MixedSource(train_images, pool, cfg.mix_real, cfg.batch_size, cfg.seed, rank, world_size,
+                           image_shape), described
+    return ShardSource(pool, n, cfg.batch_size, cfg.seed, rank, world_size, image_shape), described
+
+
+def generator(device, *keys: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(*keys))
+
+
+@torch.no_grad()
+def mean_elbo(vae: VAE, images: np.ndarray, accelerator: Accelerator, batch_size: int, seed: int) -> float:
+    """Mean ELBO (nats per image) over `images`, split across processes; the same noise at every evaluation,
+    so successive points of a run differ only by the model."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    mine = images[rank::world]
+    for i in range(0, len(mine), batch_size):
+        batch = torch.from_numpy(mine[i:i + batch_size]).to(accelerator.device)
+        x = vae.preprocess(batch, generator(accelerator.device, seed, rank, i, EVAL_BINARIZE))
+        elbo = vae.elbo(x, 1, generator(accelerator.device, seed, rank, i, EVAL_REPARAM))
+        total += torch.stack([elbo.double().sum(), torch.tensor(float(len(elbo)), device=total.device)])
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1]).item()
+
+
+def eval_subset(images: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+    """The real images evaluated every time: all of them, or a fixed seeded sample of `cap`."""
+    if cap is None or cap >= len(images):
+        return images
+    keep = np.sort(np.random.default_rng(derive_seed(seed, EVAL_SUBSET)).permutation(len(images))[:cap])
+    return images[keep]
+
+
+def prepare_out_dir(cfg: TrainConfig, saved: dict) -> int:
+    """Check --out against --resume; returns the epoch to start from (from the checkpoint, if any)."""
+    out = Path(cfg.out)
+    if (out / DONE_NAME).exists() and not cfg.resume:
+        raise VaegenError(f"{out} holds a finished run (done.json); choose another --out")
+    if (out / CONFIG_NAME).exists():
+        if not cfg.resume:
+            raise VaegenError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
+        previous = read_json(out / CONFIG_NAME)
+        changed = sorted(k for k, v in saved.items() if k not in RUN_CONTROL_KEYS and previous.get(k) != v)
+        if previous.get("data", {}).get("pool_size") != saved["data"].get("pool_size"):
+            changed.append("shard pool size")
+        if changed:
+            raise VaegenError(f"{out} was started with different settings ({', '.join(changed)}); resume with "
+                              "the same options or choose another --out")
+        checkpoint = latest_checkpoint(out)
+        return read_json(checkpoint / STATE_NAME)["epoch"] if checkpoint else 0
+    if out.exists() and any(out.iterdir()):
+        raise VaegenError(f"{out} exists and is not a training run directory; choose another --out")
+    return 0
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """checkpoint/, or checkpoint.old/ if a crash hit between the two renames of `save_checkpoint`."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        if (out / name / STATE_NAME).is_file():
+            return out / name
+    return None
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, state: dict) -> None:
+    """Write the checkpoint under a temporary name, then swap it in: a crash leaves the last good one."""
+    tmp, final, old = out / (CHECKPOINT + ".tmp"), out / CHECKPOINT, out / (CHECKPOINT + ".old")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / STATE_NAME, state)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def truncate_metrics(path: Path, epoch: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epoch]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train one VAE; returns the run directory. All input checks happen before the first step."""
+    # --- inputs: D_train, D_test, the data source; nothing is written before they all check out ----------
+    train_real = open_dataset(cfg.dataset, "train", cfg.subset, cfg.subset_seed, cfg.data_root)
+    test_real = open_dataset(cfg.dataset, "test", cfg.subset, cfg.subset_seed, cfg.data_root)
+    cfg = resolve_config(cfg, train_real.attrs)
+    out = Path(cfg.out)
+    if cfg.resume and (out / DONE_NAME).exists():
+        click.echo(f"{out} already finished (done.json); nothing to resume", err=True)
+        return out
+    n_train, channels = len(train_real.images), train_real.images.shape[1]
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    source, source_info = build_source(cfg, train_real.images, rank, world, device)
+    saved = {**dataclasses.asdict(cfg), "model": model_config(cfg, channels), "n_train": n_train,
+             "n_test": len(test_real.images), "num_processes": world, "data": source_info}
+    start_epoch = prepare_out_dir(cfg, saved)
+    accelerator.wait_for_everyone()
+
+    # --- model, optimizer, resume -----------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(saved["model"])
+    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    model, optimizer = accelerator.prepare(vae, optimizer)
+    vae = accelerator.unwrap_model(model)
+    step = 0
+    if start_epoch > 0:
+        checkpoint = latest_checkpoint(out)
+        accelerator.load_state(str(checkpoint))
+        step = read_json(checkpoint / STATE_NAME)["step"]
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(out / METRICS_NAME, start_epoch)
+        write_json_atomic(out / CONFIG_NAME, {**saved, "run_record": run_record()})
+    train_eval = eval_subset(train_real.images, cfg.eval_images, cfg.seed)
+    test_eval = eval_subset(test_real.images, cfg.eval_images, cfg.seed + 1)
+    images_per_epoch = [source.share_size(e) * world for e in range(cfg.epochs)]
+    bar = tqdm(total=sum(images_per_epoch), initial=sum(images_per_epoch[:start_epoch]), unit="img",
+               unit_scale=True, dynamic_ncols=True, disable=not accelerator.is_local_main_process,
+               desc=f"train {out.name}")
+    started = time.monotonic()
+    metrics: dict = {}
+
+    # --- the loop ---------------------------------------------------------------------------------------
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        elbo_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for b, images in enumerate(source.batches(epoch)):
+            images = images.to(device, non_blocking=True)
+            x = vae.preprocess(images, generator(device, cfg.seed, epoch, rank, b, BINARIZE))
+            elbo = model(x, 1, generator(device, cfg.seed, epoch, rank, b, REPARAM))
+            loss = -elbo.float().mean()
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elbo_sum += elbo.detach().double().sum()
+            bar.update(len(images) * world)
+            if b % 50 == 0:
+                bar.set_postfix(epoch=epoch + 1, elbo=f"{-loss.item():.1f}",
+                                test=f"{metrics.get('test_elbo', float('nan')):.1f}", refresh=False)
+        batch_elbo = accelerator.reduce(elbo_sum, reduction="sum").item() / images_per_epoch[epoch]
+        if not math.isfinite(batch_elbo):
+            bar.close()
+            source.close()
+            raise VaegenError(f"the training loss became {batch_elbo} in epoch {epoch + 1}; stopped, the last good "
+                              f"checkpoint in {out / CHECKPOINT} is kept (try a lower --lr)")
+
+        done = epoch + 1
+        if done % cfg.eval_every == 0 or done == cfg.epochs:
+            model.eval()
+            train_elbo = mean_elbo(vae, train_eval, accelerator, cfg.eval_batch_size, cfg.seed)
+            test_elbo = mean_elbo(vae, test_eval, accelerator, cfg.eval_batch_size, cfg.seed)
+            metrics = {"epoch": done, "step": step, "images": sum(images_per_epoch[:done]),
+                       "train_elbo": train_elbo, "test_elbo": test_elbo,
+                       "generalization_gap": train_elbo - test_elbo, "batch_elbo": batch_elbo,
+                       "seconds": round(time.monotonic() - started, 2)}
+            if accelerator.is_main_process:
+                with open(out / METRICS_NAME, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            bar.set_postfix(epoch=done, elbo=f"{batch_elbo:.1f}", test=f"{test_elbo:.1f}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
+            save_checkpoint(accelerator, out, {"epoch": done, "step": step})
+    bar.close()
+    source.close()
+
+    if accelerator.is_main_process:
+        save_vae(vae, out)
+        write_json_atomic(out / DONE_NAME, run_record(epochs=cfg.epochs, steps=step, final=metrics))
+    accelerator.wait_for_everyone()
+    return out
