@@ -38,11 +38,10 @@ from trainer.models import MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, load_vae
 from vaegen.data import open_dataset, store_path
 from vaegen.errors import VaegenError
 from vaegen.provenance import fsync_dir, read_json, run_record, sha256_file, write_json_atomic
+from vaegen.vaerun import CONFIG_NAME, DONE_NAME, EVAL_DIR, GAPS_NAME
 
 GAPS = ("generalization", "amortization", "robustness")
 # Written by the trainer (trainer/train.py): the training config, and the completion marker written last.
-RUN_CONFIG_NAME, RUN_DONE_NAME = "config.json", "done.json"
-EVAL_DIR_NAME = "eval"
 
 # The paper's attack settings per dataset: (delta, PGD iterations, test images); 10 seeds and step size 1.0
 # for all. MNIST in grey levels is an MNIST-type set like its binarized twin.
@@ -128,13 +127,13 @@ def _override(config: EvalConfig, overrides: dict) -> EvalConfig:
 
 def read_run(run_dir: Path) -> tuple[dict, dict]:
     """The training config and the model build config of a finished VAE run; a one-line error otherwise."""
-    expected = (RUN_CONFIG_NAME, MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, RUN_DONE_NAME)
+    expected = (CONFIG_NAME, MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, DONE_NAME)
     missing = [n for n in expected if not (run_dir / n).is_file()]
     if missing:
         raise VaegenError(f"{run_dir} is not a finished VAE run (missing {', '.join(missing)}); "
                           "pass a runs/vae/NAME directory written by vaegen-train")
     configs = []
-    for name in (RUN_CONFIG_NAME, MODEL_CONFIG_NAME):
+    for name in (CONFIG_NAME, MODEL_CONFIG_NAME):
         try:
             configs.append(read_json(run_dir / name))
         except (OSError, ValueError) as e:
@@ -143,7 +142,7 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
             raise VaegenError(f"{run_dir / name} is not a JSON object")
     run_config, model_config = configs
     if "dataset" not in run_config:
-        raise VaegenError(f"{run_dir / RUN_CONFIG_NAME} does not name the dataset the VAE was trained on")
+        raise VaegenError(f"{run_dir / CONFIG_NAME} does not name the dataset the VAE was trained on")
     return run_config, model_config
 
 
@@ -309,9 +308,9 @@ def write_eval_dir(run_dir: Path, summary: dict, arrays: dict) -> Path:
     """Write gaps.json + per_example.zarr under a temporary name, then swap it in for <run>/eval."""
     import zarr
 
-    final = run_dir / EVAL_DIR_NAME
-    tmp = run_dir / f".{EVAL_DIR_NAME}.tmp-{os.getpid()}"
-    old = run_dir / f".{EVAL_DIR_NAME}.old-{os.getpid()}"
+    final = run_dir / EVAL_DIR
+    tmp = run_dir / f".{EVAL_DIR}.tmp-{os.getpid()}"
+    old = run_dir / f".{EVAL_DIR}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -321,7 +320,7 @@ def write_eval_dir(run_dir: Path, summary: dict, arrays: dict) -> Path:
             root.create_array(name, data=data)
         root.attrs.update({"description": "per-image evaluation arrays; */index are rows of the run's real "
                                           "D_train / D_test; see gaps.json for settings"})
-        write_json_atomic(tmp / "gaps.json", summary)
+        write_json_atomic(tmp / GAPS_NAME, summary)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)

@@ -20,6 +20,7 @@ import numpy as np
 
 from vaegen.errors import VaegenError
 from vaegen.provenance import read_json
+from vaegen.vaerun import CONFIG_NAME, EVAL_DIR, GAPS_NAME, METRICS_NAME
 
 GAP_KEYS = ("G_g", "G_a", "G_r")
 GAP_TITLES = {"G_g": "generalization gap G_g (nats)", "G_a": "amortization gap G_a (nats)",
@@ -52,10 +53,10 @@ def method_of(config: dict) -> str:
 
 
 def read_run(run_dir: Path) -> Run | None:
-    if not (run_dir / "config.json").exists():
+    if not (run_dir / CONFIG_NAME).exists():
         return None
-    config = read_json(run_dir / "config.json")
-    metrics_path = run_dir / "metrics.jsonl"
+    config = read_json(run_dir / CONFIG_NAME)
+    metrics_path = run_dir / METRICS_NAME
     metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
         if metrics_path.exists() else []
     shards = config.get("source") == "shards"
@@ -65,7 +66,7 @@ def read_run(run_dir: Path) -> Run | None:
               model.get("m_z") if model.get("arch") == "conv" else None,
               model.get("n_c") if model.get("arch") == "conv" else None,
               config.get("mix_real") if shards else None, metrics)
-    gaps_path = run_dir / "eval" / "gaps.json"
+    gaps_path = run_dir / EVAL_DIR / GAPS_NAME
     if gaps_path.exists():
         gaps = read_json(gaps_path)
         run.finished = True

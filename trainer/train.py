@@ -50,10 +50,10 @@ from trainer.models import VAE, build_vae, save_vae
 from vaegen.data import get_spec, open_dataset
 from vaegen.errors import VaegenError
 from vaegen.provenance import read_json, run_record, write_json_atomic
+from vaegen.vaerun import CONFIG_NAME, DONE_NAME, METRICS_NAME
 
 DEFAULT_LR = {"fc": 1e-3, "conv": 2e-4}
-CHECKPOINT, STATE_NAME, DONE_NAME, METRICS_NAME, CONFIG_NAME = (
-    "checkpoint", "trainer_state.json", "done.json", "metrics.jsonl", "config.json")
+CHECKPOINT, STATE_NAME = "checkpoint", "trainer_state.json"
 # Purposes of derived seeds (each stream of randomness gets its own).
 BINARIZE, REPARAM, EVAL_BINARIZE, EVAL_REPARAM, EVAL_SUBSET = 10, 11, 12, 13, 14
 

@@ -26,6 +26,7 @@ import click
 from vaegen.errors import VaegenError
 from vaegen.presets import StudyPreset, get_preset
 from vaegen.provenance import read_json, run_record, write_json_atomic
+from vaegen.vaerun import DONE_NAME, EVAL_DIR, GAPS_NAME
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,13 @@ class Study:
     def ensure_vae(self, run: VaeRun, shards: Path | None = None) -> bool:
         """Train and evaluate one VAE run; False when the budget stopped the study before it."""
         out = self.dir / "runs" / run.name
-        if not (out / "done.json").exists():
+        if not (out / DONE_NAME).exists():
             if self.over_budget(run.name):
                 return False
             args = ["train", "--dataset", self.dataset, *self.subset_args(), "--data-root", self.data_root,
                     "--epochs", self.preset.epochs, "--eval-every", self.preset.eval_every, "--seed", run.seed,
                     "--out", out]
-            if run.source == "shards" or run.mix_real is not None:
+            if run.source == "shards":
                 args += ["--shards", shards, "--scale", run.scale]
             else:
                 args += ["--source", "real"]
@@ -120,9 +121,9 @@ class Study:
             if run.mix_real is not None:
                 args += ["--mix-real", run.mix_real]
             if run.mz is not None:
-                args += ["--mz", run.mz, "--nc", run.nc]
+                args += ["--arch", "conv", "--mz", run.mz, "--nc", run.nc]
             self.vaegen(*args, *(["--resume"] if out.exists() else []))
-        if not (out / "eval" / "gaps.json").exists():
+        if not (out / EVAL_DIR / GAPS_NAME).exists():
             self.vaegen("eval", out, *(["--quick"] if self.preset.eval_quick else []))
         return True
 
@@ -225,8 +226,9 @@ def run_overparam(study: Study) -> None:
 def run_mix(study: Study) -> None:
     """Real/synthetic mixtures: a fraction of every batch is real, the rest DM samples (appendix B.7)."""
     p = study.preset
-    runs = [VaeRun(f"mix{int(round(f * 100)):03d}-seed{s}", "shards", s, scale=p.compare_scale, mix_real=f)
-            for f in p.mix_fractions for s in p.seeds]
+    runs = [VaeRun(f"normal-seed{s}", "real", s) for s in p.seeds]  # 100% real
+    runs += [VaeRun(f"mix{int(round(f * 100)):03d}-seed{s}", "shards", s, scale=p.compare_scale, mix_real=f)
+             for f in p.mix_fractions for s in p.seeds]
     study.save(runs)
     study.ensure_data()
     dm = study.ensure_dm()
