@@ -123,8 +123,8 @@ def test_brace_pattern_selects_a_prefix_of_the_shards(tmp_path):
 
 @pytest.mark.parametrize("problem, message", [
     ("dataset", "are 'cifar10' samples"), ("channels", r"hold \(3, 32, 32\) images"),
-    ("marker", "missing or unfinished"), ("corrupt", "does not match the sha256"),
-    ("truncated", "truncated or replaced"), ("small", "the pool needs"), ("noindex", "has no index.json"),
+    ("marker", "missing or unfinished"), ("corrupt", "corrupted"),
+    ("truncated", "truncated or resized"), ("small", "the pool needs"), ("noindex", "has no index.json"),
     ("nowhere", "no shard run directory or shard file"),
 ])
 def test_bad_shard_runs_are_refused_before_training(tmp_path, problem, message):

@@ -131,7 +131,7 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("problem, message", [
     ("no-store", "no dataset store"), ("wrong-dataset", "are 'cifar10' samples"),
-    ("wrong-shape", "hold (3, 32, 32) images"), ("corrupt", "does not match the sha256"),
+    ("wrong-shape", "hold (3, 32, 32) images"), ("corrupt", "corrupted"),
     ("empty-pool", "the pool is empty"), ("too-small", "the pool needs"),
     ("augment-shards", "--augment augments real data"), ("no-shards", "training on shards needs --shards"),
 ])

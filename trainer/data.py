@@ -37,8 +37,16 @@ import webdataset as wds
 from tqdm import tqdm
 
 from vaegen.errors import VaegenError
-from vaegen.provenance import read_json, sha256_file
-from vaegen.shardformat import GENERATION_NAME, INDEX_NAME, read_index, unpack_block
+from vaegen.provenance import read_json
+from vaegen.shardformat import (
+    GENERATION_NAME,
+    INDEX_NAME,
+    read_index,
+    read_marker,
+    shard_id,
+    shard_problems,
+    unpack_block,
+)
 
 
 def derive_seed(*keys: int) -> int:
@@ -99,10 +107,6 @@ def expand_shard_spec(spec: str | Path) -> tuple[Path, list[Path]]:
     return parents.pop(), paths
 
 
-def marker_path(shard_path: Path) -> Path:
-    return shard_path.with_name(shard_path.name.removesuffix(".tar") + ".done.json")
-
-
 def open_shard_pool(spec: str | Path, dataset: str, image_shape: tuple[int, int, int], n_train: int,
                     scale: int | None = None) -> ShardPool:
     """Check a shard run against the dataset and return its pool of K*N samples (K = scale, default: as many
@@ -124,11 +128,10 @@ def open_shard_pool(spec: str | Path, dataset: str, image_shape: tuple[int, int,
 
     shards, offset = [], 0
     for path in paths:
-        marker = marker_path(path)
-        if not path.is_file() or not marker.is_file():
-            raise VaegenError(f"{path} is missing or unfinished (no {marker.name}); finish generation or "
+        info = read_marker(path.parent, shard_id(path.name)) if path.is_file() else None
+        if info is None:
+            raise VaegenError(f"{path} is missing or unfinished (no completion marker); finish generation or "
                               "check with `vaegen shards verify`")
-        info = read_json(marker)
         if shards and info["first"] != shards[-1].first + shards[-1].count:
             raise VaegenError(f"{path} starts at sample {info['first']}, not right after the previous shard; "
                               "give a contiguous range of shards")
@@ -151,13 +154,10 @@ def open_shard_pool(spec: str | Path, dataset: str, image_shape: tuple[int, int,
 def check_shards(shards: tuple[Shard, ...], desc: str = "verify shards") -> None:
     """Size and sha256 of every shard against its completion marker (a corrupt or truncated shard is refused)."""
     for shard in tqdm(shards, desc=desc, unit="shard", disable=len(shards) < 8, leave=False):
-        marker = read_json(marker_path(shard.path))
-        if "filesize" in marker and shard.path.stat().st_size != marker["filesize"]:
-            raise VaegenError(f"{shard.path} is {shard.path.stat().st_size} bytes, its marker says "
-                              f"{marker['filesize']}: truncated or replaced; regenerate it")
-        if sha256_file(shard.path) != marker["sha256"]:
-            raise VaegenError(f"{shard.path} does not match the sha256 in {marker_path(shard.path).name}: "
-                              "corrupt; regenerate it")
+        problems = shard_problems(shard.path.parent, shard_id(shard.path.name), shard.first, shard.count,
+                                  check_blocks=False)
+        if problems:
+            raise VaegenError(f"{shard.path.parent}: {problems[0]}; regenerate it (see `vaegen shards verify`)")
 
 
 def check_block_shape(pool: ShardPool, image_shape: tuple[int, int, int]) -> None:

@@ -17,8 +17,9 @@ A run directory ``shards/<dataset>/<run>/`` holds:
     generation.json             what produced the run: "dataset", "subset", "subset_seed", "n_train" (N),
                                 "channels", "image_size", "scale" (K, the largest completed), "n_samples"
                                 (K*N), "shard_size", "num_shards", "complete" (false while a run is in
-                                progress: do not train on it), "identity" (what the bytes depend on), "config",
-                                "code_version", "command", and "runs" (one entry per invocation, with timing)
+                                progress: do not train on it), "identity" (what the bytes depend on), "dm"
+                                (path, weights sha256, kind), "sampler", "seed", "network_evaluations",
+                                "config", "code_version", "command", and "runs" (one per invocation, with timing)
     .shard-000000.tar.partial   a shard being written (removed on the next run if it was interrupted)
 
 Pixels are uint8 exactly like the real data (never pre-binarized). Packing many images per member keeps the
@@ -33,6 +34,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+
+from vaegen.provenance import sha256_file
 
 BLOCK_SIZE = 256
 INDEX_NAME = "index.json"
@@ -136,8 +139,6 @@ def shard_problems(run_dir: str | Path, j: int, first: int, count: int, entry: d
     Checks the tar against its marker (size; sha256 with `check_hash`) and, when given, its index entry; with
     `check_blocks` also reads every block and checks the sample indices. The first problem found is enough.
     """
-    import hashlib
-
     run_dir = Path(run_dir)
     path, marker = run_dir / shard_name(j), read_marker(run_dir, j)
     if not path.is_file():
@@ -153,11 +154,7 @@ def shard_problems(run_dir: str | Path, j: int, first: int, count: int, entry: d
     if entry is not None and (entry.get("filesize"), entry.get("sha256")) != (size, marker.get("sha256")):
         return [f"{path.name} does not match index.json (size or sha256 differ from its marker)"]
     if check_hash:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != marker.get("sha256"):
+        if sha256_file(path) != marker.get("sha256"):
             return [f"{path.name} corrupted (sha256 differs from its marker)"]
     if check_blocks:
         try:

@@ -1,0 +1,324 @@
+"""Shard generation: exact, index-addressed bytes; resume; manifests; verify; bad input (single process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vaegen import shardformat as sf
+from vaegen.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+N_TRAIN = 8
+
+
+def make_tiny_dm(root: Path, seed: int = 0) -> Path:
+    """A randomly initialised EDM-preconditioned diffusers UNet2DModel directory (no dm.json: a foreign DM)."""
+    from diffusers import UNet2DModel
+
+    from generator.edm import edm_scheduler
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(root)
+    edm_scheduler().save_pretrained(root)
+    return root
+
+
+def make_store(data_root: Path, n: int = N_TRAIN) -> None:
+    """data_root/fmnist.zarr with a training split of n images (only its length matters to the generator)."""
+    import zarr
+
+    group = zarr.open_group(str(data_root / "fmnist.zarr"), mode="w")
+    group.create_group("train").create_array("images", data=np.zeros((n, 1, 32, 32), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("gen")
+    make_tiny_dm(root / "dm")
+    make_store(root / "data")
+    return root
+
+
+def gen_args(env: Path, out: Path, scale: int = 2, *extra: str) -> list[str]:
+    """A tiny run: 1 Heun step, 4-image network chunks, 4-image shards."""
+    return ["generate", "--dm", str(env / "dm"), "--dataset", "fmnist", "--data-root", str(env / "data"),
+            "--scale", str(scale), "--out", str(out), "--steps", "1", "--chunk", "4", "--shard-size", "4",
+            "--batch-size", "4", *extra]
+
+
+def with_option(args: list[str], flag: str, value: str) -> list[str]:
+    """args with `flag`'s value replaced (or the flag appended)."""
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
+
+
+def run_cli(args: list[str]):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def shard_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.glob("shard-*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    """An uninterrupted K=4 run (32 samples, 8 shards) the other tests compare bytes against."""
+    out = env / "reference"
+    result = run_cli(gen_args(env, out, 4))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_run_has_shards_markers_index_and_generation_record(reference):
+    shards = shard_bytes(reference)
+    assert list(shards) == [sf.shard_name(j) for j in range(8)]
+    index = sf.read_index(reference)
+    assert [e["url"] for e in index["shardlist"]] == list(shards)
+    assert index["n_images"] == 32 and all(e["count"] == 4 and e["nsamples"] == 1 for e in index["shardlist"])
+    gen = json.loads((reference / sf.GENERATION_NAME).read_text())
+    assert (gen["dataset"], gen["subset"], gen["n_train"], gen["channels"], gen["image_size"]) == \
+        ("fmnist", None, N_TRAIN, 1, 32)
+    assert (gen["scale"], gen["n_samples"], gen["shard_size"], gen["complete"]) == (4, 32, 4, True)
+    assert gen["identity"]["sampler"]["name"] == "edm-heun" and gen["command"] and gen["runs"][0]["wall_s"] > 0
+    marker = sf.read_marker(reference, 3)
+    assert (marker["first"], marker["count"], marker["filesize"]) == (12, 4, len(shards["shard-000003.tar"]))
+    images, indices = sf.read_shard(reference / "shard-000003.tar")
+    assert images.dtype == np.uint8 and images.shape == (4, 1, 32, 32)
+    assert indices.tolist() == [12, 13, 14, 15]
+
+
+def test_shard_images_are_the_sampling_core_images_of_their_indices(env, reference):
+    from generator.sampling import SamplerConfig, load_dm, sample
+
+    dm = load_dm(str(env / "dm"))
+    dm.unet.to(memory_format=torch.channels_last)  # as generate does by default
+    expected = sample(dm, [13, 14], 0, SamplerConfig(steps=1, chunk=4)).numpy()
+    images, _ = sf.read_shard(reference / "shard-000003.tar")
+    assert np.array_equal(images[1:3], expected)
+
+
+def test_batch_size_1_and_64_give_identical_bytes(env, reference, tmp_path):
+    for batch in ("1", "64"):
+        out = tmp_path / f"b{batch}"
+        args = with_option(gen_args(env, out, 4), "--batch-size", batch)
+        assert run_cli(args).exit_code == 0
+        assert shard_bytes(out) == shard_bytes(reference)
+        assert (out / sf.INDEX_NAME).read_bytes() == (reference / sf.INDEX_NAME).read_bytes()
+
+
+def test_scale_2_is_the_first_shards_of_scale_4_and_raising_scale_adds_only_missing_shards(env, reference, tmp_path):
+    out = tmp_path / "k2"
+    assert run_cli(gen_args(env, out, 2)).exit_code == 0
+    first = shard_bytes(out)
+    assert first == {k: v for k, v in shard_bytes(reference).items() if k in first} and len(first) == 4
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+
+    assert run_cli(gen_args(env, out, 4)).exit_code == 0
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert all((out / name).stat().st_mtime_ns == t for name, t in stamps.items())  # not rewritten
+    gen = json.loads((out / sf.GENERATION_NAME).read_text())
+    assert gen["scale"] == 4 and [r["shards_generated_rank0"] for r in gen["runs"]] == [4, 4]
+    assert (out / sf.INDEX_NAME).read_bytes() == (reference / sf.INDEX_NAME).read_bytes()
+
+    assert run_cli(gen_args(env, out, 3)).exit_code == 0  # a smaller K keeps the larger run: K is a max
+    assert json.loads((out / sf.GENERATION_NAME).read_text())["scale"] == 4
+    assert len(sf.read_index(out)["shardlist"]) == 8
+
+
+def test_short_last_shard_is_regenerated_when_scale_grows(env, tmp_path):
+    """N*K not a multiple of S: the short tail shard of K=1 becomes a full shard of the K=2 plan."""
+    out, ref = tmp_path / "grow", tmp_path / "fresh"
+    def args(o, k):
+        return with_option(gen_args(env, o, k), "--shard-size", "6")
+
+    assert run_cli(args(out, 1)).exit_code == 0
+    assert [e["count"] for e in sf.read_index(out)["shardlist"]] == [6, 2]
+    assert run_cli(args(out, 2)).exit_code == 0
+    assert run_cli(args(ref, 2)).exit_code == 0
+    assert [e["count"] for e in sf.read_index(out)["shardlist"]] == [6, 6, 4]
+    assert shard_bytes(out) == shard_bytes(ref)
+
+
+def test_resume_removes_orphans_and_redoes_unfinished_shards(env, reference, tmp_path):
+    out = tmp_path / "crashed"
+    shutil.copytree(reference, out)
+    (out / sf.temp_name(8)).write_bytes(b"half a shard")             # killed while writing
+    (out / sf.marker_name(2)).unlink()                                 # killed between rename and marker
+    (out / sf.shard_name(5)).write_bytes(b"garbage")                   # damaged after its marker was written
+    (out / sf.shard_name(6)).unlink()                                  # marker without a tar
+    result = run_cli(gen_args(env, out, 4))
+    assert result.exit_code == 0, result.output
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert not list(out.glob(".*"))
+    assert json.loads((out / sf.GENERATION_NAME).read_text())["runs"][-1]["shards_generated_rank0"] == 3
+
+
+def test_resume_after_sigkill_at_a_random_point_gives_identical_bytes(env, reference, tmp_path):
+    out = tmp_path / "killed"
+    args = with_option(gen_args(env, out, 16), "--steps", "3")  # 32 shards, slow enough to kill mid-run
+    ref = tmp_path / "ref3"
+    assert run_cli(with_option(args, "--out", str(ref))).exit_code == 0
+    cmd = [sys.executable, "-m", "generator", *args[1:]]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    target = random.randint(1, 16)  # kill once this many of the 32 shards are done, wherever the writer is
+    deadline = time.time() + 120
+    while len(list(out.glob("*.done.json"))) < target and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("*.done.json")))
+    assert proc.returncode == -signal.SIGKILL and 0 < done < 32 and not (out / sf.INDEX_NAME).exists()
+
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert shard_bytes(out) == shard_bytes(ref)
+    assert (out / sf.INDEX_NAME).read_bytes() == (ref / sf.INDEX_NAME).read_bytes()
+
+
+def test_verify_names_each_missing_truncated_or_corrupted_shard(reference, tmp_path):
+    ok = run_cli(["shards", "verify", str(reference)])
+    assert ok.exit_code == 0 and ok.output.startswith("OK") and "8 shards, 32 images" in ok.output
+
+    bad = tmp_path / "bad"
+    shutil.copytree(reference, bad)
+    (bad / sf.shard_name(1)).unlink()
+    with open(bad / sf.shard_name(3), "r+b") as f:
+        f.truncate(1000)
+    flipped = bytearray((bad / sf.shard_name(6)).read_bytes())
+    flipped[700] ^= 0x01  # inside the first block's pixels
+    (bad / sf.shard_name(6)).write_bytes(bytes(flipped))
+    result = CliRunner().invoke(main, ["shards", "verify", str(bad)])
+    assert result.exit_code == 2
+    message = result.output.strip()
+    assert len(message.splitlines()) == 1 and "3 bad shard(s)" in message
+    assert "shard-000001.tar missing" in message
+    assert "shard-000003.tar truncated" in message
+    assert "shard-000006.tar corrupted" in message
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(reference, unfinished)
+    gen = json.loads((unfinished / sf.GENERATION_NAME).read_text())
+    (unfinished / sf.GENERATION_NAME).write_text(json.dumps({**gen, "complete": False}))
+    result = CliRunner().invoke(main, ["shards", "verify", str(unfinished)])
+    assert result.exit_code == 2 and "complete: false" in result.output
+
+
+def test_stock_webdataset_and_the_tar_tool_read_the_shards(reference, tmp_path):
+    import webdataset as wds
+
+    urls = str(reference / "shard-{000000..000007}.tar")
+    blocks = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    got = [sf.unpack_block(b) for b in blocks]
+    assert np.concatenate([i for _, i in got]).tolist() == list(range(32))
+    assert all(b["npy"].dtype == np.uint8 and "." not in b["__key__"] for b in blocks)
+
+    listing = subprocess.run(["tar", "tvf", str(reference / "shard-000002.tar")], capture_output=True, text=True,
+                             check=True).stdout.split("\n")
+    assert "000000000008.json" in listing[0] and "000000000008.npy" in listing[1]
+    assert "1970-01-01" in listing[0] and "vaegen/vaegen" in listing[0]  # fixed mtime and owner
+    subprocess.run(["tar", "xf", str(reference / "shard-000002.tar"), "-C", str(tmp_path)], check=True)
+    assert np.array_equal(np.load(tmp_path / "000000000008.npy"), sf.read_shard(reference / "shard-000002.tar")[0])
+
+
+def test_packed_blocks_cost_at_most_1_1x_the_raw_pixel_bytes(tmp_path):
+    from generator.generate import BackgroundShardWriter, ShardPlan
+
+    plan = ShardPlan(4096, 4096)  # the default shard size
+    writer = BackgroundShardWriter(tmp_path, plan, {}, maxsize=2)
+    rng = np.random.default_rng(0)
+    for _ in range(16):
+        writer.put(0, rng.integers(0, 256, (256, 1, 32, 32), dtype=np.uint8))
+    writer.close()
+    size = (tmp_path / sf.shard_name(0)).stat().st_size
+    assert size <= 1.1 * 4096 * 32 * 32
+    assert not sf.shard_problems(tmp_path, 0, 0, 4096)
+
+
+def test_run_dir_refuses_another_seed_sampler_shard_size_or_dm(env, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    other_dm = make_tiny_dm(tmp_path / "other-dm", seed=1)
+    for change, key in ((["--seed", "1"], "seed"), (["--steps", "2"], "sampler"),
+                        (["--shard-size", "8"], "shard_size"), (["--dm", str(other_dm)], "dm_sha256")):
+        args = with_option(gen_args(env, out, 4), *change)
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (change, result.output)
+        assert key in result.output and "use a new --out directory" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (("--scale", "0"), "--scale must be a whole number >= 1"),
+    (("--scale", "2.5"), "--scale must be a whole number >= 1"),
+    (("--scale", "ten"), "--scale must be a whole number >= 1"),
+    (("--dm", "/nonexistent/dm"), "no diffusion model directory"),
+])
+def test_bad_input_is_one_line_and_exit_2(env, tmp_path, change, needle):
+    args = with_option(gen_args(env, tmp_path / "out", 2), *change)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and needle in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_holding_something_else_is_refused(env, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, gen_args(env, out, 2))
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_dm_json_supplies_the_dataset_and_n(env, tmp_path):
+    dm = tmp_path / "dm"
+    shutil.copytree(env / "dm", dm)
+    (dm / "dm.json").write_text(json.dumps({"dataset": "fmnist", "subset": None}))
+    args = with_option([a for a in gen_args(env, tmp_path / "out", 1) if a not in ("--dataset", "fmnist")],
+                       "--dm", str(dm))
+    assert run_cli(args).exit_code == 0
+    assert json.loads((tmp_path / "out" / sf.GENERATION_NAME).read_text())["n_samples"] == N_TRAIN
+
+    result = CliRunner().invoke(main, with_option(with_option(args, "--out", str(tmp_path / "o2")),
+                                                  "--dataset", "cifar10"))
+    assert result.exit_code == 2 and "dm.json says" in result.output
+
+
+def test_shards_are_tar_archives_with_deterministic_headers(reference):
+    with tarfile.open(reference / "shard-000000.tar") as tar:
+        members = tar.getmembers()
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "vaegen", 0o444)}
+
+
+def test_a_failing_writer_stops_the_sampling_loop_with_its_error(tmp_path):
+    from generator.generate import BackgroundShardWriter, ShardPlan
+
+    writer = BackgroundShardWriter(tmp_path / "gone", ShardPlan(8, 4), {}, maxsize=1)  # directory missing
+    with pytest.raises(RuntimeError, match="shard writer failed"):
+        for _ in range(50):  # never blocks: the dead writer keeps draining its queue
+            writer.put(0, np.zeros((1, 1, 32, 32), np.uint8))
+        writer.close()
