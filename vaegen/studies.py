@@ -68,7 +68,8 @@ class Study:
     def vaegen(self, *args) -> None:
         command = [sys.executable, "-m", "vaegen", *map(str, args)]
         click.echo(f"$ {shlex.join(['vaegen', *map(str, args)])}", err=True)
-        if subprocess.run(command).returncode != 0:
+        # The stage's own output goes to stderr: a study's stdout is only the report's path.
+        if subprocess.run(command, stdout=sys.stderr).returncode != 0:
             raise VaegenError(f"study stopped: `{shlex.join(['vaegen', *map(str, args)])}` failed; "
                               "fix the cause and rerun the same study command to resume")
 
@@ -91,10 +92,10 @@ class Study:
     def ensure_dm(self, subset: int | None = None) -> Path:
         dm = self.dm_dir(subset)
         if not (dm / "dm.json").exists():
-            budget = [] if self.preset.dm_max_minutes is None else ["--max-minutes", self.preset.dm_max_minutes]
+            steps = [] if self.preset.dm_max_steps is None else ["--max-steps", self.preset.dm_max_steps]
             self.vaegen("dm", "train", "--dataset", self.dataset, *self.subset_args(subset),
-                        "--preset", self.preset.dm_preset, "--data-root", self.data_root, *budget,
-                        "--out", dm, *(["--resume"] if dm.exists() else []))
+                        "--preset", self.preset.dm_preset, "--data-root", self.data_root, *steps,
+                        "--out", dm, *(["--resume"] if (dm / "checkpoints").is_dir() else []))
         return dm
 
     def ensure_shards(self, dm: Path, scale: int) -> Path:
@@ -111,6 +112,7 @@ class Study:
                 return False
             args = ["train", "--dataset", self.dataset, *self.subset_args(), "--data-root", self.data_root,
                     "--epochs", self.preset.epochs, "--eval-every", self.preset.eval_every, "--seed", run.seed,
+                    "--batch-size", self.preset.batch_size,
                     "--out", out]
             if run.source == "shards":
                 args += ["--shards", shards, "--scale", run.scale]
@@ -124,7 +126,7 @@ class Study:
                 args += ["--arch", "conv", "--mz", run.mz, "--nc", run.nc]
             self.vaegen(*args, *(["--resume"] if out.exists() else []))
         if not (out / EVAL_DIR / GAPS_NAME).exists():
-            self.vaegen("eval", out, *(["--quick"] if self.preset.eval_quick else []))
+            self.vaegen("eval", out, *self.preset.eval_args)
         return True
 
     def save(self, runs: list[VaeRun], **extra) -> None:
@@ -288,11 +290,15 @@ def _study_command(kind: str):
     @click.option("--preset", default="cpu", type=click.Choice(["demo", "cpu", "paper"]))
     @click.option("--scales", default=None, help="Space-separated SCALEs for the ablation (default: the preset's).")
     @click.option("--seeds", default=None, help="Space-separated VAE seeds (default: the preset's).")
+    @click.option("--subset", default=None, type=click.IntRange(min=1), help="|D_train| (default: the preset's).")
+    @click.option("--epochs", default=None, type=click.IntRange(min=1), help="VAE epochs (default: the preset's).")
+    @click.option("--dm-max-steps", default=None, type=click.IntRange(min=1),
+                  help="DM training steps (default: the DM preset's).")
     @click.option("--out", default=None, type=click.Path(file_okay=False),
                   help="Study directory [default: runs/studies/<study>-<dataset>-<preset>].")
     @click.option("--data-root", default="data", type=click.Path(file_okay=False))
-    def command(dataset, preset, scales, seeds, out, data_root):
-        overrides = {}
+    def command(dataset, preset, scales, seeds, subset, epochs, dm_max_steps, out, data_root):
+        overrides = {"subset": subset, "epochs": epochs, "dm_max_steps": dm_max_steps}
         try:
             if scales:
                 overrides["scales"] = tuple(int(k) for k in scales.split())

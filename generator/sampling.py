@@ -1,0 +1,319 @@
+"""Load any diffusion model as p_DM and sample it: the sampling core shared by `dm sample` and `generate`.
+
+Models. `load_dm` accepts a directory written by `vaegen dm train`, any diffusers `UNet2DModel` directory with
+its scheduler config beside it (or in ../scheduler), an unconditional diffusers pipeline directory (unet/ +
+scheduler/), or a hub id when online. How the UNet is called is read from the scheduler config, never
+assumed: an EDM scheduler (EDMEulerScheduler / EDMDPMSolverMultistepScheduler) means EDM preconditioning; a
+DDPM-family scheduler (DDPM, DDIM, PNDM, DPM-Solver, ...) means a discrete-time VP model with its betas and
+prediction type (epsilon, v_prediction or sample). Either way the model becomes an EDM denoiser D(x; sigma)
+in the coordinates x = x_t / alpha_t, sigma = sigma_t / alpha_t, which is all the Heun sampler needs.
+
+Samplers.
+  edm-heun      EDM Algorithm 1 with S_churn = 0 (deterministic 2nd-order Heun on the probability-flow ODE),
+                Karras sigma schedule (rho = 7); `steps` N costs 2N - 1 network evaluations (18 -> 35).
+  dpm-solver++  diffusers' multistep DPM-Solver++ (2nd order): EDMDPMSolverMultistepScheduler for EDM
+                models, DPMSolverMultistepScheduler for VP models; N steps = N evaluations.
+  ddim          deterministic DDIM (eta = 0). For VP models diffusers' DDIMScheduler. For EDM models
+                diffusers' EDMEulerScheduler: deterministic DDIM *is* Euler's method on the probability-flow
+                ODE in (x / alpha, sigma) coordinates (Song et al. 2021; Karras et al. 2022, sec. 3), run
+                on the EDM sigma schedule. N steps = N evaluations.
+
+Determinism. Sample i's initial noise comes only from a CPU `torch.Generator` seeded by (seed, i) (all three
+samplers are deterministic after that), and the network always runs on fixed-shape chunks of
+`SamplerConfig.chunk` images, padding the last one. The padding matters: CPU kernels (oneDNN convolutions,
+MKL GEMM) choose their algorithm by batch size, so without it an image's last bits would depend on how many
+images were sampled beside it. With it, `sample(dm, [5], ...)` equals `sample(dm, [3, 4, 5], ...)[2]`
+bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+    UNet2DModel,
+)
+from tqdm.auto import tqdm
+
+from generator.edm import edm_denoise
+from vaegen.errors import VaegenError
+
+SAMPLERS = ("edm-heun", "dpm-solver++", "ddim")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    name: str = "edm-heun"          # "edm-heun" | "dpm-solver++" | "ddim"
+    steps: int = 18                 # edm-heun: 18 steps = 35 network evaluations (the paper's setting)
+    sigma_min: float | None = None  # None: the model's own range (EDM: from its scheduler config, 0.002..80)
+    sigma_max: float | None = None
+    rho: float = 7.0                # Karras schedule exponent (edm-heun)
+    chunk: int = 64                 # images per network call; fixed so images do not depend on the batch
+
+    def __post_init__(self):
+        if self.name not in SAMPLERS:
+            raise VaegenError(f"unknown sampler {self.name!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.steps < 1 or self.chunk < 1:
+            raise VaegenError(f"sampler steps and chunk must be >= 1, got steps={self.steps} chunk={self.chunk}")
+
+    @property
+    def network_evaluations(self) -> int:
+        """Network evaluations per image (what sampling time is proportional to)."""
+        return 2 * self.steps - 1 if self.name == "edm-heun" else self.steps
+
+
+class DiffusionModel:
+    """A UNet plus how to call it, as read from its scheduler config (see the module docstring)."""
+
+    def __init__(self, unet: UNet2DModel, scheduler_config: dict, path: str, sha256: str):
+        self.unet = unet.eval().requires_grad_(False)
+        self.scheduler_config = dict(scheduler_config)
+        self.path = path
+        self.sha256 = sha256
+        self.channels = int(unet.config.in_channels)
+        size = unet.config.sample_size
+        self.image_size = int(size if isinstance(size, int) else size[0])
+        scheduler_class = self.scheduler_config.get("_class_name", "")
+        self.kind = "edm" if scheduler_class in EDM_SCHEDULERS else "vp"
+        if self.kind == "edm":
+            self.edm = EDMEulerScheduler.from_config(self.scheduler_config)
+            if self.edm.config.prediction_type not in ("epsilon", "v_prediction"):
+                raise VaegenError(f"{path}: EDM prediction type {self.edm.config.prediction_type!r} "
+                                  "is not supported (epsilon or v_prediction)")
+            self.prediction_type = self.edm.config.prediction_type
+            self.sigma_min = float(self.edm.config.sigma_min)
+            self.sigma_max = float(self.edm.config.sigma_max)
+        else:
+            try:
+                ddpm = DDPMScheduler.from_config(self.scheduler_config)
+            except (ValueError, NotImplementedError, TypeError) as e:
+                raise VaegenError(f"{path}: cannot read the noise schedule of {scheduler_class} ({e})") from None
+            self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+            if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+                raise VaegenError(f"{path}: unknown prediction type {self.prediction_type!r}")
+            alphas_cumprod = ddpm.alphas_cumprod.double()
+            # sigma_t / alpha_t of each training timestep, increasing with t.
+            self.vp_log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log().numpy()
+            self.sigma_min = float(np.exp(self.vp_log_sigmas[0]))
+            self.sigma_max = float(np.exp(self.vp_log_sigmas[-1]))
+
+    def describe(self) -> dict:
+        """What a sample's provenance records about the model that made it."""
+        return {"path": self.path, "sha256": self.sha256, "kind": self.kind,
+                "prediction_type": self.prediction_type,
+                "scheduler": self.scheduler_config.get("_class_name"),
+                "channels": self.channels, "image_size": self.image_size}
+
+    def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """D(x; sigma): the model's estimate of the clean image, in EDM coordinates (float32)."""
+        if self.kind == "edm":
+            return edm_denoise(self.unet, self.edm, x, sigma)
+        # VP model: x_t = alpha x, c_in = alpha = 1 / sqrt(1 + sigma^2), timestep interpolated in log sigma.
+        c_in = 1.0 / (1.0 + sigma**2) ** 0.5
+        t = float(np.interp(np.log(sigma), self.vp_log_sigmas, np.arange(len(self.vp_log_sigmas))))
+        out = self.unet((x * c_in).to(self.unet.dtype), torch.tensor([t], device=x.device)).sample.float()
+        if self.prediction_type == "epsilon":
+            return x - sigma * out
+        if self.prediction_type == "v_prediction":
+            return x * c_in**2 - sigma * c_in * out
+        return out
+
+    def scheduler(self, name: str):
+        """A fresh diffusers scheduler for the scheduler-loop samplers, configured from the model's own config."""
+        if self.kind == "edm":
+            cls = EDMDPMSolverMultistepScheduler if name == "dpm-solver++" else EDMEulerScheduler
+            extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpm-solver++" else {}
+            return cls.from_config(self.scheduler_config, final_sigmas_type="zero", **extra)
+        if name == "dpm-solver++":
+            return DPMSolverMultistepScheduler.from_config(self.scheduler_config, algorithm_type="dpmsolver++",
+                                                           solver_order=2)
+        return DDIMScheduler.from_config(self.scheduler_config)
+
+
+# --- loading ----------------------------------------------------------------------------------------------
+
+def weights_sha256(unet_dir: Path) -> str:
+    """sha256 of the weights file (of the sorted weight files, if sharded): stable across loads and copies."""
+    files = sorted(p for p in unet_dir.iterdir()
+                   if p.name in WEIGHT_FILES or re.fullmatch(r"diffusion_pytorch_model-\d+-of-\d+\.\w+", p.name))
+    if not files:
+        raise VaegenError(f"{unet_dir} has a UNet config but no weights file ({WEIGHT_FILES[0]})")
+    digests = []
+    for f in files:
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+        digests.append(digest.hexdigest())
+    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _find_model_dirs(root: Path) -> tuple[Path, Path]:
+    """(UNet directory, scheduler config file) of a DM directory of any supported layout."""
+    model_index = _read_json(root / "model_index.json")
+    if model_index is not None:
+        unet_entry = model_index.get("unet")
+        if not unet_entry or unet_entry[-1] != "UNet2DModel":
+            raise VaegenError(f"{root} is a diffusers pipeline without an unconditional UNet2DModel "
+                              f"(its unet is {unet_entry}); use an unconditional image pipeline")
+        return root / "unet", root / "scheduler" / "scheduler_config.json"
+    config = _read_json(root / "config.json")
+    if config is None or config.get("_class_name") != "UNet2DModel":
+        raise VaegenError(f"{root} is not a diffusion model directory (expected a `vaegen dm train` output, "
+                          "a diffusers UNet2DModel directory or an unconditional pipeline directory)")
+    for candidate in (root / "scheduler_config.json", root.parent / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            return root, candidate
+    raise VaegenError(f"{root} has a UNet2DModel but no scheduler_config.json beside it (or in ../scheduler), "
+                      "so how to call it is unknown; copy the scheduler config it was trained with there")
+
+
+def _resolve(path: str) -> Path:
+    """A local directory, or a hub id downloaded to the local cache (only when online)."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise VaegenError(f"{path} is a file; pass the diffusion model's directory")
+        return local
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        raise VaegenError(f"no diffusion model at {path}; train one with `vaegen dm train`")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    except Exception as e:  # offline, unknown repo, gated repo: all one message for the user
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise VaegenError(f"no local directory {path} and it could not be fetched as a hub id ({reason})") from None
+
+
+def load_dm(path: str, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Load p_DM from any supported directory (see the module docstring)."""
+    root = _resolve(str(path))
+    unet_dir, scheduler_file = _find_model_dirs(root)
+    scheduler_config = _read_json(scheduler_file)
+    if scheduler_config is None:
+        raise VaegenError(f"{scheduler_file} is missing or not JSON; it says how the UNet is called")
+    sha256 = weights_sha256(unet_dir)
+    recorded = (_read_json(unet_dir / "dm.json") or {}).get("weights_sha256")
+    if recorded and recorded != sha256:
+        raise VaegenError(f"{unet_dir}: weights do not match dm.json (an interrupted export?); "
+                          "re-run `vaegen dm train --resume` to export again")
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise VaegenError(f"cannot load the UNet in {unet_dir} ({str(e).splitlines()[0]})") from None
+    if unet.config.in_channels != unet.config.out_channels:
+        raise VaegenError(f"{unet_dir}: UNet maps {unet.config.in_channels} to {unet.config.out_channels} "
+                          "channels; an unconditional image DM maps C to C")
+    return DiffusionModel(unet.to(device), scheduler_config, str(path), sha256)
+
+
+# --- sampling ---------------------------------------------------------------------------------------------
+
+def sample_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of sample `index`'s generator (SeedSequence mixing, so nearby pairs are unrelated)."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
+def initial_noise(indices: Sequence[int] | np.ndarray, seed: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Standard normal noise (n, C, H, W), row i drawn on CPU from its own generator seeded by (seed, i)."""
+    rows = []
+    for i in indices:
+        g = torch.Generator().manual_seed(sample_seed(seed, int(i)))
+        rows.append(torch.randn(shape, generator=g))
+    return torch.stack(rows) if rows else torch.empty(0, *shape)
+
+
+def karras_sigmas(dm: DiffusionModel, config: SamplerConfig) -> torch.Tensor:
+    """EDM's time steps sigma_0 > ... > sigma_{N-1} plus a final 0 (diffusers' Karras schedule), float32."""
+    schedule = EDMEulerScheduler(sigma_min=config.sigma_min or dm.sigma_min,
+                                 sigma_max=config.sigma_max or dm.sigma_max, rho=config.rho)
+    schedule.set_timesteps(config.steps)
+    return schedule.sigmas
+
+
+def heun_sample(dm: DiffusionModel, noise: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
+    """EDM Algorithm 1, deterministic (S_churn = 0): Heun steps with an Euler step to sigma = 0 at the end."""
+    sigmas = karras_sigmas(dm, config).tolist()
+    x = noise * sigmas[0]
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - dm.denoise(x, sigma)) / sigma
+        x_next = x + (sigma_next - sigma) * d
+        if sigma_next > 0:  # 2nd-order correction
+            d_next = (x_next - dm.denoise(x_next, sigma_next)) / sigma_next
+            x_next = x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_next)
+        x = x_next
+    return x
+
+
+def scheduler_sample(dm: DiffusionModel, noise: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
+    """The standard diffusers loop (scale_model_input -> UNet -> step) with the model's own scheduler type."""
+    overrides = {k: v for k, v in (("sigma_min", config.sigma_min), ("sigma_max", config.sigma_max)) if v}
+    scheduler = dm.scheduler(config.name)
+    if overrides and dm.kind == "edm":
+        scheduler = type(scheduler).from_config(scheduler.config, **overrides)
+    scheduler.set_timesteps(config.steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t).to(dm.unet.dtype)
+        out = dm.unet(x_in, t.reshape(1)).sample.float()
+        x = scheduler.step(out, t, x).prev_sample.float()
+    return x
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 exactly as the real data is mapped (u8 = round((x + 1) * 127.5), clamped)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.inference_mode()
+def sample(dm: DiffusionModel, indices: Sequence[int] | np.ndarray, seed: int, config: SamplerConfig,
+           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+           progress: bool = False) -> torch.Tensor:
+    """Images `indices` of the stream defined by (dm, seed, config): uint8 (n, C, H, W) on CPU.
+
+    Image i depends only on (dm, seed, i, config), never on which other indices are sampled with it.
+    The network runs in `dtype` (bf16 on a GPU is fine); the sampler's state stays float32.
+    """
+    if dm.unet.device != torch.device(device) or dm.unet.dtype != dtype:
+        dm.unet.to(device=device, dtype=dtype)
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    shape = (dm.channels, dm.image_size, dm.image_size)
+    run = heun_sample if config.name == "edm-heun" else scheduler_sample
+    out = []
+    chunks = range(0, len(indices), config.chunk)
+    for start in tqdm(chunks, desc="sampling", unit="chunk", disable=not progress):
+        chunk = indices[start:start + config.chunk]
+        noise = torch.zeros(config.chunk, *shape)
+        noise[:len(chunk)] = initial_noise(chunk, seed, shape)
+        x = run(dm, noise.to(device), config)
+        out.append(to_uint8(x[:len(chunk)]).cpu())
+    return torch.cat(out) if out else torch.empty(0, *shape, dtype=torch.uint8)
+
+
+def sampler_record(dm: DiffusionModel, config: SamplerConfig, seed: int) -> dict:
+    """Everything that determines a sample stream, for manifests and provenance."""
+    return {"sampler": asdict(config), "network_evaluations": config.network_evaluations, "seed": seed,
+            "dm": dm.describe()}

@@ -1,0 +1,336 @@
+"""Train p_DM: an EDM-preconditioned diffusers UNet2DModel on D_train. The whole loop is in this file.
+
+    vaegen dm train --dataset fmnist --preset small --out runs/dm/fmnist-small
+    accelerate launch -m generator dm train ...            (multi-GPU; the global batch is split over ranks)
+
+Output directory (runs/dm/NAME):
+    config.json, diffusion_pytorch_model.safetensors   the EMA UNet (`UNet2DModel.from_pretrained(NAME)`)
+    scheduler_config.json                              EDMEulerScheduler: says "EDM preconditioning"
+    dm.json                                            dataset, preset, steps, images seen, weights sha256, ...
+    samples.png                                        grid of Heun-18 samples of the EMA model
+    train_log.jsonl                                    loss, lr, images/s every `log_every` steps
+    train_run.json                                     resolved config; command line of every (re)start
+    checkpoints/step-NNNNNNN/                          Accelerate state: weights, EMA, optimizer, lr, RNG
+
+Resuming is exact: everything random is either a pure function of (seed, step, rank) -- the data order and
+the training noise -- or in the checkpoint (dropout RNG, via Accelerate), so killing a run and resuming it
+with `--resume` ends with the same weights as an uninterrupted run (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+from tqdm.auto import tqdm
+
+from generator.edm import EDMLoss, edm_scheduler
+from generator.presets import DMPreset, get_preset
+from vaegen.data import get_spec, open_dataset, store_path
+from vaegen.errors import VaegenError
+from vaegen.provenance import fsync_dir, read_json, run_record, sha256_file, write_json_atomic
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "fmnist"
+    out: str = "runs/dm/fmnist-tiny"
+    preset: str = "tiny"
+    subset: int | None = None
+    subset_seed: int = 0
+    data_root: str = "data"
+    max_steps: int | None = None        # None: the preset's; also where the cosine lr schedule ends
+    max_minutes: float | None = None    # wall-clock budget of this invocation; stops with a checkpoint
+    batch_size: int | None = None       # global batch; None: the preset's
+    lr: float | None = None             # None: the preset's
+    seed: int = 0
+    checkpoint_every: int | None = None  # None: the preset's
+    resume: bool = False
+    mixed_precision: str = "auto"       # auto = bf16 on GPUs that have it, else full precision
+    grid_samples: int = 64              # images in samples.png (Heun-18, seed 0)
+
+    def resolved(self) -> TrainConfig:
+        """The config with every preset-dependent None filled in (what gets recorded)."""
+        preset = get_preset(self.preset)
+        return replace(self, max_steps=self.max_steps or preset.max_steps,
+                       batch_size=self.batch_size or preset.batch_size, lr=self.lr or preset.lr,
+                       checkpoint_every=self.checkpoint_every or preset.checkpoint_every)
+
+
+# Settings that may change between a run and its resumption without changing what the run computes
+# (max_steps may grow: the cosine schedule is then re-stretched, which the log records).
+RESUMABLE_CHANGES = {"max_minutes", "max_steps", "resume", "checkpoint_every", "grid_samples"}
+
+
+@dataclass
+class TrainState:
+    """The loop's own counters, saved in every checkpoint next to Accelerate's state."""
+
+    step: int = 0
+    images_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
+
+
+def load_train_images(config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """D_train as floats in [-1, 1] (x = u8 / 127.5 - 1) and the store's provenance attributes."""
+    get_spec(config.dataset)
+    path = store_path(config.dataset, config.subset, config.subset_seed, config.data_root)
+    if not path.exists():
+        subset = f" --subset {config.subset} --seed {config.subset_seed}" if config.subset else ""
+        raise VaegenError(f"no dataset store at {path}; build it with `vaegen data {config.dataset}{subset}`")
+    real = open_dataset(config.dataset, "train", config.subset, config.subset_seed, config.data_root)
+    images = torch.from_numpy(real.images).float() / 127.5 - 1
+    return images, real.attrs
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+    """Rows of the global batch at `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch).
+
+    A pure function of the step, so a resumed run sees exactly the data order of an uninterrupted one.
+    """
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = positions // n
+    rows = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        permutation = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        mask = epochs == epoch
+        rows[mask] = permutation[positions[mask] % n]
+    return rows
+
+
+def lr_factor(step: int, preset: DMPreset, max_steps: int) -> float:
+    """Linear warm-up, then constant (EDM) or cosine decay to zero at max_steps."""
+    warmup = min(1.0, (step + 1) / max(preset.lr_warmup_steps, 1))
+    if preset.lr_decay == "constant":
+        return warmup
+    progress = min(1.0, step / max(max_steps, 1))
+    return warmup * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, images_seen: int, batch_size: int,
+               preset: DMPreset) -> None:
+    """EDM's EMA: half-life in images, capped at `ema_rampup_ratio` of the images seen so far."""
+    halflife = min(preset.ema_halflife_images, images_seen * preset.ema_rampup_ratio)
+    beta = 0.5 ** (batch_size / max(halflife, 1e-8))
+    ema_params, net_params = list(ema.parameters()), [p.detach() for p in net.parameters()]
+    torch._foreach_lerp_(ema_params, net_params, 1 - beta)
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints (only renamed-into-place ones count), oldest first."""
+    directory = out / "checkpoints"
+    return sorted(directory.glob("step-*")) if directory.is_dir() else []
+
+
+def save_checkpoint(accelerator, out: Path, step: int, keep: int = 2) -> None:
+    """Accelerate state to a temporary name, then rename: a kill mid-save never leaves a bad checkpoint."""
+    final = out / "checkpoints" / f"step-{step:08d}"
+    tmp = out / "checkpoints" / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def check_resumable(out: Path, config: TrainConfig) -> None:
+    """Refuse to resume with settings that would make the continuation a different run."""
+    previous = read_json(out / "train_run.json")["config"]
+    changed = {k for k, v in asdict(config).items() if previous.get(k) != v} - RESUMABLE_CHANGES
+    if changed:
+        diff = ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(config, k)!r}" for k in sorted(changed))
+        raise VaegenError(f"--resume with different settings ({diff}); use the original ones or a new --out")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def save_samples_grid(unet: UNet2DModel, scheduler_config: dict, path: Path, n: int) -> None:
+    """A square grid PNG of Heun-18 samples (seed 0, indices 0..n-1) of a trained model."""
+    from PIL import Image
+
+    from generator.sampling import DiffusionModel, SamplerConfig, sample
+
+    dm = DiffusionModel(unet, scheduler_config, str(path.parent), sha256="")
+    # One chunk of exactly n: a preview needs no padding to a standard chunk size.
+    images = sample(dm, range(n), seed=0, config=SamplerConfig(chunk=n), device=unet.device, progress=True)
+    Image.fromarray(image_grid(images.numpy())).save(path)
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+    """(n, C, H, W) uint8 -> one (rows*H, cols*W[, C]) uint8 image, as square as possible."""
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for k, image in enumerate(images):
+        r, q = divmod(k, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = image.transpose(1, 2, 0)
+    return grid[..., 0] if c == 1 else grid
+
+
+def export_model(unet: UNet2DModel, out: Path, record: dict, grid_samples: int) -> str:
+    """Write the EMA UNet + scheduler config + grid + dm.json into `out`; the weights file goes in last.
+
+    Files are written under a temporary directory and renamed into place; dm.json carries the weights'
+    sha256, so a crash between renames leaves a directory `load_dm` rejects rather than a wrong model.
+    """
+    tmp = out / f".export-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp)
+    scheduler = edm_scheduler()
+    scheduler.save_pretrained(tmp)
+    sha256 = sha256_file(tmp / "diffusion_pytorch_model.safetensors")
+    save_samples_grid(unet, dict(scheduler.config), tmp / "samples.png", grid_samples)
+    write_json_atomic(tmp / "dm.json", {**record, "weights_sha256": sha256})
+    for name in ("samples.png", "scheduler_config.json", "config.json", "dm.json",
+                 "diffusion_pytorch_model.safetensors"):
+        os.replace(tmp / name, out / name)
+    fsync_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return sha256
+
+
+def train(config: TrainConfig) -> Path:
+    """Train (or resume) a DM as configured; returns the output directory."""
+    from accelerate import Accelerator
+
+    config = config.resolved()
+    preset = get_preset(config.preset)
+    out = Path(config.out)
+    existing = checkpoints(out)
+    if config.resume and not existing:
+        raise VaegenError(f"--resume: no checkpoint in {out}/checkpoints; start without --resume")
+    if not config.resume and (existing or (out / "dm.json").exists()):
+        raise VaegenError(f"{out} already holds a DM run; pass --resume to continue it or choose another --out")
+    if config.resume:
+        check_resumable(out, config)
+
+    mixed_precision = config.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise VaegenError(f"--batch-size {config.batch_size} is not divisible by the {world} processes")
+    local_batch = config.batch_size // world
+
+    images, data_attrs = load_train_images(config)
+    channels = images.shape[1]
+    torch.manual_seed(config.seed)  # the initial weights
+    unet = UNet2DModel(**preset.unet_kwargs(channels))
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=preset.weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, preset, config.max_steps))
+    # The lr schedule counts global steps, so it is checkpointed but not prepared (a prepared scheduler
+    # steps once per process on multi-GPU runs).
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema.to(accelerator.device)
+    state = TrainState()
+    accelerator.register_for_checkpointing(ema, state, lr_schedule)
+    if config.resume:
+        accelerator.load_state(str(existing[-1]))
+    scheduler = edm_scheduler()  # preconditioning constants only; nothing in it changes during training
+    loss_fn = EDMLoss()
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        starts = read_json(out / "train_run.json").get("starts", []) if config.resume else []
+        starts.append(run_record(resumed_from_step=state.step if config.resume else None))
+        write_json_atomic(out / "train_run.json",
+                          {"config": asdict(config), "preset": preset.to_dict(), "starts": starts})
+        truncate_log(out / "train_log.jsonl", state.step)
+        n_params = sum(p.numel() for p in ema.parameters())
+        accelerator.print(f"dm train: {config.dataset} ({len(images)} images), preset {preset.name} "
+                          f"({n_params / 1e6:.2f}M parameters), {world} process(es), "
+                          f"mixed precision {mixed_precision}, steps {state.step} -> {config.max_steps}")
+
+    start_step, start_time = state.step, time.time()
+    deadline = start_time + config.max_minutes * 60 if config.max_minutes else math.inf
+    bar = tqdm(total=config.max_steps, initial=state.step, unit="img", unit_scale=config.batch_size,
+               disable=not accelerator.is_local_main_process, desc="dm train", dynamic_ncols=True)
+    interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
+    unet.train()
+    while state.step < config.max_steps and time.time() < deadline:
+        rows = batch_indices(state.step, config.batch_size, len(images), config.seed)
+        batch = images[rows[rank * local_batch:(rank + 1) * local_batch]].to(accelerator.device)
+        noise_rng = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([config.seed, state.step, rank]).generate_state(1, np.uint64)[0]))
+        with accelerator.autocast():
+            loss = loss_fn(unet, scheduler, batch, generator=noise_rng)
+        accelerator.backward(loss)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.images_seen += config.batch_size
+        update_ema(ema, accelerator.unwrap_model(unet), state.images_seen, config.batch_size, preset)
+
+        interval_loss += loss.item()
+        interval_steps += 1
+        bar.update(1)
+        if state.step % preset.log_every == 0 or state.step == config.max_steps:
+            elapsed = time.time() - interval_start
+            entry = {"step": state.step, "images_seen": state.images_seen,
+                     "loss": interval_loss / interval_steps, "lr": lr_schedule.get_last_lr()[0],
+                     "images_per_s": interval_steps * config.batch_size / max(elapsed, 1e-9),
+                     "elapsed_s": time.time() - start_time}
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
+            if accelerator.is_main_process:
+                with open(out / "train_log.jsonl", "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
+        if state.step % config.checkpoint_every == 0:
+            save_checkpoint(accelerator, out, state.step)
+    bar.close()
+    if not checkpoints(out) or checkpoints(out)[-1].name != f"step-{state.step:08d}":
+        save_checkpoint(accelerator, out, state.step)
+
+    if accelerator.is_main_process:
+        ema_final = copy.deepcopy(ema).eval()  # fp32 master copy, on the device for the sample grid
+        record = run_record(
+            config, dataset=config.dataset, subset=config.subset,
+            subset_seed=config.subset_seed if config.subset else None, preset=preset.name,
+            preset_config=preset.to_dict(), steps=state.step, images_seen=state.images_seen,
+            finished=state.step >= config.max_steps, train_images=len(images),
+            image_shape=list(images.shape[1:]), data_sources=data_attrs.get("sources"),
+            data_subset=data_attrs.get("subset"), train_seconds_this_run=time.time() - start_time,
+            steps_this_run=state.step - start_step, weights="EMA", parameters=sum(p.numel() for p in ema.parameters()),
+            preconditioning="EDM (Karras et al. 2022), sigma_data 0.5, c_noise = ln(sigma)/4",
+        )
+        export_model(ema_final, out, record, config.grid_samples)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out

@@ -1,0 +1,109 @@
+"""`dm score`: the metrics themselves, score.json with its real-vs-real floor, and ranking of trained models."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from generator.sampling import SamplerConfig
+from generator.score import (
+    ScoreConfig,
+    frechet_distance,
+    manifold_coverage,
+    nearest_two,
+    score,
+    two_sample_accuracy,
+)
+from generator.train_dm import TrainConfig, train
+from vaegen.data import DEBIAN_FMNIST_DIR, build_store
+
+torch.set_num_threads(1)
+
+needs_fmnist = pytest.mark.skipif(not Path(DEBIAN_FMNIST_DIR).is_dir(), reason="needs dataset-fashion-mnist")
+METRICS = ("fd", "precision", "recall", "c2st_accuracy", "nn_distance_median", "near_copy_share",
+           "nn_distance_ratio_to_test")
+
+
+def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_mean_shift():
+    x = np.random.default_rng(0).normal(size=(500, 8))
+    assert abs(frechet_distance(x, x)) < 1e-6
+    assert frechet_distance(x, x + 1.0) == pytest.approx(8.0, rel=1e-6)
+
+
+def test_precision_and_recall_separate_fidelity_from_coverage():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(400, 2))
+    collapsed = rng.normal(size=(400, 2)) * 0.1  # inside the real manifold, covering little of it
+    assert manifold_coverage(collapsed, real, k=3) > 0.95  # precision: high
+    assert manifold_coverage(real, collapsed, k=3) < 0.3   # recall: low
+    assert manifold_coverage(real + 10, real, k=3) == 0
+
+
+def test_two_sample_test_is_at_chance_for_one_distribution_and_perfect_for_disjoint_ones():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(600, 4)), rng.normal(size=(600, 4))
+    assert abs(two_sample_accuracy(a, b, seed=0) - 0.5) < 0.07
+    assert two_sample_accuracy(a, b + 5, seed=0) == 1.0
+
+
+def test_nearest_two_finds_copies_and_second_neighbours():
+    reference = np.zeros((5, 1, 2, 2), dtype=np.uint8)
+    reference[:, 0, 0, 0] = [0, 51, 102, 153, 255]
+    d = nearest_two(reference[[1]], reference, chunk=2)  # chunking over the reference must not matter
+    assert d[0, 0] == 0 and d[0, 1] == pytest.approx(0.2)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    if not Path(DEBIAN_FMNIST_DIR).is_dir():
+        pytest.skip("needs dataset-fashion-mnist")
+    root = tmp_path_factory.mktemp("data")
+    build_store("fmnist", root, download=False)
+    build_store("fmnist", root, subset=500, seed=0, download=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def isolated_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+def train_tiny(out, data_root, steps):
+    train(TrainConfig(dataset="fmnist", preset="tiny", subset=500, out=str(out), data_root=str(data_root),
+                      max_steps=steps, checkpoint_every=steps, grid_samples=4))
+    return out
+
+
+@needs_fmnist
+def test_score_json_reports_every_metric_and_the_real_vs_real_floor(data_root, isolated_cache, tmp_path):
+    dm = train_tiny(tmp_path / "dm", data_root, steps=2)
+    result = score(ScoreConfig(dm=str(dm), data_root=str(data_root), n=40, classifier_steps=5,
+                               sampler=SamplerConfig(steps=2, chunk=40)))
+    written = json.loads((dm / "score.json").read_text())
+    assert written["summary"] == result["summary"] and written["n"] == 40 and written["subset"] == 500
+    for metric in METRICS:
+        assert np.isfinite(written["samples"][metric]) and np.isfinite(written["floor_real_test_vs_train"][metric])
+    assert written["dm"]["sha256"] and written["feature_classifier"]["steps"] == 5
+    assert written["network_evaluations"] == 3 and "code_version" in written
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_score_ranks_a_longer_trained_model_above_a_barely_trained_one_on_every_metric(
+        data_root, isolated_cache, tmp_path):
+    config = dict(data_root=str(data_root), n=300, classifier_steps=300, sampler=SamplerConfig(steps=8))
+    barely = score(ScoreConfig(dm=str(train_tiny(tmp_path / "barely", data_root, 5)), **config))
+    longer = score(ScoreConfig(dm=str(train_tiny(tmp_path / "longer", data_root, 400)), **config))
+    worse, better = barely["samples"], longer["samples"]
+    assert better["fd"] < worse["fd"]
+    assert better["precision"] > worse["precision"]
+    assert better["recall"] > worse["recall"]
+    assert better["c2st_accuracy"] < worse["c2st_accuracy"]
+    # Fidelity of the pixel-space neighbours: nearer to how far new real images lie from D_train.
+    assert abs(np.log(better["nn_distance_ratio_to_test"])) < abs(np.log(worse["nn_distance_ratio_to_test"]))
+    floor = longer["floor_real_test_vs_train"]
+    assert floor["fd"] < better["fd"] and abs(floor["c2st_accuracy"] - 0.5) < 0.1

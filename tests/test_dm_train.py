@@ -1,0 +1,107 @@
+"""DM training: diffusers-format output, exact resume after a kill, refusals, data order."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from generator.sampling import load_dm
+from generator.train_dm import TrainConfig, batch_indices, train
+from vaegen.data import DEBIAN_FMNIST_DIR, build_store
+from vaegen.errors import VaegenError
+
+torch.set_num_threads(1)
+
+pytestmark = pytest.mark.skipif(not Path(DEBIAN_FMNIST_DIR).is_dir(), reason="needs dataset-fashion-mnist")
+
+# A few steps of the tiny preset on a 256-image subset: enough to exercise every part of the loop.
+RUN = dict(dataset="fmnist", preset="tiny", subset=256, max_steps=24, batch_size=8, checkpoint_every=4,
+           grid_samples=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    build_store("fmnist", root, subset=256, seed=0, download=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    train(TrainConfig(out=str(out), data_root=str(data_root), **RUN))
+    return out
+
+
+def test_output_loads_with_plain_diffusers_and_records_what_made_it(finished_run):
+    unet = UNet2DModel.from_pretrained(finished_run)
+    assert unet.config.in_channels == 1 and unet.config.sample_size == 32
+    record = json.loads((finished_run / "dm.json").read_text())
+    assert record["dataset"] == "fmnist" and record["subset"] == 256 and record["preset"] == "tiny"
+    assert record["steps"] == 24 and record["images_seen"] == 24 * 8 and record["finished"]
+    assert record["code_version"] and "config" in record and "command" in record
+    dm = load_dm(str(finished_run))
+    assert dm.kind == "edm" and dm.sha256 == record["weights_sha256"]
+    scheduler = json.loads((finished_run / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "EDMEulerScheduler" and scheduler["sigma_data"] == 0.5
+    log = [json.loads(line) for line in (finished_run / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 24 and all(np.isfinite(e["loss"]) and e["images_per_s"] > 0 for e in log)
+    assert (finished_run / "samples.png").stat().st_size > 0
+    assert [p.name for p in (finished_run / "checkpoints").iterdir()] and not list(finished_run.glob(".*tmp*"))
+
+
+def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(finished_run, data_root, tmp_path):
+    out = tmp_path / "killed"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]
+    command = [sys.executable, "-c", "from vaegen.cli import main; main()", "dm", "train", *args,
+               f"--out={out}", f"--data-root={data_root}", "--threads=1"]
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = out / "checkpoints" / "step-00000004"
+    deadline = time.time() + 120
+    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first_checkpoint.exists() and process.returncode == -signal.SIGKILL
+    assert not (out / "dm.json").exists()  # killed mid-run: nothing a later stage could take for a model
+
+    train(TrainConfig(out=str(out), data_root=str(data_root), resume=True, **RUN))
+    for name in ("diffusion_pytorch_model.safetensors", "checkpoints/step-00000024/model.safetensors"):
+        assert (out / name).read_bytes() == (finished_run / name).read_bytes(), name  # EMA and raw weights
+    ours = torch.load(out / "checkpoints/step-00000024/optimizer.bin", weights_only=False)["state"]
+    theirs = torch.load(finished_run / "checkpoints/step-00000024/optimizer.bin", weights_only=False)["state"]
+    assert all(torch.equal(ours[i]["exp_avg_sq"], theirs[i]["exp_avg_sq"]) for i in theirs)
+    log = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log == sorted(set(log))  # lines after the checkpoint were dropped, not duplicated
+
+
+def test_existing_run_is_not_overwritten_and_resume_refuses_changed_settings(finished_run, data_root, tmp_path):
+    with pytest.raises(VaegenError, match="--resume"):
+        train(TrainConfig(out=str(finished_run), data_root=str(data_root), **RUN))
+    with pytest.raises(VaegenError, match="lr"):
+        train(TrainConfig(out=str(finished_run), data_root=str(data_root), resume=True, **{**RUN, "lr": 0.1}))
+    with pytest.raises(VaegenError, match="no checkpoint"):
+        train(TrainConfig(out=str(tmp_path / "new"), data_root=str(data_root), resume=True, **RUN))
+
+
+def test_missing_subset_store_names_the_command_that_builds_it(data_root, tmp_path):
+    with pytest.raises(VaegenError, match="vaegen data fmnist --subset 99 --seed 5"):
+        train(TrainConfig(out=str(tmp_path / "x"), data_root=str(data_root),
+                          **{**RUN, "subset": 99, "subset_seed": 5}))
+
+
+def test_data_order_is_a_pure_function_of_the_step_covering_each_epoch_once():
+    n, batch = 10, 4
+    stream = np.concatenate([batch_indices(step, batch, n, seed=1) for step in range(5)])
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert np.array_equal(batch_indices(3, batch, n, seed=1), stream[12:16])
+    assert not np.array_equal(batch_indices(0, batch, n, seed=2), stream[:4])
