@@ -297,7 +297,8 @@ def sample(dm: DiffusionModel, indices: Sequence[int] | np.ndarray, seed: int, c
     Image i depends only on (dm, seed, i, config), never on which other indices are sampled with it.
     The network runs in `dtype` (bf16 on a GPU is fine); the sampler's state stays float32.
     """
-    if dm.unet.device != torch.device(device) or dm.unet.dtype != dtype:
+    device = torch.empty(0, device=device).device  # "cuda" -> cuda:0, so the check below is exact
+    if dm.unet.device != device or dm.unet.dtype != dtype:  # .to(dtype) makes diffusers warn: only when needed
         dm.unet.to(device=device, dtype=dtype)
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     shape = (dm.channels, dm.image_size, dm.image_size)

@@ -40,7 +40,7 @@ PRESETS = {
     # the fewest sampler steps `dm score` cannot tell from Heun-18; the ablation stops starting new runs after
     # two hours and the report says where it stopped.
     "cpu": StudyPreset(
-        name="cpu", subset=1000, dm_preset="small", dm_max_steps=None, sampler="edm-heun", sampler_steps=10,
+        name="cpu", subset=1000, dm_preset="small", dm_max_steps=None, sampler="edm-heun", sampler_steps=12,
         epochs=500, eval_every=5, seeds=(0, 1, 2), compare_scale=10, scales=(1, 2, 5, 10, 20, 50, 100),
         budget_minutes=120, batch_size=128,
         # Paper settings for G_g and G_r; G_a and IWAE on subsamples (their full versions take CPU-hours).
