@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from generator.sampling import SamplerConfig, load_dm, sample, sampler_record
-from vaegen.data import cache_dir, open_dataset, store_path
+from vaegen.data import cache_dir, open_dataset
 from vaegen.errors import VaegenError
 from vaegen.provenance import read_json, run_record, write_json_atomic
 
@@ -83,10 +83,6 @@ def feature_classifier(dataset: str, data_root: str, steps: int, device: str = "
     """The cached feature classifier of a dataset, trained on its full training split on first use."""
     from safetensors.torch import load_file, save_file
 
-    full = store_path(dataset, root=data_root)
-    if not full.exists():
-        raise VaegenError(f"dm score needs the full store {full} for its feature classifier; "
-                          f"build it with `vaegen data {dataset}`")
     train = open_dataset(dataset, "train", root=data_root)
     key_src = json.dumps({"sources": train.attrs.get("sources"), "steps": steps, "version": CLASSIFIER_VERSION},
                          sort_keys=True)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from generator.edm import EDMLoss, edm_scheduler
 from generator.presets import DMPreset, get_preset
-from vaegen.data import get_spec, open_dataset, store_path
+from vaegen.data import open_dataset
 from vaegen.errors import VaegenError
 from vaegen.provenance import fsync_dir, read_json, run_record, sha256_file, write_json_atomic
 
@@ -87,11 +87,6 @@ class TrainState:
 
 def load_train_images(config: TrainConfig) -> tuple[torch.Tensor, dict]:
     """D_train as floats in [-1, 1] (x = u8 / 127.5 - 1) and the store's provenance attributes."""
-    get_spec(config.dataset)
-    path = store_path(config.dataset, config.subset, config.subset_seed, config.data_root)
-    if not path.exists():
-        subset = f" --subset {config.subset} --seed {config.subset_seed}" if config.subset else ""
-        raise VaegenError(f"no dataset store at {path}; build it with `vaegen data {config.dataset}{subset}`")
     real = open_dataset(config.dataset, "train", config.subset, config.subset_seed, config.data_root)
     images = torch.from_numpy(real.images).float() / 127.5 - 1
     return images, real.attrs

@@ -338,4 +338,8 @@ def load_split(path: str | os.PathLike, split: str) -> RealData:
 def open_dataset(dataset: str, split: str, subset: int | None = None, seed: int = 0, root="data") -> RealData:
     """The stores every stage reads D_train / D_test from: `--dataset/--subset/--seed` -> RealData."""
     get_spec(dataset)
-    return load_split(store_path(dataset, subset, seed, root), split)
+    path = store_path(dataset, subset, seed, root)
+    if not path.exists():
+        build = f"vaegen data {dataset}" + (f" --subset {subset} --seed {seed}" if subset else "")
+        raise VaegenError(f"no dataset store at {path}; build it with `{build} --out-dir {root}`")
+    return load_split(path, split)

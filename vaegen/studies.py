@@ -129,6 +129,12 @@ class Study:
             self.vaegen("eval", out, *self.preset.eval_args)
         return True
 
+    def ensure_vaes(self, runs: list[VaeRun], shards: Path | None) -> None:
+        """Train and evaluate `runs` in order, until the budget stops the study."""
+        for run in runs:
+            if not self.ensure_vae(run, shards):
+                return
+
     def save(self, runs: list[VaeRun], **extra) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.dir / "study.json", run_record(
@@ -162,9 +168,7 @@ def run_compare(study: Study) -> None:
     study.ensure_data()
     dm = study.ensure_dm()
     shards = study.ensure_shards(dm, p.compare_scale)
-    for run in runs:
-        if not study.ensure_vae(run, shards):
-            break
+    study.ensure_vaes(runs, shards)
     study.save(runs, dm=str(dm), shards=str(shards))
 
 
@@ -179,9 +183,7 @@ def run_demo(study: Study) -> None:
     study.ensure_data()
     dm = study.ensure_dm()
     shards = study.ensure_shards(dm, max(p.scales))
-    for run in runs:
-        if not study.ensure_vae(run, shards):
-            break
+    study.ensure_vaes(runs, shards)
     study.save(runs, dm=str(dm), shards=str(shards))
 
 
@@ -219,9 +221,7 @@ def run_overparam(study: Study) -> None:
     study.save(runs)
     study.ensure_data()
     shards = study.ensure_shards(study.ensure_dm(), p.compare_scale)
-    for run in runs:
-        if not study.ensure_vae(run, shards):
-            break
+    study.ensure_vaes(runs, shards)
     study.save(runs, shards=str(shards))
 
 
@@ -236,9 +236,7 @@ def run_mix(study: Study) -> None:
     dm = study.ensure_dm()
     study.vaegen("dm", "score", "--dm", dm)
     shards = study.ensure_shards(dm, p.compare_scale)
-    for run in runs:
-        if not study.ensure_vae(run, shards):
-            break
+    study.ensure_vaes(runs, shards)
     study.save(runs, dm=str(dm), shards=str(shards))
 
 
