@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from vaegen.cli import main
 from vaegen.data import DEBIAN_FMNIST_DIR
+from vaegen.errors import VaegenError
 from vaegen.presets import get_preset
 from vaegen.studies import Study
 
@@ -27,11 +28,17 @@ def test_bad_scales_are_a_one_line_error(tmp_path):
     assert result.exit_code == 2 and ">= 1" in result.output
 
 
-def test_a_study_directory_refuses_another_study(tmp_path):
+def test_a_study_directory_refuses_another_study_or_other_settings(tmp_path):
     (tmp_path / "study.json").write_text(json.dumps({"study": "compare", "dataset": "fmnist",
                                                      "preset": {"name": "cpu"}}))
     result = CliRunner().invoke(main, ["study", "ablation", "--preset", "cpu", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "holds the compare study" in result.output
+
+    study = Study("compare", "fmnist", get_preset("cpu", epochs=300), tmp_path)
+    study.save([])
+    assert Study("compare", "fmnist", get_preset("cpu", epochs=300, seeds=(0, 1)), tmp_path).check_resumable() is None
+    with pytest.raises(VaegenError, match="epochs"):
+        Study("compare", "fmnist", get_preset("cpu"), tmp_path).check_resumable()
 
 
 def test_budget_stops_starting_runs_and_records_where(tmp_path):

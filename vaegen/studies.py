@@ -14,6 +14,7 @@ The diffusion models and shards are shared between studies: runs/dm/<...>/ and s
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import subprocess
 import sys
@@ -143,14 +144,19 @@ class Study:
             minutes=round((time.monotonic() - self.started) / 60, 2), **extra))
 
     def check_resumable(self) -> None:
-        """A study directory belongs to one study kind, dataset and preset; refuse to mix them."""
+        """A study directory belongs to one study kind, dataset and preset (seeds, scales and the budget may
+        grow on a rerun); refuse to mix others into it, since finished runs would be silently reused."""
         path = self.dir / "study.json"
-        if path.exists():
-            old = read_json(path)
-            if (old.get("study"), old.get("dataset"), old.get("preset", {}).get("name")) != (
-                    self.kind, self.dataset, self.preset.name):
-                raise VaegenError(f"{self.dir} holds the {old.get('study')} study of {old.get('dataset')} with "
-                                  f"preset {old.get('preset', {}).get('name')}; choose another --out")
+        if not path.exists():
+            return
+        old = read_json(path)
+        free = ("seeds", "scales", "budget_minutes")
+        mine = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(self.preset))).items() if k not in free}
+        theirs = {k: v for k, v in old.get("preset", {}).items() if k not in free}
+        if (old.get("study"), old.get("dataset"), theirs) != (self.kind, self.dataset, mine):
+            changed = sorted(k for k in mine if mine[k] != theirs.get(k)) or ["study or dataset"]
+            raise VaegenError(f"{self.dir} holds the {old.get('study')} study of {old.get('dataset')} with other "
+                              f"settings ({', '.join(changed)}); choose another --out")
 
 
 # --- the studies --------------------------------------------------------------------------------------------
