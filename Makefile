@@ -59,7 +59,9 @@ eval: ## the gaps of the most recently trained VAE (or VAE=runs/vae/NAME)
 # --- studies (STUDY_PRESET=demo|cpu|paper); each is resumable: rerunning skips finished runs ---------------
 STUDY_PRESET ?= cpu
 SCALES ?=
-STUDY_ARGS = --dataset $(DATASET) --preset $(STUDY_PRESET) $(if $(SCALES),--scales "$(SCALES)")
+BUDGET ?=
+STUDY_ARGS = --dataset $(DATASET) --preset $(STUDY_PRESET) $(if $(SCALES),--scales "$(SCALES)") \
+	$(if $(BUDGET),--budget-minutes $(BUDGET))
 
 demo: ## the whole pipeline at tiny scale (minutes on a CPU); prints the report's path
 	$(BIN)/vaegen study demo --preset demo --dataset fmnist

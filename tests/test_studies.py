@@ -73,3 +73,20 @@ def test_demo_runs_the_whole_pipeline_and_resumes_without_redoing_work(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "$ vaegen train" not in second.stderr and "$ vaegen eval" not in second.stderr
     assert "$ vaegen dm train" not in second.stderr
+
+
+def test_budget_minutes_overrides_the_preset(tmp_path, monkeypatch):
+    import vaegen.studies as studies
+
+    chosen = {}
+
+    def record_preset(kind, dataset, preset, out, data_root):  # the CLI's job ends at choosing the preset
+        chosen["preset"] = preset
+        return tmp_path
+
+    monkeypatch.setattr(studies, "run_study", record_preset)
+    result = CliRunner().invoke(main, ["study", "ablation", "--preset", "cpu", "--budget-minutes", "45"])
+    assert result.exit_code == 0, result.output
+    assert chosen["preset"].budget_minutes == 45
+    result = CliRunner().invoke(main, ["study", "ablation", "--preset", "cpu", "--budget-minutes", "-1"])
+    assert result.exit_code == 2

@@ -298,11 +298,14 @@ def _study_command(kind: str):
     @click.option("--epochs", default=None, type=click.IntRange(min=1), help="VAE epochs (default: the preset's).")
     @click.option("--dm-max-steps", default=None, type=click.IntRange(min=1),
                   help="DM training steps (default: the DM preset's).")
+    @click.option("--budget-minutes", default=None, type=click.FloatRange(min=0),
+                  help="Start no new run after this many minutes of this invocation (default: the preset's).")
     @click.option("--out", default=None, type=click.Path(file_okay=False),
                   help="Study directory [default: runs/studies/<study>-<dataset>-<preset>].")
     @click.option("--data-root", default="data", type=click.Path(file_okay=False))
-    def command(dataset, preset, scales, seeds, subset, epochs, dm_max_steps, out, data_root):
-        overrides = {"subset": subset, "epochs": epochs, "dm_max_steps": dm_max_steps}
+    def command(dataset, preset, scales, seeds, subset, epochs, dm_max_steps, budget_minutes, out, data_root):
+        overrides = {"subset": subset, "epochs": epochs, "dm_max_steps": dm_max_steps,
+                     "budget_minutes": budget_minutes}
         try:
             if scales:
                 overrides["scales"] = tuple(int(k) for k in scales.split())
