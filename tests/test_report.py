@@ -19,7 +19,7 @@ def write_run(root, name, seed, test_elbo, gap, source="real", augment=None, sca
     with open(run / "metrics.jsonl", "w") as f:
         for epoch in (5, 10, 15):
             f.write(json.dumps({"epoch": epoch, "train_elbo": test_elbo + gap * epoch / 15,
-                                "test_elbo": test_elbo}) + "\n")
+                                "test_elbo": test_elbo, "batch_elbo": 1000.0 + epoch}) + "\n")
     if finished:
         (run / "eval").mkdir()
         gaps = {"generalization": {"gap": gap, "elbo_train": {"mean": test_elbo + gap},
@@ -56,6 +56,7 @@ def test_report_writes_tables_plots_and_reading(study):
     assert set(rows) == {"Normal", "Aug.Naive", "DMaaPx k=1", "DMaaPx k=10"}
     assert float(rows["Normal"]["G_g_mean"]) == pytest.approx(100.5)
     assert float(rows["DMaaPx k=10"]["G_g_mean"]) == pytest.approx(2.0)
+    assert float(rows["DMaaPx k=10"]["pool_elbo_mean"]) == pytest.approx(1015.0)  # the last epoch's batches
     assert rows["Normal"]["n_seeds"] == "2"
     assert "- DMaaPx k=10 vs Normal: G_g 2 vs 100" in text
 
