@@ -237,7 +237,8 @@ def build_report(study_dir: str | Path) -> Path:
         lines += [f"Preset `{preset.get('name')}`: |D_train| = {preset.get('subset') or 'full'}, "
                   f"{preset.get('epochs')} effective epochs, seeds {preset.get('seeds')}, DM preset "
                   f"`{preset.get('dm_preset')}`, sampler {preset.get('sampler')} with {preset.get('sampler_steps')} "
-                  f"steps. Study wall time: {study.get('minutes')} min.", ""]
+                  f"steps. Wall time of the study's last invocation (a rerun skips finished work): "
+                  f"{study.get('minutes')} min.", ""]
         if study.get("stopped_at"):
             lines += [f"**The time budget stopped the study before run `{study['stopped_at']}`**; the runs below "
                       "are the ones that finished.", ""]
