@@ -39,10 +39,13 @@ class Run:
     metrics: list[dict]
     results: dict = field(default_factory=dict)  # RESULT_COLUMNS
     finished: bool = False
+    dm: str | None = None           # the DM behind the shards
+    dm_n: int | None = None         # its training-set size, when smaller than the VAE's D_train (dm-subsets)
 
     @property
     def label(self) -> str:
-        return f"DMaaPx k={self.scale}" if self.method == "DMaaPx" else self.method
+        label = f"DMaaPx k={self.scale}" if self.method == "DMaaPx" else self.method
+        return f"{label}, DM on {self.dm_n} images" if self.dm_n else label
 
 
 def method_of(config: dict) -> str:
@@ -66,6 +69,13 @@ def read_run(run_dir: Path) -> Run | None:
               model.get("m_z") if model.get("arch") == "conv" else None,
               model.get("n_c") if model.get("arch") == "conv" else None,
               config.get("mix_real") if shards else None, metrics)
+    if shards:
+        data = config.get("data", {})
+        generation = data.get("generation", {})
+        run.dm = generation.get("dm", {}).get("path")
+        vae_n = data.get("pool_size", 0) // max(data.get("scale") or 1, 1)
+        if generation.get("n_train") and generation["n_train"] < vae_n:
+            run.dm_n = generation["n_train"]
     gaps_path = run_dir / EVAL_DIR / GAPS_NAME
     if gaps_path.exists():
         gaps = read_json(gaps_path)
@@ -211,7 +221,8 @@ def build_report(study_dir: str | Path) -> Path:
         raise VaegenError(f"{runs_dir} holds no VAE runs yet")
     finished = [r for r in runs if r.finished]
     groups: dict[str, list[Run]] = defaultdict(list)
-    for r in sorted(finished, key=lambda r: (r.method != "Normal", r.method, r.scale or 0, r.mz or 0, r.nc or 0)):
+    for r in sorted(finished, key=lambda r: (r.method != "Normal", r.method, r.scale or 0, r.dm_n is None,
+                                             r.dm_n or 0, r.mz or 0, r.nc or 0)):
         groups[group_key(r)].append(r)
 
     write_tables(runs, groups, study_dir)
@@ -258,10 +269,29 @@ def build_report(study_dir: str | Path) -> Path:
               "(synthetic samples for DMaaPx, augmented images for Aug.*; one Monte Carlo sample, during training). "
               "Tables: `summary.csv`, `runs.csv`.", ""]
     lines += reading(groups, normal, finished)
+    lines += dm_table(finished)
     for title, name in figures:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     (study_dir / "report.md").write_text("\n".join(lines))
     return study_dir / "report.md"
+
+
+DM_SCORE_KEYS = ("fd", "precision", "recall", "c2st_accuracy")
+
+
+def dm_table(runs: list[Run]) -> list[str]:
+    """The `vaegen dm score` of every DM behind the runs (where it was scored), next to the real-data floor."""
+    rows = []
+    for dm in sorted({r.dm for r in runs if r.dm}):
+        path = Path(dm) / "score.json"
+        if path.exists():
+            score = read_json(path)
+            got, floor = score["samples"], score["floor_real_test_vs_train"]
+            rows.append(f"| `{dm}` | " + " | ".join(f"{got[k]:.3g} ({floor[k]:.3g})" for k in DM_SCORE_KEYS) + " |")
+    if not rows:
+        return []
+    return ["## Diffusion models (`vaegen dm score`; real-vs-real floor in brackets)", "",
+            "| DM | FD | precision | recall | two-sample classifier accuracy |", "|---|---|---|---|---|", *rows, ""]
 
 
 def reading(groups: dict[str, list[Run]], normal: list[Run], finished: list[Run]) -> list[str]:

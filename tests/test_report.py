@@ -72,3 +72,27 @@ def test_report_on_a_directory_without_runs_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "not a study directory" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_dm_subset_runs_get_their_own_groups_and_the_dm_scores_are_shown(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # run configs name their DM relative to where the study ran
+    for dm_n in (250, 1000):
+        dm = tmp_path / f"runs/dm/fmnist-n{dm_n}-s0-small"
+        dm.mkdir(parents=True)
+        (dm / "score.json").write_text(json.dumps({
+            "samples": {"fd": 10.0 * 1000 / dm_n, "precision": 0.8, "recall": dm_n / 1400, "c2st_accuracy": 0.8},
+            "floor_real_test_vs_train": {"fd": 0.4, "precision": 0.9, "recall": 0.9, "c2st_accuracy": 0.5}}))
+        for seed in (0, 1):
+            name = f"dm{dm_n // 10:03d}pct-seed{seed}"
+            write_run(tmp_path, name, seed, 700.0 + dm_n / 10, 1.0, source="shards", scale=10)
+            config_path = tmp_path / "runs" / name / "config.json"
+            config = json.loads(config_path.read_text())
+            config["data"] = {"pool_size": 10000, "scale": 10, "generation": {
+                "n_train": dm_n, "dm": {"path": f"runs/dm/fmnist-n{dm_n}-s0-small"}}}
+            config_path.write_text(json.dumps(config))
+    text = build_report(tmp_path).read_text()
+    with open(tmp_path / "summary.csv") as f:
+        rows = {r["group"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"DMaaPx k=10, DM on 250 images", "DMaaPx k=10"}  # the full-D_train DM needs no suffix
+    assert float(rows["DMaaPx k=10, DM on 250 images"]["test_elbo_mean"]) == pytest.approx(725.0)
+    assert "| `runs/dm/fmnist-n250-s0-small` | 40 (0.4) | 0.8 (0.9) | 0.179 (0.9) | 0.8 (0.5) |" in text

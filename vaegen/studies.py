@@ -99,6 +99,13 @@ class Study:
                         "--out", dm, *(["--resume"] if (dm / "checkpoints").is_dir() else []))
         return dm
 
+    def ensure_dm_score(self, dm: Path) -> None:
+        """`dm score` once per DM; its feature classifier trains on the full training split, so that store too."""
+        if not (dm / "score.json").exists():
+            self.ensure_data(subset=0)
+            self.vaegen("dm", "score", "--dm", dm, "--sampler", self.preset.sampler,
+                        "--steps", self.preset.sampler_steps, "--data-root", self.data_root)
+
     def ensure_shards(self, dm: Path, scale: int) -> Path:
         shards = self.shard_dir(dm)
         self.vaegen("generate", "--dm", dm, "--scale", scale, "--out", shards, "--sampler", self.preset.sampler,
@@ -240,7 +247,7 @@ def run_mix(study: Study) -> None:
     study.save(runs)
     study.ensure_data()
     dm = study.ensure_dm()
-    study.vaegen("dm", "score", "--dm", dm)
+    study.ensure_dm_score(dm)
     shards = study.ensure_shards(dm, p.compare_scale)
     study.ensure_vaes(runs, shards)
     study.save(runs, dm=str(dm), shards=str(shards))
@@ -262,7 +269,7 @@ def run_dm_subsets(study: Study) -> None:
         dm_subset = None if dm_subset >= n_train and p.subset is None else dm_subset
         study.ensure_data(dm_subset)
         dm = study.ensure_dm(dm_subset)
-        study.vaegen("dm", "score", "--dm", dm)
+        study.ensure_dm_score(dm)
         # The DM's own N is smaller than |D_train|: generate enough for compare_scale x |D_train|.
         dm_n = dm_subset or n_train
         shard_dirs[fraction] = study.ensure_shards(dm, -(-p.compare_scale * n_train // dm_n))
