@@ -90,3 +90,19 @@ def test_budget_minutes_overrides_the_preset(tmp_path, monkeypatch):
     assert chosen["preset"].budget_minutes == 45
     result = CliRunner().invoke(main, ["study", "ablation", "--preset", "cpu", "--budget-minutes", "-1"])
     assert result.exit_code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(DEBIAN_FMNIST_DIR).is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_dm_subsets_scores_each_dm_once_and_reports_it(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "vaegen", "study", "dm-subsets", "--preset", "demo", "--subset", "50",
+               "--epochs", "2", "--dm-max-steps", "5"]
+    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = (tmp_path / "runs/studies/dm-subsets-fmnist-demo/report.md").read_text()
+    assert "| DMaaPx k=5, DM on 25 images |" in report and "| DMaaPx k=5 |" in report
+    assert "| `runs/dm/fmnist-n25-s0-tiny` |" in report and "| `runs/dm/fmnist-n50-s0-tiny` |" in report
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "$ vaegen dm score" not in second.stderr and "$ vaegen train" not in second.stderr
