@@ -224,7 +224,9 @@ def run_overparam(study: Study) -> None:
     """Model-size ablation of the conv VAE: m_z sweep at the default n_c, n_c sweep at m_z=1 (figures 6-8),
     for Normal and DMaaPx."""
     p = study.preset
-    sizes = [(mz, 256) for mz in p.mz] + [(1, nc) for nc in p.nc if nc != 256]
+    # The paper sweeps m_z at n_c=256; a preset whose n_c list stops short of 256 (demo) sweeps at its largest.
+    mz_nc = 256 if 256 in p.nc else max(p.nc)
+    sizes = [(mz, mz_nc) for mz in p.mz] + [(1, nc) for nc in p.nc if nc != mz_nc]
     runs = []
     for mz, nc in sizes:
         for s in p.seeds:
