@@ -102,7 +102,7 @@ class Study:
     def ensure_dm_score(self, dm: Path) -> None:
         """`dm score` once per DM; its feature classifier trains on the full training split, so that store too."""
         if not (dm / "score.json").exists():
-            self.ensure_data(subset=0)
+            self.vaegen("data", self.dataset, "--out-dir", self.data_root)  # the full store
             self.vaegen("dm", "score", "--dm", dm, "--sampler", self.preset.sampler,
                         "--steps", self.preset.sampler_steps, "--data-root", self.data_root)
 
