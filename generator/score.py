@@ -92,7 +92,8 @@ def feature_classifier(dataset: str, data_root: str, steps: int, device: str = "
     if path.exists():
         net.load_state_dict(load_file(path))
         info = json.loads(path.with_suffix(".json").read_text())
-        return net.to(device).eval(), info
+        info.pop("path", None)  # older caches recorded this machine's absolute path
+        return net.to(device).eval(), {**info, "cache_file": str(path.relative_to(cache_dir()))}
 
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -112,7 +113,7 @@ def feature_classifier(dataset: str, data_root: str, steps: int, device: str = "
     with torch.inference_mode():
         logits = torch.cat([net(x.to(device)).cpu() for x in to_float(test.images).split(512)])
     accuracy = float((logits.argmax(1).numpy() == test.labels).mean())
-    info = {"key": key, "path": str(path), "steps": steps, "test_accuracy": accuracy,
+    info = {"key": key, "cache_file": str(path.relative_to(cache_dir())), "steps": steps, "test_accuracy": accuracy,
             "version": CLASSIFIER_VERSION}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

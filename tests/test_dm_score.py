@@ -88,6 +88,7 @@ def test_score_json_reports_every_metric_and_the_real_vs_real_floor(data_root, i
     for metric in METRICS:
         assert np.isfinite(written["samples"][metric]) and np.isfinite(written["floor_real_test_vs_train"][metric])
     assert written["dm"]["sha256"] and written["feature_classifier"]["steps"] == 5
+    assert written["feature_classifier"]["cache_file"].startswith("score-classifier/")  # no machine paths
     assert written["network_evaluations"] == 3 and "code_version" in written
 
 
