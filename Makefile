@@ -26,10 +26,19 @@ LAST_VAE = $(if $(filter command line,$(origin VAE)),,$(shell ls -td runs/vae/*/
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-setup: ## create .venv and install vaegen (editable, with dev extras); CPU torch where there is no GPU
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+FMNIST_APT := apt-get install -y dataset-fashion-mnist
+
+setup: ## create .venv and install vaegen (editable, with dev extras); CPU torch where there is no GPU; FashionMNIST
 	$(PYTHON) -m venv $(VENV)
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install $(TORCH_CPU); fi
 	$(BIN)/pip install -e '.[dev]'
+	@if [ -d $(FMNIST_DIR) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(FMNIST_APT) -qq) \
+		|| echo "setup: could not install FashionMNIST; run: $(FMNIST_APT)"; \
+	elif command -v apt-get >/dev/null 2>&1; then echo "setup: FashionMNIST is missing; run: sudo $(FMNIST_APT)"; \
+	else echo "setup: FashionMNIST is missing; vaegen downloads it on first use (or put the official files in ~/.cache/vaegen/fmnist)"; fi
 
 test: ## the fast test suite (the README's test command; CI runs it)
 	$(BIN)/pytest
@@ -41,7 +50,7 @@ lint: ## ruff
 	$(BIN)/ruff check vaegen generator trainer evaluator tests bench
 
 data: ## data/<DATASET>.zarr from the official files (SUBSET=N for a seeded balanced subset)
-	$(BIN)/vaegen data $(DATASET) $(if $(SUBSET),--subset $(SUBSET) --seed $(SUBSET_SEED))
+	$(BIN)/vaegen data $(DATASET) $(if $(SUBSET),--subset $(SUBSET) --subset-seed $(SUBSET_SEED))
 
 dm: data ## train the diffusion model p_DM (PRESET=tiny|small|paper) into $(DM)
 	$(BIN)/vaegen dm train --dataset $(DATASET) $(SUBSET_ARGS) --preset $(PRESET) --out $(DM) $(if $(wildcard $(DM)/checkpoints),--resume)

@@ -25,7 +25,7 @@ import torch
 
 from generator.generate import GenerateConfig, generate_run
 from generator.sampling import SamplerConfig, load_dm, sample
-from vaegen.data import get_spec, store_path
+from vaegen.data import get_spec, store_attrs, store_path, write_store
 
 
 def tiny_dm(root: Path) -> Path:
@@ -44,11 +44,10 @@ def tiny_dm(root: Path) -> Path:
 
 def fake_store(data_root: Path, dataset: str, n: int) -> int:
     """data_root/<dataset>.zarr with n training images, so that K=1 generates exactly n samples; its channels."""
-    import zarr
-
     channels = get_spec(dataset).channels
-    group = zarr.open_group(str(store_path(dataset, None, 0, data_root)), mode="w")
-    group.create_group("train").create_array("images", data=np.zeros((n, channels, 32, 32), np.uint8))
+    images = np.zeros((n, channels, 32, 32), np.uint8)
+    write_store(store_path(dataset, None, 0, data_root), {"train": (images, np.zeros(n, np.uint8))},
+                store_attrs(dataset))
     return channels
 
 

@@ -11,36 +11,16 @@ The shard run is written here (random FashionMNIST-shaped images; the pixel valu
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from trainer.data import ShardSource, open_shard_pool
 from trainer.models import build_vae
-from vaegen.shardformat import BLOCK_SIZE, pack_block, shard_name
-
-
-def write_shards(run_dir: Path, images: np.ndarray, shard_size: int) -> None:
-    shardlist = []
-    for j, first in enumerate(range(0, len(images), shard_size)):
-        path = run_dir / shard_name(j)
-        count = min(shard_size, len(images) - first)
-        with wds.TarWriter(str(path)) as sink:
-            for b in range(first, first + count, BLOCK_SIZE):
-                sink.write(pack_block(images[b:min(b + BLOCK_SIZE, first + count)], b))
-        digest, size = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
-        (run_dir / f"shard-{j:06d}.done.json").write_text(json.dumps(
-            {"shard": j, "first": first, "count": count, "sha256": digest, "filesize": size}))
-        shardlist.append({"url": path.name, "nsamples": count, "filesize": size, "sha256": digest})
-    (run_dir / "index.json").write_text(json.dumps({"__kind__": "wids-shard-index-v1", "shardlist": shardlist}))
-    (run_dir / "generation.json").write_text(json.dumps(
-        {"dataset": "fmnist", "channels": 1, "image_size": 32, "n_train": None}))
+from vaegen.shardformat import write_run
 
 
 class Trainer:
@@ -87,7 +67,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        write_shards(run_dir, pool_images, args.shard_size)
+        write_run(run_dir, pool_images, args.shard_size, {"dataset": "fmnist", "n_train": None})
         pool = open_shard_pool(run_dir, "fmnist", (1, 32, 32), args.n, args.scale)
         source = ShardSource(pool, args.n, args.batch_size, seed=0)
         trainer = Trainer(args.device)

@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from evaluator.attack import UPDATES
-from evaluator.evaluate import GAPS, paper_config, quick_config, read_run
+from evaluator.evaluate import GAPS, EvalConfig, paper_config, quick_config, read_run
 from evaluator.evaluate import evaluate as run_evaluation
 from vaegen.errors import VaegenError
+from vaegen.options import CONTEXT, device_option, resolve_device, set_threads, threads_option
 
 POSITIVE = click.IntRange(min=1)
 PER_DATASET = "paper, per dataset"
@@ -23,18 +24,23 @@ def _parse_gaps(ctx, param, value: str) -> tuple[str, ...]:
     return names
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--gaps", default=",".join(GAPS), callback=_parse_gaps,
               help="Comma-separated gaps to measure (empty string: none).")
 @click.option("--iwae-k", type=click.IntRange(min=0), default=None, show_default="5000; 100 with --quick",
               help="Importance samples for IWAE log p(x) on train and test; 0 skips it.")
 @click.option("--probes", is_flag=True, help="Fit logistic regression, linear/RBF SVM and 5-NN on posterior means.")
+@click.option("--probe-split", type=click.Choice(["test-halves", "train-test"]), default=EvalConfig.probe_split,
+              help="test-halves: fit on a seeded half of D_test, score on the other half (the paper); "
+                   "train-test: fit on D_train, score on D_test.")
 @click.option("--quick", is_flag=True,
               help="CPU smoke settings: 1000 train/test images, 100 for G_a (300 Adam steps), 10 images x 3 "
                    "seeds for G_r, k=100 on 200 images. Explicit options still win.")
-@click.option("--device", default="auto", help="torch device; auto = cuda when available, else cpu.")
-@click.option("--seed", default=0, type=click.IntRange(min=0), help="Seeds every subsample, noise draw and attack.")
+@device_option
+@threads_option
+@click.option("--seed", default=EvalConfig.seed, type=click.IntRange(min=0),
+              help="Seeds every subsample, noise draw and attack.")
 @click.option("--elbo-samples", type=POSITIVE, default=None, show_default="10; 1 with --quick",
               help="Monte-Carlo samples per image for the ELBO of G_g.")
 @click.option("--train-images", type=POSITIVE, default=None, show_default="full split; 1000 with --quick",
@@ -72,31 +78,23 @@ def _parse_gaps(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--iwae-images", type=POSITIVE, default=None, show_default="all evaluated images; 200 with --quick",
               help="Images per split for IWAE.")
 @click.option("--probe-train-images", type=POSITIVE, default=None, show_default="10000; 1000 with --quick",
-              help="Training images for the probes (RBF-SVM cost grows quadratically).")
+              help="--probe-split train-test: training images for the probes (RBF-SVM cost is quadratic).")
 @click.option("--batch-size", type=POSITIVE, default=None, show_default="1000; 128 for conv VAEs",
               help="Images per forward pass and per q* optimization batch.")
 @click.option("--max-decode", type=POSITIVE, default=None, show_default="8192; 512 for conv VAEs",
               help="Most latents decoded in one forward pass (bounds memory).")
-def evaluate(run_dir, gaps, iwae_k, probes, quick, device, seed, elbo_samples, train_images, test_images,
-             amortization_images, qstar_lr, qstar_max_iters, qstar_samples, qstar_check_every, qstar_patience,
+def evaluate(run_dir, gaps, iwae_k, probes, probe_split, quick, device, threads, seed, elbo_samples,
+             train_images, test_images, amortization_images, qstar_lr, qstar_max_iters, qstar_samples, qstar_check_every, qstar_patience,
              qstar_tol, qstar_eval_samples, attack_delta, attack_iters, attack_step_size, attack_update,
              attack_images, attack_seeds, iwae_images, probe_train_images, batch_size, max_decode):
     """Measure a trained VAE's generalization, amortization and robustness gaps (plus IWAE log p(x), PSNR and
     optional probes) and write RUN_DIR/eval/gaps.json and RUN_DIR/eval/per_example.zarr."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise VaegenError(f"--device {device!r} is not a torch device (try cpu, cuda, cuda:1)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise VaegenError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    set_threads(threads)
+    device = str(resolve_device(device))
     run_config, model_config = read_run(run_dir)
     dataset, arch = run_config["dataset"], model_config.get("arch", "fc")
     overrides = {
-        "gaps": gaps, "seed": seed, "device": device, "probes": probes, "iwae_k": iwae_k,
+        "gaps": gaps, "seed": seed, "device": device, "probes": probes, "probe_split": probe_split, "iwae_k": iwae_k,
         "elbo_samples": elbo_samples, "train_images": train_images, "test_images": test_images,
         "amortization_images": amortization_images, "attack_images": attack_images, "attack_seeds": attack_seeds,
         "iwae_images": iwae_images, "probe_train_images": probe_train_images, "batch_size": batch_size,

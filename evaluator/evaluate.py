@@ -1,8 +1,9 @@
 """The evaluation run, in one file: a trained VAE run dir -> <run>/eval/gaps.json + <run>/eval/per_example.zarr.
 
-    run dir check -> load VAE + real D_train / D_test (from the run's config.json) -> preprocess once
-    -> G_g (ELBO train vs test) -> G_a (q* per datapoint) -> G_r (attack + MS-SSIM)
-    -> IWAE log p(x) -> PSNR -> probes -> write eval/ under a temporary name, then rename.
+    run dir check -> `load_inputs` (the VAE + real D_train / D_test of the run's config.json, preprocessed once)
+    -> one `measure_*` function per measurement, each returning (summary, per-image arrays):
+       G_g (ELBO train vs test), G_a (q* per datapoint), G_r (attack + MS-SSIM), IWAE log p(x), PSNR, probes
+    -> write eval/ under a temporary name, then rename.
 
 Every number in gaps.json is a mean over images with a 95% confidence interval (mean +- 1.96 standard errors;
 for G_r also over attack seeds), next to every setting that produced it. Settings the paper fixes are the
@@ -37,7 +38,10 @@ from evaluator.probes import probe_accuracies, psnr
 from trainer.models import MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, load_vae
 from vaegen.data import open_dataset, store_path
 from vaegen.errors import VaegenError
+from vaegen.interrupts import set_resume_hint
 from vaegen.provenance import fsync_dir, read_json, run_record, sha256_file, write_json_atomic
+from vaegen.runlock import run_lock
+from vaegen.seeding import SPLIT, SUBSAMPLE, derive, numpy_rng, torch_generator
 from vaegen.vaerun import CONFIG_NAME, DONE_NAME, EVAL_DIR, GAPS_NAME
 
 GAPS = ("generalization", "amortization", "robustness")
@@ -76,7 +80,8 @@ class EvalConfig:
     iwae_k: int = 5000  # 0 skips IWAE
     iwae_images: int | None = None  # None: every image used for the generalization gap
     probes: bool = False
-    probe_train_images: int | None = 10000  # RBF-SVM training is quadratic in this
+    probe_split: str = "test-halves"  # the paper's: fit on one seeded half of D_test, score on the other
+    probe_train_images: int | None = 10000  # train-test split only: RBF-SVM training is quadratic in this
     batch_size: int = 1000  # images per forward pass / per q* optimization batch
     max_decode: int = 8192  # at most this many latents decoded at once (bounds memory)
 
@@ -152,13 +157,6 @@ def real_split(run_config: dict, split: str):
                         run_config.get("data_root", "data"))
 
 
-def seeded_subsample(n: int, size: int | None, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded subsample of range(n) of `size` (all of them when size is None or >= n)."""
-    if size is None or size >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-
-
 def _ci(mean: float, se: float | None) -> list[float] | None:
     return None if se is None else [mean - 1.96 * se, mean + 1.96 * se]
 
@@ -179,7 +177,182 @@ def difference_ci(a, b) -> dict:
     return {"gap": gap, "se": se, "ci95": _ci(gap, se)}
 
 
+# --- the measurements: each reads the same inputs and returns (summary, per-image arrays) --------------------
+
+@dataclass
+class EvalInputs:
+    """What every measurement reads: the VAE and the preprocessed real images it is measured on."""
+
+    vae: object
+    x_train: torch.Tensor          # preprocessed D_train images (a seeded subsample with --train-images)
+    x_test: torch.Tensor
+    train_idx: np.ndarray          # their rows in the run's D_train / D_test
+    test_idx: np.ndarray
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+    device: torch.device
+
+
+def subsample(n: int, size: int | None, seed: int, what: str) -> np.ndarray:
+    """Sorted indices of the seeded subsample `what` of range(n) (all of them when size is None or >= n)."""
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.sort(numpy_rng(seed, "eval-subsample", SUBSAMPLE[what]).choice(n, size, replace=False))
+
+
+def load_inputs(config: EvalConfig, run_config: dict, vae=None) -> EvalInputs:
+    """Load the run's VAE (unless given) and its real D_train / D_test, subsampled and preprocessed once."""
+    device = torch.device(config.device)
+    run_dir = Path(config.run_dir)
+    if vae is None:
+        vae = load_vae(run_dir, device)  # eval mode: BatchNorm uses its running statistics throughout
+        vae.requires_grad_(False)  # every gradient below is w.r.t. images or posterior parameters, never weights
+    train, test = real_split(run_config, "train"), real_split(run_config, "test")
+    if train.images.shape[1:] != vae.image_shape:
+        raise VaegenError(f"the VAE in {run_dir} takes images {vae.image_shape}, but {run_config['dataset']} "
+                          f"has {train.images.shape[1:]}")
+    train_idx = subsample(len(train.images), config.train_images, config.seed, "train")
+    test_idx = subsample(len(test.images), config.test_images, config.seed, "test")
+
+    def preprocess(images_u8: np.ndarray, split: str) -> torch.Tensor:
+        # binary-mnist: one fixed binarization per image for the whole evaluation
+        g = torch_generator(config.seed, "eval-binarize", SPLIT[split], device=device)
+        return vae.preprocess(torch.from_numpy(images_u8).to(device), g)
+
+    return EvalInputs(vae, preprocess(train.images[train_idx], "train"), preprocess(test.images[test_idx], "test"),
+                      train_idx, test_idx, train.labels[train_idx], test.labels[test_idx], device)
+
+
+def measure_generalization(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
+    """G_g: mean amortized ELBO on the real D_train minus that on D_test."""
+    common = {"batch_size": config.batch_size, "max_decode": config.max_decode}
+    elbo = {split: amortized_elbo(inp.vae, x, config.elbo_samples,
+                                  torch_generator(config.seed, "eval-elbo", SPLIT[split], device=inp.device),
+                                  desc=f"ELBO {split}", **common)
+            for split, x in (("train", inp.x_train), ("test", inp.x_test))}
+    summary = {
+        **difference_ci(elbo["train"].cpu(), elbo["test"].cpu()),
+        "elbo_train": mean_ci(elbo["train"].cpu()), "elbo_test": mean_ci(elbo["test"].cpu()),
+        "mc_samples_per_image": config.elbo_samples,
+        "definition": "mean ELBO(real D_train) - mean ELBO(D_test), encoder posterior",
+    }
+    return summary, {"train/elbo": elbo["train"], "test/elbo": elbo["test"]}
+
+
+def measure_amortization(inp: EvalInputs, config: EvalConfig, progress: bool = True) -> tuple[dict, dict]:
+    """G_a: ELBO with q*(z|x) optimized per test image (decoder fixed) minus the amortized ELBO."""
+    pick = subsample(len(inp.x_test), config.amortization_images, config.seed, "amortization")
+    result = amortization_gap(inp.vae, inp.x_test[pick], config.posterior_opt,
+                              torch_generator(config.seed, "eval-qstar", device=inp.device), config.max_decode,
+                              progress=progress)
+    converged = (result.iterations < config.posterior_opt.max_iters).float().mean()
+    gap = mean_ci(result.gap.cpu())
+    summary = {
+        "gap": gap["mean"], "se": gap["se"], "ci95": gap["ci95"], "n_images": gap["n"],
+        "elbo": mean_ci(result.elbo.cpu()), "elbo_star": mean_ci(result.elbo_star.cpu()),
+        "iterations_mean": float(result.iterations.float().mean()), "converged_fraction": float(converged),
+        "optimizer": dataclasses.asdict(config.posterior_opt),
+        "definition": "mean over D_test of ELBO*(x) - ELBO(x); q* diagonal Gaussian per datapoint, "
+                      "Adam from the encoder's output, decoder frozen; both ELBOs share their noise draws",
+    }
+    arrays = {"amortization/index": inp.test_idx[pick], "amortization/elbo": result.elbo,
+              "amortization/elbo_star": result.elbo_star, "amortization/iterations": result.iterations}
+    return summary, arrays
+
+
+def measure_robustness(inp: EvalInputs, config: EvalConfig, progress: bool = True) -> tuple[dict, dict]:
+    """G_r: MS-SSIM of attacked inputs minus MS-SSIM of their reconstructions (Kuzina et al. 2022's attack)."""
+    pick = subsample(len(inp.x_test), config.attack_images, config.seed, "robustness")
+    seeds = [derive(config.seed, "eval-attack-start", i) for i in range(config.attack_seeds)]
+    result = robustness_gap(inp.vae, inp.x_test[pick], config.attack, seeds, config.msssim, config.batch_size,
+                            progress=progress)
+    per_seed = result.gap.mean(1).cpu()
+    over_seeds = mean_ci(per_seed)
+    summary = {
+        "gap": over_seeds["mean"], "se": over_seeds["se"], "ci95": over_seeds["ci95"],
+        "ci_over": "attack seeds (per-seed mean over images)", "per_seed": per_seed.tolist(),
+        "over_images": mean_ci(result.gap.mean(0).cpu()),
+        "msssim_input": mean_ci(result.msssim_input.cpu()), "msssim_recon": mean_ci(result.msssim_recon.cpu()),
+        "symmetric_kl": mean_ci(result.skl.cpu()), "n_images": len(pick), "seeds": seeds,
+        "attack": dataclasses.asdict(config.attack), "msssim_config": config.msssim.describe(),
+        "definition": "E[MS-SSIM(x_r, x_a) - MS-SSIM(x~_r, x~_a)], x_a = L-inf PGD maximizing "
+                      "SKL(q(z|x_r), q(z|x_a)), x~ = decoder mean at the posterior mean",
+    }
+    arrays = {"robustness/index": inp.test_idx[pick], "robustness/seeds": np.asarray(seeds, dtype=np.uint64),
+              "robustness/msssim_input": result.msssim_input, "robustness/msssim_recon": result.msssim_recon,
+              "robustness/skl": result.skl}
+    return summary, arrays
+
+
+def measure_log_likelihood(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
+    """IWAE log p(x) on train and test (beyond the paper): how much of the ELBO's gap is the bound's."""
+    log_px, arrays = {}, {}
+    for split, x, idx in (("train", inp.x_train, inp.train_idx), ("test", inp.x_test, inp.test_idx)):
+        pick = subsample(len(x), config.iwae_images, config.seed, f"iwae-{split}")
+        xs, gen = x[pick], torch_generator(config.seed, "eval-iwae", SPLIT[split], device=inp.device)
+        log_px[split] = torch.cat([
+            iwae_log_px(inp.vae, xs[sl], config.iwae_k, gen, config.max_decode, progress=True)
+            for sl in batches(len(xs), config.batch_size, f"IWAE k={config.iwae_k} {split}")
+        ])
+        arrays[f"{split}/iwae_index"], arrays[f"{split}/iwae"] = idx[pick], log_px[split]
+    summary = {
+        "k": config.iwae_k, "train": mean_ci(log_px["train"].cpu()), "test": mean_ci(log_px["test"].cpu()),
+        "generalization_gap": difference_ci(log_px["train"].cpu(), log_px["test"].cpu()),
+        "definition": "IWAE bound log (1/k) sum p(x, z_i)/q(z_i|x), encoder proposal",
+    }
+    return summary, arrays
+
+
+def measure_psnr(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
+    reconstructions = torch.cat([reconstruct(inp.vae, inp.x_test[sl])
+                                 for sl in batches(len(inp.x_test), config.batch_size)])
+    values = psnr(inp.x_test, reconstructions)
+    summary = {"test": mean_ci(values.clamp(max=100).cpu()),
+               "definition": "10 log10(1 / MSE(x, x~)) in dB, x~ = decoder mean at the posterior mean"}
+    return summary, {"test/psnr": values}
+
+
+def measure_probes(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
+    """Classifiers on posterior means (the paper's downstream test): fit on one seeded half of the evaluated
+    D_test and scored on the other half ("test-halves", the paper's protocol), or fit on D_train and scored on
+    D_test ("train-test")."""
+    def posterior_means(x):
+        return torch.cat([inp.vae.encode(x[sl])[0] for sl in batches(len(x), config.batch_size)]).cpu().numpy()
+
+    if config.probe_split == "test-halves":
+        order = numpy_rng(config.seed, "eval-probe-split").permutation(len(inp.x_test))
+        fit, score = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
+        features = posterior_means(inp.x_test)
+        fit_x, fit_y, score_x, score_y = features[fit], inp.test_labels[fit], features[score], inp.test_labels[score]
+        split = {"fit": "D_test", "score": "D_test", "fit_images": len(fit), "score_images": len(score),
+                 "seed": config.seed, "stream": "eval-probe-split"}
+        arrays = {"probes/fit_index": inp.test_idx[fit], "probes/score_index": inp.test_idx[score]}
+    else:
+        fit = subsample(len(inp.x_train), config.probe_train_images, config.seed, "probe-train")
+        fit_x, fit_y = posterior_means(inp.x_train[fit]), inp.train_labels[fit]
+        score_x, score_y = posterior_means(inp.x_test), inp.test_labels
+        split = {"fit": "D_train", "score": "D_test", "fit_images": len(fit), "score_images": len(score_y),
+                 "seed": config.seed, "stream": "eval-subsample probe-train"}
+        arrays = {"probes/fit_index": inp.train_idx[fit], "probes/score_index": inp.test_idx}
+    accuracies = probe_accuracies(fit_x, fit_y, score_x, score_y, config.seed)
+    return {"accuracy": accuracies, "split": {"kind": config.probe_split, **split},
+            "features": "posterior means of the encoder"}, arrays
+
+
 # --- the run -----------------------------------------------------------------------------------------------
+
+def measurements(config: EvalConfig) -> dict:
+    """name in gaps.json -> measurement, in the order they run."""
+    chosen = {"generalization": measure_generalization, "amortization": measure_amortization,
+              "robustness": measure_robustness}
+    plan = {name: fn for name, fn in chosen.items() if name in config.gaps}
+    if config.iwae_k > 0:
+        plan["log_likelihood"] = measure_log_likelihood
+    plan["psnr"] = measure_psnr
+    if config.probes:
+        plan["probes"] = measure_probes
+    return plan
+
 
 def evaluate(config: EvalConfig) -> Path:
     """Run every requested measurement and write <run_dir>/eval/; returns that directory."""
@@ -188,120 +361,26 @@ def evaluate(config: EvalConfig) -> Path:
     unknown = sorted(set(config.gaps) - set(GAPS))
     if unknown:
         raise VaegenError(f"unknown gap(s) {', '.join(unknown)}; choose from {', '.join(GAPS)}")
-    device = torch.device(config.device)
-    torch.manual_seed(config.seed)
-    vae = load_vae(run_dir, device)
-    vae.requires_grad_(False)  # every gradient below is w.r.t. images or posterior parameters, never weights
-    train, test = real_split(run_config, "train"), real_split(run_config, "test")
-    if train.images.shape[1:] != vae.image_shape:
-        raise VaegenError(f"the VAE in {run_dir} takes images {vae.image_shape}, but {run_config['dataset']} "
-                          f"has {train.images.shape[1:]}")
-
-    def generator(offset: int) -> torch.Generator:
-        # one independent stream per measurement, so adding one never changes another's numbers
-        return torch.Generator(device=device).manual_seed(config.seed * 1000 + offset)
-
-    def preprocess(images_u8: np.ndarray, offset: int) -> torch.Tensor:
-        # binary-mnist: one fixed binarization per image for the whole evaluation
-        return vae.preprocess(torch.from_numpy(images_u8).to(device), generator(offset))
-
-    train_idx = seeded_subsample(len(train.images), config.train_images, config.seed)
-    test_idx = seeded_subsample(len(test.images), config.test_images, config.seed + 1)
-    x_train, x_test = preprocess(train.images[train_idx], 1), preprocess(test.images[test_idx], 2)
-    summary, arrays = {}, {"train/index": train_idx, "test/index": test_idx}
-    common = {"batch_size": config.batch_size, "max_decode": config.max_decode}
-
-    if "generalization" in config.gaps:
-        elbo_train = amortized_elbo(vae, x_train, config.elbo_samples, generator(3), desc="ELBO train", **common)
-        elbo_test = amortized_elbo(vae, x_test, config.elbo_samples, generator(4), desc="ELBO test", **common)
-        arrays["train/elbo"], arrays["test/elbo"] = elbo_train, elbo_test
-        summary["generalization"] = {
-            **difference_ci(elbo_train.cpu(), elbo_test.cpu()),
-            "elbo_train": mean_ci(elbo_train.cpu()), "elbo_test": mean_ci(elbo_test.cpu()),
-            "mc_samples_per_image": config.elbo_samples,
-            "definition": "mean ELBO(real D_train) - mean ELBO(D_test), encoder posterior",
-        }
-
-    if "amortization" in config.gaps:
-        pick = seeded_subsample(len(x_test), config.amortization_images, config.seed + 2)
-        result = amortization_gap(vae, x_test[pick], config.posterior_opt, generator(5), config.max_decode)
-        converged = (result.iterations < config.posterior_opt.max_iters).float().mean()
-        arrays.update({"amortization/index": test_idx[pick], "amortization/elbo": result.elbo,
-                       "amortization/elbo_star": result.elbo_star, "amortization/iterations": result.iterations})
-        gap = mean_ci(result.gap.cpu())
-        summary["amortization"] = {
-            "gap": gap["mean"], "se": gap["se"], "ci95": gap["ci95"], "n_images": gap["n"],
-            "elbo": mean_ci(result.elbo.cpu()), "elbo_star": mean_ci(result.elbo_star.cpu()),
-            "iterations_mean": float(result.iterations.float().mean()), "converged_fraction": float(converged),
-            "optimizer": dataclasses.asdict(config.posterior_opt),
-            "definition": "mean over D_test of ELBO*(x) - ELBO(x); q* diagonal Gaussian per datapoint, "
-                          "Adam from the encoder's output, decoder frozen; both ELBOs share their noise draws",
-        }
-
-    if "robustness" in config.gaps:
-        pick = seeded_subsample(len(x_test), config.attack_images, config.seed + 3)
-        seeds = [config.seed * 1000 + i for i in range(config.attack_seeds)]
-        result = robustness_gap(vae, x_test[pick], config.attack, seeds, config.msssim, config.batch_size)
-        per_seed = result.gap.mean(1).cpu()
-        over_seeds = mean_ci(per_seed)
-        arrays.update({"robustness/index": test_idx[pick], "robustness/seeds": np.asarray(seeds),
-                       "robustness/msssim_input": result.msssim_input, "robustness/msssim_recon": result.msssim_recon,
-                       "robustness/skl": result.skl})
-        summary["robustness"] = {
-            "gap": over_seeds["mean"], "se": over_seeds["se"], "ci95": over_seeds["ci95"],
-            "ci_over": "attack seeds (per-seed mean over images)", "per_seed": per_seed.tolist(),
-            "over_images": mean_ci(result.gap.mean(0).cpu()),
-            "msssim_input": mean_ci(result.msssim_input.cpu()), "msssim_recon": mean_ci(result.msssim_recon.cpu()),
-            "symmetric_kl": mean_ci(result.skl.cpu()), "n_images": len(pick), "seeds": seeds,
-            "attack": dataclasses.asdict(config.attack), "msssim_config": config.msssim.describe(),
-            "definition": "E[MS-SSIM(x_r, x_a) - MS-SSIM(x~_r, x~_a)], x_a = L-inf PGD maximizing "
-                          "SKL(q(z|x_r), q(z|x_a)), x~ = decoder mean at the posterior mean",
-        }
-
-    if config.iwae_k > 0:
-        log_px = {}
-        for split, x, offset in (("train", x_train, 6), ("test", x_test, 7)):
-            pick = seeded_subsample(len(x), config.iwae_images, config.seed + offset)
-            xs, gen = x[pick], generator(offset)
-            log_px[split] = torch.cat([
-                iwae_log_px(vae, xs[sl], config.iwae_k, gen, config.max_decode, progress=True)
-                for sl in batches(len(xs), config.batch_size, f"IWAE k={config.iwae_k} {split}")
-            ])
-            arrays[f"{split}/iwae_index"] = (train_idx if split == "train" else test_idx)[pick]
-            arrays[f"{split}/iwae"] = log_px[split]
-        summary["log_likelihood"] = {
-            "k": config.iwae_k, "train": mean_ci(log_px["train"].cpu()), "test": mean_ci(log_px["test"].cpu()),
-            "generalization_gap": difference_ci(log_px["train"].cpu(), log_px["test"].cpu()),
-            "definition": "IWAE bound log (1/k) sum p(x, z_i)/q(z_i|x), encoder proposal",
-        }
-
-    reconstructions = torch.cat([reconstruct(vae, x_test[sl]) for sl in batches(len(x_test), config.batch_size)])
-    arrays["test/psnr"] = psnr(x_test, reconstructions)
-    summary["psnr"] = {"test": mean_ci(arrays["test/psnr"].clamp(max=100).cpu()),
-                       "definition": "10 log10(1 / MSE(x, x~)) in dB, x~ = decoder mean at the posterior mean"}
-
-    if config.probes:
-        probe_idx = seeded_subsample(len(x_train), config.probe_train_images, config.seed + 4)
-        features = {split: torch.cat([vae.encode(x[sl])[0] for sl in batches(len(x), config.batch_size)]).cpu()
-                    for split, x in (("train", x_train[probe_idx]), ("test", x_test))}
-        accuracies = probe_accuracies(features["train"].numpy(), train.labels[train_idx][probe_idx],
-                                      features["test"].numpy(), test.labels[test_idx], config.seed)
-        summary["probes"] = {"test_accuracy": accuracies, "n_train": len(probe_idx), "n_test": len(x_test),
-                             "features": "posterior means of the encoder"}
-
-    summary.update({
-        "run_dir": str(run_dir), "dataset": run_config["dataset"], "model": vae.config,
-        "units": "nats per image, summed over pixels; x in [0, 1] (densities for gaussian, probabilities for "
-                 "bernoulli/dmol); MS-SSIM in [0, 1]; PSNR in dB",
-        "n_train": len(train_idx), "n_test": len(test_idx),
-        "provenance": run_record(config, inputs={
-            "model_sha256": sha256_file(run_dir / MODEL_WEIGHTS_NAME),
-            "data_store": str(store_path(run_config["dataset"], run_config.get("subset"),
-                                         run_config.get("subset_seed", 0), run_config.get("data_root", "data"))),
-            "data_store_attrs": {"train": train.attrs.get("sources"), "subset": train.attrs.get("subset")},
-        }),
-    })
-    return write_eval_dir(run_dir, summary, arrays)
+    set_resume_hint("rerun the same command: an evaluation starts over, the previous eval/ is kept until then")
+    with run_lock(run_dir):
+        torch.manual_seed(config.seed)
+        inp = load_inputs(config, run_config)
+        summary, arrays = {}, {"train/index": inp.train_idx, "test/index": inp.test_idx}
+        for name, measure in measurements(config).items():
+            summary[name], new_arrays = measure(inp, config)
+            arrays.update(new_arrays)
+        summary.update({
+            "run_dir": str(run_dir), "dataset": run_config["dataset"], "model": inp.vae.config,
+            "units": "nats per image, summed over pixels; x in [0, 1] (densities for gaussian, probabilities for "
+                     "bernoulli/dmol); MS-SSIM in [0, 1]; PSNR in dB",
+            "n_train": len(inp.train_idx), "n_test": len(inp.test_idx),
+            "provenance": run_record(config, inputs={
+                "model_sha256": sha256_file(run_dir / MODEL_WEIGHTS_NAME),
+                "data_store": str(store_path(run_config["dataset"], run_config.get("subset"),
+                                             run_config.get("subset_seed", 0), run_config.get("data_root", "data"))),
+            }),
+        })
+        return write_eval_dir(run_dir, summary, arrays)
 
 
 def write_eval_dir(run_dir: Path, summary: dict, arrays: dict) -> Path:

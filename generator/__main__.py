@@ -6,12 +6,14 @@
 
 import sys
 
+from vaegen.interrupts import run_command
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["dm"]:
         from generator.cli import dm
 
-        dm(args=sys.argv[2:], prog_name="python -m generator dm")
+        run_command(dm, "python -m generator dm", sys.argv[2:])
     else:
-        from generator.generate import generate
+        from generator.cli import generate
 
-        generate(prog_name="python -m generator")
+        run_command(generate, "python -m generator")

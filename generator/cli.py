@@ -1,4 +1,9 @@
-"""`vaegen dm train|sample|score`: thin click shells over `train`, `sample_grid` and `score`."""
+"""The generator's commands, thin click shells over plain functions that take a frozen config:
+
+    vaegen dm train | sample | score | frontier       the diffusion model p_DM
+    vaegen generate (vaegen-generate)                   shards of DM samples (generator.generate)
+    vaegen shards verify                                check a shard run (vaegen.shardformat)
+"""
 
 from __future__ import annotations
 
@@ -8,60 +13,43 @@ from pathlib import Path
 
 import click
 
+from generator.frontier import frontier_command
+from generator.generate import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, GenerateConfig
 from generator.presets import PRESETS
 from generator.sampling import SAMPLERS, SamplerConfig
-from vaegen.data import DATASETS
 from vaegen.errors import VaegenError
-
-SETTINGS = {"show_default": True}
-
-
-def set_threads(threads: int | None) -> None:
-    """Pin torch's CPU threads. On a shared machine fewer threads than cores can be many times faster:
-    OpenMP threads spin-wait for each other when another process holds a core."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise VaegenError(f"--device {device} but no CUDA device is visible; use --device cpu")
-    return device
+from vaegen.options import (
+    CONTEXT,
+    dataset_options,
+    device_option,
+    resolve_device,
+    set_threads,
+    threads_option,
+)
 
 
 def sampler_options(f):
     """--sampler/--steps/--seed/--chunk, shared by `dm sample` and `dm score`."""
-    f = click.option("--chunk", default=64, type=click.IntRange(min=1),
+    f = click.option("--chunk", default=SamplerConfig.chunk, type=click.IntRange(min=1),
                      help="Images per network call (fixed, so an image never depends on its batch).")(f)
-    f = click.option("--seed", default=0, type=int, help="Sample i's noise comes from a generator seeded by "
-                     "(seed, i).")(f)
-    f = click.option("--steps", default=18, type=click.IntRange(min=1),
+    f = click.option("--seed", default=0, type=click.IntRange(min=0),
+                     help="Sample i's noise comes from a generator seeded by (seed, i).")(f)
+    f = click.option("--steps", default=SamplerConfig.steps, type=click.IntRange(min=1),
                      help="Sampler steps (edm-heun: 2*steps-1 network evaluations).")(f)
-    f = click.option("--sampler", default="edm-heun", type=click.Choice(SAMPLERS), help="Sampler.")(f)
+    f = click.option("--sampler", default=SamplerConfig.name, type=click.Choice(SAMPLERS), help="Sampler.")(f)
     return f
 
 
-device_option = click.option("--device", default="auto", help="cpu, cuda, cuda:N or auto.")
-threads_option = click.option("--threads", default=None, type=click.IntRange(min=1),
-                              help="torch CPU threads (default: torch's choice).")
-
-
-@click.group(context_settings=SETTINGS)
+@click.group(context_settings=CONTEXT)
 def dm():
     """Train, sample and score the diffusion model p_DM."""
 
 
-@dm.command(context_settings=SETTINGS)
-@click.option("--dataset", default="fmnist", type=click.Choice(list(DATASETS)), help="Dataset (data/<name>.zarr).")
-@click.option("--subset", default=None, type=click.IntRange(min=1), help="Train on data/<ds>-n<N>-s<S>.zarr.")
-@click.option("--subset-seed", default=0, type=int, help="Seed S of the subset store.")
-@click.option("--data-root", default="data", type=click.Path(file_okay=False), help="Where the stores are.")
+dm.add_command(frontier_command)  # `vaegen dm frontier`: defined with its loop in generator/frontier.py
+
+
+@dm.command(context_settings=CONTEXT)
+@dataset_options()
 @click.option("--preset", default="tiny", type=click.Choice(list(PRESETS)), help="Network and recipe.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Output directory [default: runs/dm/<dataset>[-n<N>-s<S>]-<preset>].")
@@ -72,7 +60,7 @@ def dm():
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Global batch [default: preset's].")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="Peak AdamW lr "
               "[default: preset's].")
-@click.option("--seed", default=0, type=int, help="Seed of weights, data order and training noise.")
+@click.option("--seed", default=0, type=click.IntRange(min=0), help="Seed of weights, data order and training noise.")
 @click.option("--checkpoint-every", default=None, type=click.IntRange(min=1),
               help="Steps between checkpoints [default: preset's].")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
@@ -85,8 +73,10 @@ def train(dataset, subset, subset_seed, data_root, preset, out, max_steps, max_m
     """Train an EDM diffusion model on D_train (resumable; output in diffusers format)."""
     from generator.train_dm import TrainConfig
     from generator.train_dm import train as train_dm
+    from vaegen.interrupts import set_resume_hint
 
     set_threads(threads)
+    set_resume_hint("rerun the same command with --resume to continue from the last checkpoint")
     if out is None:
         name = dataset + (f"-n{subset}-s{subset_seed}" if subset else "")
         out = os.path.join("runs", "dm", f"{name}-{preset}")
@@ -127,7 +117,7 @@ def sample_grid(config: SampleGridConfig) -> Path:
     return out
 
 
-@dm.command(context_settings=SETTINGS)
+@dm.command(context_settings=CONTEXT)
 @click.option("--dm", "dm_path", required=True, help="DM directory (ours, a diffusers UNet or pipeline dir).")
 @click.option("--n", default=64, type=click.IntRange(min=1), help="Number of images.")
 @click.option("--out", default="grid.png", type=click.Path(dir_okay=False), help="Grid PNG to write.")
@@ -137,15 +127,15 @@ def sample_grid(config: SampleGridConfig) -> Path:
 def sample(dm_path, n, out, sampler, steps, seed, chunk, device, threads):
     """Sample a grid of images from a DM."""
     set_threads(threads)
-    config = SampleGridConfig(dm=dm_path, out=out, n=n, seed=seed, device=resolve_device(device),
+    config = SampleGridConfig(dm=dm_path, out=out, n=n, seed=seed, device=str(resolve_device(device)),
                               sampler=SamplerConfig(name=sampler, steps=steps, chunk=chunk))
     path = sample_grid(config)
     click.echo(str(path))
 
 
-@dm.command(context_settings=SETTINGS)
+@dm.command(context_settings=CONTEXT)
 @click.option("--dm", "dm_path", required=True, help="DM directory (ours, a diffusers UNet or pipeline dir).")
-@click.option("--dataset", default=None, type=click.Choice(list(DATASETS)),
+@click.option("--dataset", default=None, type=click.Choice(["fmnist", "mnist", "binary-mnist", "cifar10"]),
               help="Real data to compare with [default: the DM's dm.json].")
 @click.option("--data-root", default="data", type=click.Path(file_okay=False), help="Where the stores are.")
 @click.option("--n", default=1000, type=click.IntRange(min=20), help="Samples to score (and real images used).")
@@ -165,6 +155,79 @@ def score(dm_path, dataset, data_root, n, out, classifier_steps, sampler, steps,
     config = ScoreConfig(dm=dm_path, dataset=dataset, data_root=data_root, n=n, out=out, seed=seed,
                          classifier_steps=classifier_steps,
                          sampler=SamplerConfig(name=sampler, steps=steps, chunk=chunk),
-                         device=resolve_device(device))
+                         device=str(resolve_device(device)))
     result = score_dm(config)
     click.echo(result["summary"])
+
+
+# --- shards ------------------------------------------------------------------------------------------------
+
+class ScaleType(click.ParamType):
+    """SCALE is a whole multiple K >= 1 of |D_train|; anything else is a one-line error (exit 2)."""
+
+    name = "K"
+
+    def convert(self, value, param, ctx):
+        try:
+            k = int(value)
+        except (TypeError, ValueError):
+            k = 0
+        if k < 1 or str(value).strip() != str(k):
+            raise VaegenError(f"--scale must be a whole number >= 1 (K in K x |D_train| samples), got {value!r}")
+        return k
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--dm", required=True, type=click.Path(), help="Diffusion model directory (runs/dm/NAME).")
+@click.option("--scale", required=True, type=ScaleType(), help="K: generate K x |D_train| samples.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory shards/<dataset>/<run>.")
+@click.option("--sampler", default=GenerateConfig.sampler, type=click.Choice(SAMPLERS), help="Sampler.")
+@click.option("--steps", default=GenerateConfig.steps, type=click.IntRange(min=1),
+              help="Sampler steps (edm-heun 18 = 35 network evaluations).")
+@click.option("--seed", default=GenerateConfig.seed, type=click.IntRange(min=0),
+              help="Sample i's noise is seeded by (seed, i).")
+@click.option("--shard-size", default=DEFAULT_SHARD_SIZE, type=click.IntRange(min=1), help="Samples per shard.")
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, type=click.IntRange(min=1),
+              help="Images per sampling call and process; keep it a multiple of --chunk (no padded chunks).")
+@click.option("--chunk", default=None, type=click.IntRange(min=1),
+              help="Network batch; the sampler pads to it so images never depend on the batch. Default: the "
+                   "sampler's (64). Part of the run's identity: larger is faster on a GPU.")
+@dataset_options(default=None, help_suffix=" Only for a DM without dm.json (which says what it was trained on).")
+@click.option("--precision", default=GenerateConfig.precision, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="auto: bf16 on CUDA with bf16 support, else fp32. Part of the run's identity.")
+@click.option("--compile", "compile_", default=GenerateConfig.compile, type=click.Choice(["auto", "on", "off"]),
+              help="torch.compile the UNet (auto: on for CUDA).")
+@click.option("--channels-last/--no-channels-last", default=GenerateConfig.channels_last,
+              help="channels_last memory format for the UNet.")
+@threads_option
+def generate(dm, scale, out, sampler, steps, seed, shard_size, batch_size, chunk, dataset, subset, subset_seed,
+             data_root, precision, compile_, channels_last, threads):
+    """Precompute SCALE x |D_train| samples of the DM into WebDataset shards (resumable, any process count)."""
+    from generator.generate import generate_run
+
+    set_threads(threads)
+    cfg = GenerateConfig(dm=dm, scale=scale, out=out, sampler=sampler, steps=steps, seed=seed,
+                         shard_size=shard_size, batch_size=batch_size, chunk=chunk, dataset=dataset, subset=subset,
+                         subset_seed=subset_seed, data_root=data_root, precision=precision, compile=compile_,
+                         channels_last=channels_last)
+    record = generate_run(cfg)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        click.echo(f"{out}: {record['n_samples']} samples (K={record['scale']} x N={record['n_train']}) "
+                   f"in {record['num_shards']} shards")
+
+
+@click.group(context_settings=CONTEXT)
+def shards():
+    """Inspect and verify shard runs."""
+
+
+@shards.command("verify", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def verify(run_dir):
+    """Check every shard against its marker and index.json; exit 2 naming each bad shard."""
+    from vaegen.shardformat import verify_run
+
+    summary = verify_run(run_dir)
+    click.echo(f"OK {run_dir}: {summary['shards']} shards, {summary['images']} images, {summary['bytes']} bytes")

@@ -8,18 +8,23 @@ DDPM-family scheduler (DDPM, DDIM, PNDM, DPM-Solver, ...) means a discrete-time 
 prediction type (epsilon, v_prediction or sample). Either way the model becomes an EDM denoiser D(x; sigma)
 in the coordinates x = x_t / alpha_t, sigma = sigma_t / alpha_t, which is all the Heun sampler needs.
 
-Samplers.
-  edm-heun      EDM Algorithm 1 with S_churn = 0 (deterministic 2nd-order Heun on the probability-flow ODE),
-                Karras sigma schedule (rho = 7); `steps` N costs 2N - 1 network evaluations (18 -> 35).
-  dpm-solver++  diffusers' multistep DPM-Solver++ (2nd order): EDMDPMSolverMultistepScheduler for EDM
-                models, DPMSolverMultistepScheduler for VP models; N steps = N evaluations.
-  ddim          deterministic DDIM (eta = 0). For VP models diffusers' DDIMScheduler. For EDM models
-                diffusers' EDMEulerScheduler: deterministic DDIM *is* Euler's method on the probability-flow
-                ODE in (x / alpha, sigma) coordinates (Song et al. 2021; Karras et al. 2022, sec. 3), run
-                on the EDM sigma schedule. N steps = N evaluations.
+Samplers. All are deterministic and run the Karras sigma schedule (rho = 7) over the model's own sigma range,
+ending at sigma = 0; `steps` N costs N network evaluations except for edm-heun.
+  edm-heun        EDM Algorithm 1 with S_churn = 0 (deterministic 2nd-order Heun on the probability-flow ODE);
+                  N steps cost 2N - 1 evaluations (18 -> 35).
+  dpm-solver++    diffusers' multistep DPM-Solver++, 2nd order: EDMDPMSolverMultistepScheduler for EDM models,
+                  DPMSolverMultistepScheduler (Karras sigmas) for VP models.
+  dpm-solver++3m  the same at 3rd order ("DPM++ 3M").
+  unipc           diffusers' UniPCMultistepScheduler, bh2, order 3 (its advice for unconditional sampling).
+                  It exists only in VP form, so for every model it runs on the EDM denoiser: the VP state is
+                  x / sqrt(1 + sigma^2) and, with prediction_type="sample", the model output is D(x; sigma).
+  ddim            deterministic DDIM (eta = 0), Euler's method on the probability-flow ODE in (x / alpha, sigma)
+                  coordinates (Song et al. 2021; Karras et al. 2022, sec. 3): diffusers' EDMEulerScheduler for
+                  EDM models; for VP models first-order DPM-Solver++, which is the same update (Lu et al. 2022)
+                  and, unlike diffusers' DDIMScheduler, runs on Karras sigmas.
 
-Determinism. Sample i's initial noise comes only from a CPU `torch.Generator` seeded by (seed, i) (all three
-samplers are deterministic after that), and the network always runs on fixed-shape chunks of
+Determinism. Sample i's initial noise comes only from a CPU `torch.Generator` seeded by (seed, i) (every
+sampler is deterministic after that), and the network always runs on fixed-shape chunks of
 `SamplerConfig.chunk` images, padding the last one. The padding matters: CPU kernels (oneDNN convolutions,
 MKL GEMM) choose their algorithm by batch size, so without it an image's last bits would depend on how many
 images were sampled beside it. With it, `sample(dm, [5], ...)` equals `sample(dm, [3, 4, 5], ...)[2]`
@@ -38,30 +43,32 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import (
-    DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
     UNet2DModel,
+    UniPCMultistepScheduler,
 )
 from tqdm.auto import tqdm
 
 from generator.edm import edm_denoise
 from vaegen.errors import VaegenError
+from vaegen.seeding import torch_generator
 
-SAMPLERS = ("edm-heun", "dpm-solver++", "ddim")
+SAMPLERS = ("edm-heun", "dpm-solver++", "dpm-solver++3m", "unipc", "ddim")
+SOLVER_ORDER = {"ddim": 1, "dpm-solver++": 2, "dpm-solver++3m": 3}  # the scheduler-loop samplers
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    name: str = "edm-heun"          # "edm-heun" | "dpm-solver++" | "ddim"
+    name: str = "edm-heun"          # one of SAMPLERS
     steps: int = 18                 # edm-heun: 18 steps = 35 network evaluations (the paper's setting)
     sigma_min: float | None = None  # None: the model's own range (EDM: from its scheduler config, 0.002..80)
     sigma_max: float | None = None
-    rho: float = 7.0                # Karras schedule exponent (edm-heun)
+    rho: float = 7.0                # Karras schedule exponent of edm-heun (diffusers' schedulers use 7)
     chunk: int = 64                 # images per network call; fixed so images do not depend on the batch
 
     def __post_init__(self):
@@ -133,15 +140,16 @@ class DiffusionModel:
         return out
 
     def scheduler(self, name: str):
-        """A fresh diffusers scheduler for the scheduler-loop samplers, configured from the model's own config."""
+        """A fresh diffusers scheduler for a scheduler-loop sampler, configured from the model's own config."""
+        order = SOLVER_ORDER[name]
         if self.kind == "edm":
-            cls = EDMDPMSolverMultistepScheduler if name == "dpm-solver++" else EDMEulerScheduler
-            extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpm-solver++" else {}
-            return cls.from_config(self.scheduler_config, final_sigmas_type="zero", **extra)
-        if name == "dpm-solver++":
-            return DPMSolverMultistepScheduler.from_config(self.scheduler_config, algorithm_type="dpmsolver++",
-                                                           solver_order=2)
-        return DDIMScheduler.from_config(self.scheduler_config)
+            if name == "ddim":
+                return EDMEulerScheduler.from_config(self.scheduler_config, final_sigmas_type="zero")
+            return EDMDPMSolverMultistepScheduler.from_config(self.scheduler_config, final_sigmas_type="zero",
+                                                              algorithm_type="dpmsolver++", solver_order=order)
+        return DPMSolverMultistepScheduler.from_config(self.scheduler_config, algorithm_type="dpmsolver++",
+                                                       solver_order=order, use_karras_sigmas=True,
+                                                       final_sigmas_type="zero")
 
 
 # --- loading ----------------------------------------------------------------------------------------------
@@ -231,17 +239,11 @@ def load_dm(path: str, device: str | torch.device = "cpu") -> DiffusionModel:
 
 # --- sampling ---------------------------------------------------------------------------------------------
 
-def sample_seed(seed: int, index: int) -> int:
-    """The 64-bit seed of sample `index`'s generator (SeedSequence mixing, so nearby pairs are unrelated)."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 32 | int(state[1])
-
-
 def initial_noise(indices: Sequence[int] | np.ndarray, seed: int, shape: tuple[int, int, int]) -> torch.Tensor:
     """Standard normal noise (n, C, H, W), row i drawn on CPU from its own generator seeded by (seed, i)."""
     rows = []
     for i in indices:
-        g = torch.Generator().manual_seed(sample_seed(seed, int(i)))
+        g = torch_generator(seed, "sample-noise", int(i))
         rows.append(torch.randn(shape, generator=g))
     return torch.stack(rows) if rows else torch.empty(0, *shape)
 
@@ -283,6 +285,42 @@ def scheduler_sample(dm: DiffusionModel, noise: torch.Tensor, config: SamplerCon
     return x
 
 
+def unipc_scheduler(dm: DiffusionModel, config: SamplerConfig) -> UniPCMultistepScheduler:
+    """UniPC in VP form taking clean-image predictions, on the Karras schedule of the model's sigma range."""
+    try:
+        return UniPCMultistepScheduler(solver_order=3, solver_type="bh2", prediction_type="sample",
+                                       use_karras_sigmas=True, final_sigmas_type="zero",
+                                       sigma_min=config.sigma_min or dm.sigma_min,
+                                       sigma_max=config.sigma_max or dm.sigma_max)
+    except TypeError:  # sigma_min/sigma_max arrived in diffusers 0.37
+        raise VaegenError("the unipc sampler needs diffusers >= 0.37 (UniPC over a given sigma range)") from None
+
+
+def denoiser_sample(dm: DiffusionModel, noise: torch.Tensor, scheduler, steps: int) -> torch.Tensor:
+    """A VP-form diffusers scheduler (prediction_type="sample") driven by the EDM denoiser D(x; sigma).
+
+    At one sigma = sigma_t / alpha_t the VP state is alpha x = x / sqrt(1 + sigma^2). D is evaluated at the
+    scheduler's own sigmas, so its integer timesteps play no part (hence begin index 0: they may repeat).
+    """
+    scheduler.set_timesteps(steps, device=noise.device)
+    scheduler.set_begin_index(0)
+    sigmas = scheduler.sigmas.tolist()
+    x = noise * sigmas[0] / (1 + sigmas[0] ** 2) ** 0.5  # x / alpha = sigma_max * noise, as in edm-heun
+    for t, sigma in zip(scheduler.timesteps, sigmas):
+        denoised = dm.denoise(x * (1 + sigma**2) ** 0.5, sigma)
+        x = scheduler.step(denoised, t, x).prev_sample.float()
+    return x  # at sigma = 0 the two coordinates coincide
+
+
+def solve(dm: DiffusionModel, noise: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
+    """Images (float32, about [-1, 1]) from standard normal `noise`, by the sampler `config` names."""
+    if config.name == "edm-heun":
+        return heun_sample(dm, noise, config)
+    if config.name == "unipc":
+        return denoiser_sample(dm, noise, unipc_scheduler(dm, config), config.steps)
+    return scheduler_sample(dm, noise, config)
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 exactly as the real data is mapped (u8 = round((x + 1) * 127.5), clamped)."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -302,14 +340,13 @@ def sample(dm: DiffusionModel, indices: Sequence[int] | np.ndarray, seed: int, c
         dm.unet.to(device=device, dtype=dtype)
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     shape = (dm.channels, dm.image_size, dm.image_size)
-    run = heun_sample if config.name == "edm-heun" else scheduler_sample
     out = []
     chunks = range(0, len(indices), config.chunk)
     for start in tqdm(chunks, desc="sampling", unit="chunk", disable=not progress):
         chunk = indices[start:start + config.chunk]
         noise = torch.zeros(config.chunk, *shape)
         noise[:len(chunk)] = initial_noise(chunk, seed, shape)
-        x = run(dm, noise.to(device), config)
+        x = solve(dm, noise.to(device), config)
         out.append(to_uint8(x[:len(chunk)]).cpu())
     return torch.cat(out) if out else torch.empty(0, *shape, dtype=torch.uint8)
 

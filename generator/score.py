@@ -16,6 +16,8 @@ In pixel space ([0, 1], L2), against all of D_train:
                 > 1: off the data manifold), and the share of near-copies: samples whose nearest training
                 image is at least 3x closer than the second nearest (the "1/3 rule").
 Every metric is also computed for n real test images in place of the samples: the real-vs-real floor.
+All of this but the samples' own metrics is a `Scorer`'s, built once: `vaegen dm frontier` scores every
+(sampler, steps, seed) with one.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from generator.sampling import SamplerConfig, load_dm, sample, sampler_record
 from vaegen.data import cache_dir, open_dataset
 from vaegen.errors import VaegenError
 from vaegen.provenance import read_json, run_record, write_json_atomic
+from vaegen.seeding import SPLIT, derive, numpy_rng, torch_generator
 
-CLASSIFIER_VERSION = 1  # bump when FeatureNet or its training changes: invalidates the cache
+CLASSIFIER_VERSION = 2  # bump when FeatureNet or its training changes: invalidates the cache
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,8 @@ def feature_classifier(dataset: str, data_root: str, steps: int, device: str = "
         info.pop("path", None)  # older caches recorded this machine's absolute path
         return net.to(device).eval(), {**info, "cache_file": str(path.relative_to(cache_dir()))}
 
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
+    generator = torch_generator(0, "score-classifier")  # one classifier per dataset: seed 0
+    torch.manual_seed(derive(0, "score-classifier"))
     images, labels = to_float(train.images), torch.as_tensor(train.labels.astype(np.int64))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
@@ -172,7 +175,7 @@ def two_sample_accuracy(real: np.ndarray, fake: np.ndarray, seed: int) -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed, "score-two-sample")
     n = min(len(real), len(fake))
     real, fake = real[rng.permutation(len(real))[:n]], fake[rng.permutation(len(fake))[:n]]
     half = n // 2
@@ -183,24 +186,6 @@ def two_sample_accuracy(real: np.ndarray, fake: np.ndarray, seed: int) -> float:
     scaler = StandardScaler().fit(x_fit)
     clf = LogisticRegression(max_iter=2000).fit(scaler.transform(x_fit), y_fit)
     return float(clf.score(scaler.transform(x_test), y_test))
-
-
-def compare(candidate_u8: np.ndarray, reference_u8: np.ndarray, train_u8: np.ndarray, net: FeatureNet,
-            config: ScoreConfig, real_test_nn: np.ndarray | None = None) -> dict:
-    """All metrics of one image set (samples, or real test images for the floor) against D_train."""
-    f_cand, f_ref = features(net, candidate_u8, config.device), features(net, reference_u8, config.device)
-    nn2 = nearest_two(candidate_u8, train_u8)
-    result = {
-        "fd": frechet_distance(f_cand, f_ref),
-        "precision": manifold_coverage(f_cand, f_ref, config.k),
-        "recall": manifold_coverage(f_ref, f_cand, config.k),
-        "c2st_accuracy": two_sample_accuracy(f_ref, f_cand, config.seed),
-        "nn_distance_median": float(np.median(nn2[:, 0])),
-        "near_copy_share": float((nn2[:, 0] < config.near_copy_ratio * nn2[:, 1]).mean()),
-    }
-    if real_test_nn is not None:
-        result["nn_distance_ratio_to_test"] = result["nn_distance_median"] / float(np.median(real_test_nn))
-    return result
 
 
 def dm_training_data(config: ScoreConfig) -> tuple[str, int | None, int]:
@@ -216,38 +201,90 @@ def dm_training_data(config: ScoreConfig) -> tuple[str, int | None, int]:
     return dataset, subset, record.get("subset_seed") or 0
 
 
+@dataclass(frozen=True)
+class Reference:
+    """What one seed's scores compare with: everything about its n real images that samples never change."""
+
+    features: np.ndarray  # of n images of D_train: the reference set of fd, precision, recall and c2st
+    test_nn: np.ndarray   # distance of n real test images to their nearest D_train image
+    floor: dict           # those test images scored like samples: the real-vs-real floor
+
+
+class Scorer:
+    """The expensive parts of `dm score` that do not depend on the samples, computed once.
+
+    The stores, the DM, the feature classifier and, per seed, the `Reference`: `score` uses one for one seed,
+    `vaegen dm frontier` one for every (sampler, steps, seed) point. Only the shared fields of `config` are
+    read (not seed, sampler or out).
+    """
+
+    def __init__(self, config: ScoreConfig):
+        self.config = config
+        self.dataset, self.subset, self.subset_seed = dm_training_data(config)
+        self.train = open_dataset(self.dataset, "train", self.subset, self.subset_seed, config.data_root)
+        self.test = open_dataset(self.dataset, "test", self.subset, self.subset_seed, config.data_root)
+        self.dm = load_dm(config.dm, config.device)
+        if (self.dm.channels, self.dm.image_size) != tuple(self.train.images.shape[1:3]):
+            raise VaegenError(f"the DM makes {self.dm.channels}x{self.dm.image_size}x{self.dm.image_size} images "
+                              f"but {self.dataset} has {'x'.join(map(str, self.train.images.shape[1:]))}")
+        self.n = min(config.n, len(self.train.images), len(self.test.images))
+        self.net, self.classifier_info = feature_classifier(self.dataset, config.data_root,
+                                                            config.classifier_steps, config.device)
+        self._references: dict[int, Reference] = {}
+
+    def reference(self, seed: int) -> Reference:
+        """The reference of `seed` (its real subsets are drawn with the seed, as the samples are)."""
+        if seed not in self._references:
+            train_rng, test_rng = (numpy_rng(seed, "score-subsample", SPLIT[s]) for s in ("train", "test"))
+            images = self.train.images[np.sort(train_rng.permutation(len(self.train.images))[:self.n])]
+            real_test = self.test.images[np.sort(test_rng.permutation(len(self.test.images))[:self.n])]
+            reference_features = features(self.net, images, self.config.device)
+            floor, test_nn = self._compare(real_test, reference_features, seed)
+            floor["nn_distance_ratio_to_test"] = 1.0
+            self._references[seed] = Reference(reference_features, test_nn, floor)
+        return self._references[seed]
+
+    def _compare(self, candidate_u8: np.ndarray, reference_features: np.ndarray, seed: int) -> tuple[dict, np.ndarray]:
+        """The metrics of one image set against D_train, and its nearest-neighbour distances to D_train."""
+        f_cand = features(self.net, candidate_u8, self.config.device)
+        nn2 = nearest_two(candidate_u8, self.train.images)
+        metrics = {
+            "fd": frechet_distance(f_cand, reference_features),
+            "precision": manifold_coverage(f_cand, reference_features, self.config.k),
+            "recall": manifold_coverage(reference_features, f_cand, self.config.k),
+            "c2st_accuracy": two_sample_accuracy(reference_features, f_cand, seed),
+            "nn_distance_median": float(np.median(nn2[:, 0])),
+            "near_copy_share": float((nn2[:, 0] < self.config.near_copy_ratio * nn2[:, 1]).mean()),
+        }
+        return metrics, nn2[:, 0]
+
+    def metrics(self, samples_u8: np.ndarray, seed: int) -> dict:
+        """Every metric of samples drawn with `seed` (see the module docstring)."""
+        reference = self.reference(seed)
+        result, _ = self._compare(samples_u8, reference.features, seed)
+        result["nn_distance_ratio_to_test"] = result["nn_distance_median"] / float(np.median(reference.test_nn))
+        return result
+
+    def record(self, config: ScoreConfig, samples_u8: np.ndarray, **extra) -> dict:
+        """score.json's content for samples 0..n-1 of (config.sampler, config.seed)."""
+        model, floor = self.metrics(samples_u8, config.seed), self.reference(config.seed).floor
+        summary = (f"FD {model['fd']:.2f} (floor {floor['fd']:.2f})  precision {model['precision']:.3f} "
+                   f"(floor {floor['precision']:.3f})  recall {model['recall']:.3f} (floor {floor['recall']:.3f})  "
+                   f"C2ST {model['c2st_accuracy']:.3f} (floor {floor['c2st_accuracy']:.3f})  "
+                   f"NN-distance ratio {model['nn_distance_ratio_to_test']:.3f}  "
+                   f"near-copies {model['near_copy_share']:.3f} (floor {floor['near_copy_share']:.3f})")
+        return run_record(
+            config, dataset=self.dataset, subset=self.subset,
+            subset_seed=self.subset_seed if self.subset else None, n=self.n, train_images=len(self.train.images),
+            feature_classifier=self.classifier_info, **sampler_record(self.dm, config.sampler, config.seed),
+            samples=model, floor_real_test_vs_train=floor, summary=summary, **extra,
+        )
+
+
 def score(config: ScoreConfig) -> dict:
     """Score a DM (see the module docstring); writes score.json and returns its content."""
-    dataset, subset, subset_seed = dm_training_data(config)
-    train = open_dataset(dataset, "train", subset, subset_seed, config.data_root)
-    test = open_dataset(dataset, "test", subset, subset_seed, config.data_root)
-    dm = load_dm(config.dm, config.device)
-    if (dm.channels, dm.image_size) != tuple(train.images.shape[1:3]):
-        raise VaegenError(f"the DM makes {dm.channels}x{dm.image_size}x{dm.image_size} images but {dataset} has "
-                          f"{'x'.join(map(str, train.images.shape[1:]))}")
-    n = min(config.n, len(train.images), len(test.images))
-    rng = np.random.default_rng(config.seed)
-    reference = train.images[np.sort(rng.permutation(len(train.images))[:n])]
-    real_test = test.images[np.sort(rng.permutation(len(test.images))[:n])]
-
-    net, classifier_info = feature_classifier(dataset, config.data_root, config.classifier_steps, config.device)
-    samples = sample(dm, range(n), config.seed, config.sampler, config.device, progress=True).numpy()
-    floor = compare(real_test, reference, train.images, net, config)
-    test_nn = nearest_two(real_test, train.images)[:, 0]
-    model = compare(samples, reference, train.images, net, config, real_test_nn=test_nn)
-    floor["nn_distance_ratio_to_test"] = 1.0
-
-    summary = (f"FD {model['fd']:.2f} (floor {floor['fd']:.2f})  precision {model['precision']:.3f} "
-               f"(floor {floor['precision']:.3f})  recall {model['recall']:.3f} (floor {floor['recall']:.3f})  "
-               f"C2ST {model['c2st_accuracy']:.3f} (floor {floor['c2st_accuracy']:.3f})  "
-               f"NN-distance ratio {model['nn_distance_ratio_to_test']:.3f}  "
-               f"near-copies {model['near_copy_share']:.3f} (floor {floor['near_copy_share']:.3f})")
-    result = run_record(
-        config, dataset=dataset, subset=subset, subset_seed=subset_seed if subset else None, n=n,
-        train_images=len(train.images), feature_classifier=classifier_info,
-        **sampler_record(dm, config.sampler, config.seed), samples=model, floor_real_test_vs_train=floor,
-        summary=summary,
-    )
-    out = Path(config.out) if config.out else Path(config.dm) / "score.json"
-    write_json_atomic(out, result)
+    scorer = Scorer(config)
+    samples = sample(scorer.dm, range(scorer.n), config.seed, config.sampler, config.device, progress=True)
+    result = scorer.record(config, samples.numpy())
+    write_json_atomic(Path(config.out) if config.out else Path(config.dm) / "score.json", result)
     return result

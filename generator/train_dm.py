@@ -13,8 +13,9 @@ Output directory (runs/dm/NAME):
     checkpoints/step-NNNNNNN/                          Accelerate state: weights, EMA, optimizer, lr, RNG
 
 Resuming is exact: everything random is either a pure function of (seed, step, rank) -- the data order and
-the training noise -- or in the checkpoint (dropout RNG, via Accelerate), so killing a run and resuming it
-with `--resume` ends with the same weights as an uninterrupted run (bit for bit on CPU).
+the training noise (`vaegen.seeding`) -- or in the checkpoint (dropout RNG, via Accelerate), so killing a run and
+resuming it with `--resume` ends with the same weights as an uninterrupted run (bit for bit on CPU). On SIGINT or
+SIGTERM the step in flight finishes and a checkpoint is saved before the process exits (130 / 143).
 """
 
 from __future__ import annotations
@@ -37,7 +38,19 @@ from generator.edm import EDMLoss, edm_scheduler
 from generator.presets import DMPreset, get_preset
 from vaegen.data import open_dataset
 from vaegen.errors import VaegenError
-from vaegen.provenance import fsync_dir, read_json, run_record, sha256_file, write_json_atomic
+from vaegen.interrupts import StopRequests
+from vaegen.provenance import (
+    append_jsonl,
+    fsync_dir,
+    read_json,
+    read_jsonl,
+    run_record,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
+from vaegen.runlock import run_lock
+from vaegen.seeding import derive, numpy_rng, torch_generator
 
 
 @dataclass(frozen=True)
@@ -101,7 +114,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
     epochs = positions // n
     rows = np.empty(batch_size, dtype=np.int64)
     for epoch in np.unique(epochs):
-        permutation = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        permutation = numpy_rng(seed, "dm-data-order", int(epoch)).permutation(n)
         mask = epochs == epoch
         rows[mask] = permutation[positions[mask] % n]
     return rows
@@ -162,12 +175,8 @@ def check_resumable(out: Path, config: TrainConfig) -> None:
 
 def truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    if path.exists():
+        write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in read_jsonl(path) if e["step"] <= step))
 
 
 def save_samples_grid(unet: UNet2DModel, scheduler_config: dict, path: Path, n: int) -> None:
@@ -218,9 +227,15 @@ def export_model(unet: UNet2DModel, out: Path, record: dict, grid_samples: int) 
 
 def train(config: TrainConfig) -> Path:
     """Train (or resume) a DM as configured; returns the output directory."""
+    from accelerate import PartialState
+
+    with run_lock(config.out, main_process=PartialState().is_main_process):
+        return _train(config.resolved())
+
+
+def _train(config: TrainConfig) -> Path:
     from accelerate import Accelerator
 
-    config = config.resolved()
     preset = get_preset(config.preset)
     out = Path(config.out)
     existing = checkpoints(out)
@@ -242,7 +257,7 @@ def train(config: TrainConfig) -> Path:
 
     images, data_attrs = load_train_images(config)
     channels = images.shape[1]
-    torch.manual_seed(config.seed)  # the initial weights
+    torch.manual_seed(derive(config.seed, "dm-init"))  # the initial weights
     unet = UNet2DModel(**preset.unet_kwargs(channels))
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
@@ -278,40 +293,43 @@ def train(config: TrainConfig) -> Path:
                disable=not accelerator.is_local_main_process, desc="dm train", dynamic_ncols=True)
     interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
     unet.train()
-    while state.step < config.max_steps and time.time() < deadline:
-        rows = batch_indices(state.step, config.batch_size, len(images), config.seed)
-        batch = images[rows[rank * local_batch:(rank + 1) * local_batch]].to(accelerator.device)
-        noise_rng = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([config.seed, state.step, rank]).generate_state(1, np.uint64)[0]))
-        with accelerator.autocast():
-            loss = loss_fn(unet, scheduler, batch, generator=noise_rng)
-        accelerator.backward(loss)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.images_seen += config.batch_size
-        update_ema(ema, accelerator.unwrap_model(unet), state.images_seen, config.batch_size, preset)
+    stops = StopRequests("the current step")  # a signal ends the loop after its step, with a checkpoint
+    with stops:
+        while state.step < config.max_steps and not stops.agreed(accelerator, time.time() >= deadline):
+            rows = batch_indices(state.step, config.batch_size, len(images), config.seed)
+            batch = images[rows[rank * local_batch:(rank + 1) * local_batch]].to(accelerator.device)
+            noise_rng = torch_generator(config.seed, "dm-train-noise", state.step, rank)
+            with accelerator.autocast():
+                loss = loss_fn(unet, scheduler, batch, generator=noise_rng)
+            accelerator.backward(loss)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.images_seen += config.batch_size
+            update_ema(ema, accelerator.unwrap_model(unet), state.images_seen, config.batch_size, preset)
 
-        interval_loss += loss.item()
-        interval_steps += 1
-        bar.update(1)
-        if state.step % preset.log_every == 0 or state.step == config.max_steps:
-            elapsed = time.time() - interval_start
-            entry = {"step": state.step, "images_seen": state.images_seen,
-                     "loss": interval_loss / interval_steps, "lr": lr_schedule.get_last_lr()[0],
-                     "images_per_s": interval_steps * config.batch_size / max(elapsed, 1e-9),
-                     "elapsed_s": time.time() - start_time}
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
-            if accelerator.is_main_process:
-                with open(out / "train_log.jsonl", "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-            interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
-        if state.step % config.checkpoint_every == 0:
-            save_checkpoint(accelerator, out, state.step)
+            interval_loss += loss.item()
+            interval_steps += 1
+            bar.update(1)
+            if state.step % preset.log_every == 0 or state.step == config.max_steps:
+                elapsed = time.time() - interval_start
+                entry = {"step": state.step, "images_seen": state.images_seen,
+                         "loss": interval_loss / interval_steps, "lr": lr_schedule.get_last_lr()[0],
+                         "images_per_s": interval_steps * config.batch_size / max(elapsed, 1e-9),
+                         "elapsed_s": time.time() - start_time}
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
+                if accelerator.is_main_process:
+                    append_jsonl(out / "train_log.jsonl", entry)
+                interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
+            if state.step % config.checkpoint_every == 0:
+                save_checkpoint(accelerator, out, state.step)
     bar.close()
     if not checkpoints(out) or checkpoints(out)[-1].name != f"step-{state.step:08d}":
         save_checkpoint(accelerator, out, state.step)
+    if stops.requested is not None and state.step < config.max_steps:  # stopped by a signal (on some rank)
+        raise stops.interrupted(f"checkpoint saved at step {state.step} of {config.max_steps}; "
+                                "rerun the same command with --resume to continue")
 
     if accelerator.is_main_process:
         ema_final = copy.deepcopy(ema).eval()  # fp32 master copy, on the device for the sample grid

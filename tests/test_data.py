@@ -99,7 +99,7 @@ def test_existing_store_from_different_sources_is_refused(tiny_fmnist, tmp_path,
     data.build_store("fmnist", tmp_path / "out", data_dir=src, download=False)
     _, other_spec = fake_idx_dataset(tmp_path / "other", seed=1)
     monkeypatch.setitem(data.DATASETS, "fmnist", other_spec)
-    result = CliRunner().invoke(main, ["data", "fmnist", "--out-dir", str(tmp_path / "out"),
+    result = CliRunner().invoke(main, ["data", "fmnist", "--data-root", str(tmp_path / "out"),
                                        "--data-dir", str(tmp_path / "other"), "--no-download"])
     assert result.exit_code == 2
     assert "different source files" in result.output and len(result.output.strip().splitlines()) == 1
@@ -119,7 +119,7 @@ def test_balanced_subset_is_seeded_balanced_and_nested():
 
 def test_subset_store_is_named_by_size_and_seed_and_keeps_full_test(tiny_fmnist, tmp_path):
     arrays, src = tiny_fmnist
-    path = data.build_store("fmnist", tmp_path / "out", subset=20, seed=7, data_dir=src, download=False)
+    path = data.build_store("fmnist", tmp_path / "out", subset=20, subset_seed=7, data_dir=src, download=False)
     assert path.name == "fmnist-n20-s7.zarr"
     train = data.load_split(path, "train")
     keep = data.balanced_subset(arrays["train-labels"], 20, 7)
@@ -166,7 +166,7 @@ def test_unknown_dataset_is_a_one_line_error():
 def test_missing_files_offline_names_files_url_and_debian_package(tmp_path, monkeypatch):
     spec = dataclasses.replace(data.DATASETS["fmnist"], search_dirs=(str(tmp_path / "nowhere"),))
     monkeypatch.setitem(data.DATASETS, "fmnist", spec)
-    result = CliRunner().invoke(main, ["data", "fmnist", "--out-dir", str(tmp_path / "out"), "--no-download"])
+    result = CliRunner().invoke(main, ["data", "fmnist", "--data-root", str(tmp_path / "out"), "--no-download"])
     assert result.exit_code == 2
     line = result.output.strip()
     assert len(line.splitlines()) == 1
@@ -177,7 +177,7 @@ def test_missing_files_offline_names_files_url_and_debian_package(tmp_path, monk
 def test_checksum_mismatch_is_refused_without_a_store(tmp_path):
     # Official checksums, wrong content.
     fake_idx_dataset(tmp_path / "src")
-    result = CliRunner().invoke(main, ["data", "fmnist", "--out-dir", str(tmp_path / "out"),
+    result = CliRunner().invoke(main, ["data", "fmnist", "--data-root", str(tmp_path / "out"),
                                        "--data-dir", str(tmp_path / "src"), "--no-download"])
     assert result.exit_code == 2 and "checksum mismatch" in result.output
     assert not (tmp_path / "out" / "fmnist.zarr").exists()

@@ -3,26 +3,15 @@
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
-from diffusers import UNet2DModel
 from PIL import Image
 
-from generator.edm import edm_scheduler
 from vaegen.cli import main
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def dm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dm")
-    torch.manual_seed(0)
-    UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                layers_per_block=1, norm_num_groups=4).save_pretrained(path)
-    edm_scheduler().save_pretrained(path)
-    return path
+def dm_dir(tmp_path_factory, support):
+    return support.dm(tmp_path_factory.mktemp("dm"))
 
 
 def assert_one_line_error(result, text):
@@ -49,7 +38,7 @@ def test_dm_sample_of_a_directory_that_is_no_model_is_a_one_line_error(tmp_path)
 def test_dm_train_without_the_dataset_store_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(main, ["dm", "train", "--data-root", str(tmp_path / "nodata"), "--subset", "50",
                                        "--out", str(tmp_path / "run")])
-    assert_one_line_error(result, "vaegen data fmnist --subset 50 --seed 0")
+    assert_one_line_error(result, "vaegen data fmnist --subset 50 --subset-seed 0")
 
 
 def test_dm_score_without_dm_json_or_dataset_is_a_one_line_error(dm_dir):

@@ -1,23 +1,37 @@
-"""The sampling core: loading any DM layout, per-index determinism, quantization, preconditioning."""
+"""The sampling core: loading any DM layout, per-index determinism, quantization, preconditioning, and that
+every sampler solves the same ODE at the cost it claims."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel, UniPCMultistepScheduler
 
 from generator.edm import edm_scheduler
-from generator.sampling import SamplerConfig, load_dm, sample, to_uint8, weights_sha256
+from generator.sampling import (
+    SAMPLERS,
+    SamplerConfig,
+    denoiser_sample,
+    initial_noise,
+    karras_sigmas,
+    load_dm,
+    sample,
+    scheduler_sample,
+    solve,
+    to_uint8,
+    unipc_scheduler,
+    weights_sha256,
+)
 from vaegen.errors import VaegenError
 
 torch.set_num_threads(1)
 
 
-def random_unet(channels=1):
+def random_unet(channels=1, size=32):
     torch.manual_seed(0)
     # Small, but with an attention block so that every kernel type of a real DM is exercised.
-    return UNet2DModel(sample_size=32, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
 
@@ -26,6 +40,15 @@ def random_unet(channels=1):
 def edm_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("edm-dm")
     random_unet().save_pretrained(path)
+    edm_scheduler().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_edm_dir(tmp_path_factory):
+    """16x16 images: the ODE-convergence tests need hundreds of network evaluations."""
+    path = tmp_path_factory.mktemp("small-edm-dm")
+    random_unet(size=16).save_pretrained(path)
     edm_scheduler().save_pretrained(path)
     return path
 
@@ -46,12 +69,13 @@ def test_image_is_the_same_sampled_alone_or_in_a_batch_of_64(edm_dir):
         assert torch.equal(sample(dm, [i], seed=7, config=config)[0], batch[i])
 
 
-@pytest.mark.parametrize("name", ["edm-heun", "dpm-solver++", "ddim"])
-def test_every_sampler_is_independent_of_batch_composition(edm_dir, name):
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_sampler_is_deterministic_and_independent_of_batch_composition(edm_dir, name):
     dm = load_dm(str(edm_dir))
     config = SamplerConfig(name=name, steps=4, chunk=4)
     several = sample(dm, [3, 4, 5, 6, 9], seed=1, config=config)  # two chunks, the second one padded
     assert several.dtype == torch.uint8 and several.shape == (5, 1, 32, 32)
+    assert torch.equal(sample(dm, [3, 4, 5, 6, 9], seed=1, config=config), several)
     assert torch.equal(sample(dm, [5], seed=1, config=config)[0], several[2])
     assert torch.equal(sample(dm, [9], seed=1, config=config)[0], several[4])
     assert not torch.equal(several[0], several[1])  # different indices, different noise
@@ -60,7 +84,60 @@ def test_every_sampler_is_independent_of_batch_composition(edm_dir, name):
 
 def test_heun_costs_two_evaluations_per_step_but_the_last():
     assert SamplerConfig().network_evaluations == 35
-    assert SamplerConfig(name="dpm-solver++", steps=10).network_evaluations == 10
+    for name in SAMPLERS[1:]:
+        assert SamplerConfig(name=name, steps=10).network_evaluations == 10
+
+
+@pytest.mark.parametrize("kind", ["edm", "vp"])
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_network_evaluations_count_the_actual_unet_calls(edm_dir, tmp_path, kind, name):
+    dm = load_dm(str(edm_dir if kind == "edm" else write_pipeline(tmp_path)))
+    calls = []
+    dm.unet.register_forward_hook(lambda *_: calls.append(1))
+    config = SamplerConfig(name=name, steps=5, chunk=2)
+    sample(dm, [0, 1], seed=0, config=config)  # one chunk: one call per evaluation
+    assert len(calls) == config.network_evaluations
+
+
+@pytest.fixture(scope="module")
+def ode_reference(small_edm_dir):
+    """Heun at 60 steps (119 evaluations) from two noise images: the ODE solution the others must approach."""
+    dm = load_dm(str(small_edm_dir))
+    noise = initial_noise([0, 1], seed=0, shape=(1, 16, 16))
+    with torch.inference_mode():
+        return dm, noise, solve(dm, noise, SamplerConfig(steps=60))
+
+
+@pytest.mark.parametrize("name", SAMPLERS[1:])
+def test_every_sampler_converges_to_the_heun_solution_of_the_same_ode(ode_reference, name):
+    """Many steps land ~10x closer to Heun's solution than 4 steps do (ddim, first order, is the slowest)."""
+    dm, noise, reference = ode_reference
+    with torch.inference_mode():
+        few = (solve(dm, noise, SamplerConfig(name=name, steps=4)) - reference).abs().max()
+        many = (solve(dm, noise, SamplerConfig(name=name, steps=120)) - reference).abs().max()
+    assert many < 0.1 * few and many < 0.05
+
+
+def test_unipc_steps_through_the_karras_sigmas_of_the_model_range(edm_dir):
+    dm, config = load_dm(str(edm_dir)), SamplerConfig(name="unipc", steps=7)
+    scheduler = unipc_scheduler(dm, config)
+    scheduler.set_timesteps(config.steps)
+    torch.testing.assert_close(scheduler.sigmas, karras_sigmas(dm, config), rtol=1e-5, atol=0)
+
+
+def test_the_denoiser_wrapper_reproduces_edm_dpm_solver_at_the_same_order(small_edm_dir):
+    """UniPC's predictor at order 2 without its corrector is DPM-Solver++(2M): run in VP form on the EDM
+    denoiser it must give what diffusers' EDM DPM-Solver++ gives."""
+    dm, steps = load_dm(str(small_edm_dir)), 10
+    noise = initial_noise([0, 1], seed=0, shape=(1, 16, 16))
+    unip2 = UniPCMultistepScheduler.from_config(unipc_scheduler(dm, SamplerConfig(name="unipc")).config,
+                                                solver_order=2, disable_corrector=list(range(steps)))
+    sigma_max = dm.sigma_max
+    with torch.inference_mode():
+        edm = scheduler_sample(dm, noise, SamplerConfig(name="dpm-solver++", steps=steps))
+        # diffusers' EDM schedulers start at sqrt(sigma_max^2 + 1) noise, edm-heun and the wrapper at sigma_max.
+        wrapped = denoiser_sample(dm, noise * (sigma_max**2 + 1) ** 0.5 / sigma_max, unip2, steps)
+    torch.testing.assert_close(wrapped, edm, rtol=0, atol=1e-4)
 
 
 def test_quantization_inverts_the_real_data_mapping_and_clamps():
@@ -100,7 +177,7 @@ def test_pipeline_model_denoises_like_its_own_ddpm_scheduler(tmp_path, predictio
 
 def test_pipeline_model_samples_with_every_sampler(tmp_path):
     dm = load_dm(str(write_pipeline(tmp_path)))
-    for name in ("edm-heun", "dpm-solver++", "ddim"):
+    for name in SAMPLERS:
         images = sample(dm, [0, 1], seed=0, config=SamplerConfig(name=name, steps=3, chunk=2))
         assert images.shape == (2, 1, 32, 32) and images.dtype == torch.uint8
 

@@ -6,10 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DModel
 
-from generator.sampling import SamplerConfig
+from generator.edm import edm_scheduler
+from generator.sampling import SamplerConfig, sample
 from generator.score import (
     ScoreConfig,
+    Scorer,
     frechet_distance,
     manifold_coverage,
     nearest_two,
@@ -17,7 +20,7 @@ from generator.score import (
     two_sample_accuracy,
 )
 from generator.train_dm import TrainConfig, train
-from vaegen.data import DEBIAN_FMNIST_DIR, build_store
+from vaegen.data import DEBIAN_FMNIST_DIR, build_store, store_attrs, store_path, write_store
 
 torch.set_num_threads(1)
 
@@ -61,7 +64,7 @@ def data_root(tmp_path_factory):
         pytest.skip("needs dataset-fashion-mnist")
     root = tmp_path_factory.mktemp("data")
     build_store("fmnist", root, download=False)
-    build_store("fmnist", root, subset=500, seed=0, download=False)
+    build_store("fmnist", root, subset=500, subset_seed=0, download=False)
     return root
 
 
@@ -76,6 +79,29 @@ def train_tiny(out, data_root, steps):
     train(TrainConfig(dataset="fmnist", preset="tiny", subset=500, out=str(out), data_root=str(data_root),
                       max_steps=steps, checkpoint_every=steps, grid_samples=4))
     return out
+
+
+def test_one_scorer_scores_every_seed_as_a_fresh_score_would(tmp_path, monkeypatch):
+    """`dm frontier` reuses one Scorer across samplers and seeds: its records must be score()'s, key for key."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    splits = {split: (rng.integers(0, 256, (n, 1, 32, 32), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8))
+              for split, n in (("train", 60), ("test", 30))}
+    write_store(store_path("fmnist", root=tmp_path / "data"), splits, store_attrs("fmnist"))
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(4, 8), norm_num_groups=4,
+                layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                up_block_types=("UpBlock2D",) * 2).save_pretrained(tmp_path / "dm")
+    edm_scheduler().save_pretrained(tmp_path / "dm")
+    (tmp_path / "dm" / "dm.json").write_text(json.dumps({"dataset": "fmnist"}))
+    configs = [ScoreConfig(dm=str(tmp_path / "dm"), data_root=str(tmp_path / "data"), n=20, seed=seed,
+                           classifier_steps=2, sampler=SamplerConfig(steps=2, chunk=20)) for seed in (1, 0)]
+    scorer = Scorer(configs[0])
+    shared = [scorer.record(c, sample(scorer.dm, range(20), c.seed, c.sampler).numpy()) for c in configs]
+    for config, record in zip(configs, shared):
+        fresh = score(config)
+        assert record.pop("created") and fresh.pop("created")
+        assert record == fresh
 
 
 @needs_fmnist

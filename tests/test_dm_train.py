@@ -30,7 +30,7 @@ RUN = dict(dataset="fmnist", preset="tiny", subset=256, max_steps=24, batch_size
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    build_store("fmnist", root, subset=256, seed=0, download=False)
+    build_store("fmnist", root, subset=256, subset_seed=0, download=False)
     return root
 
 
@@ -58,6 +58,7 @@ def test_output_loads_with_plain_diffusers_and_records_what_made_it(finished_run
     assert [p.name for p in (finished_run / "checkpoints").iterdir()] and not list(finished_run.glob(".*tmp*"))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(finished_run, data_root, tmp_path):
     out = tmp_path / "killed"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]
@@ -84,6 +85,34 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(finished
     assert log == sorted(set(log))  # lines after the checkpoint were dropped, not duplicated
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_a_checkpoint_at_the_current_step_and_the_resumed_run_ends_the_same(
+        finished_run, data_root, tmp_path, signum, code):
+    out = tmp_path / "signalled"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]
+    command = [sys.executable, "-m", "vaegen", "dm", "train", *args, f"--out={out}", f"--data-root={data_root}",
+               "--threads=1", "--checkpoint-every=1000"]  # no regular checkpoint: only the signal's
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parents[1],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().strip()) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by {signal.Signals(signum).name}: checkpoint saved at step ") and "--resume" in last
+    step = int(last.split("at step ")[1].split()[0])
+    assert 0 < step < 24 and [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:08d}"]
+    assert not (out / "dm.json").exists()
+
+    train(TrainConfig(out=str(out), data_root=str(data_root), resume=True, **{**RUN, "checkpoint_every": 1000}))
+    assert (out / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (finished_run / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
 def test_existing_run_is_not_overwritten_and_resume_refuses_changed_settings(finished_run, data_root, tmp_path):
     with pytest.raises(VaegenError, match="--resume"):
         train(TrainConfig(out=str(finished_run), data_root=str(data_root), **RUN))
@@ -94,7 +123,7 @@ def test_existing_run_is_not_overwritten_and_resume_refuses_changed_settings(fin
 
 
 def test_missing_subset_store_names_the_command_that_builds_it(data_root, tmp_path):
-    with pytest.raises(VaegenError, match="vaegen data fmnist --subset 99 --seed 5"):
+    with pytest.raises(VaegenError, match="vaegen data fmnist --subset 99 --subset-seed 5"):
         train(TrainConfig(out=str(tmp_path / "x"), data_root=str(data_root),
                           **{**RUN, "subset": 99, "subset_seed": 5}))
 

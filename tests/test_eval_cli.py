@@ -11,26 +11,25 @@ from click.testing import CliRunner
 
 from trainer.models import build_vae, save_vae
 from vaegen.cli import main
+from vaegen.data import store_attrs, store_path, write_store
 
 QUICK_SMALL = ["--quick", "--iwae-k", "20", "--qstar-max-iters", "60", "--attack-iters", "5", "--attack-images", "4",
                "--attack-seeds", "2"]
 
 
-def write_tiny_store(root: Path, dataset="fmnist", channels=1, likelihood="gaussian", n_train=80, n_test=40):
-    """data/<dataset>.zarr in the vaegen.data contract: a bright square whose position is the label."""
+def write_tiny_store(root: Path, dataset="fmnist", channels=1, n_train=80, n_test=40):
+    """data/<dataset>.zarr (vaegen.data's writer): a bright square whose position is the label, so probes can
+    learn it."""
     rng = np.random.default_rng(0)
-    group = zarr.open_group(str(root / f"{dataset}.zarr"), mode="w", zarr_format=3)
+    splits = {}
     for split, n in (("train", n_train), ("test", n_test)):
         labels = (np.arange(n) % 4).astype(np.uint8)
         images = rng.integers(0, 40, (n, channels, 32, 32)).astype(np.uint8)
         for i, label in enumerate(labels):
             r, c = divmod(int(label), 2)
             images[i, :, 4 + 14 * r: 14 + 14 * r, 4 + 14 * c: 14 + 14 * c] = 230
-        g = group.create_group(split)
-        g.create_array("images", data=images)
-        g.create_array("labels", data=labels)
-    group.attrs.update({"dataset": dataset, "channels": channels, "likelihood": likelihood, "image_size": 32,
-                        "subset": None, "sources": {}})
+        splits[split] = (images, labels)
+    write_store(store_path(dataset, root=root), splits, {**store_attrs(dataset), "channels": channels})
 
 
 def write_run(run: Path, data_root: Path, done=True, dataset="fmnist", model=None) -> Path:
@@ -68,7 +67,10 @@ def test_eval_writes_gaps_json_and_per_example_arrays(run_dir):
     assert summary["robustness"]["msssim_config"]["kernel_size"] == 7
     assert summary["robustness"]["attack"]["delta"] == 0.1  # fmnist's paper setting
     assert summary["provenance"]["config"]["iwae_k"] == 20
-    assert set(summary["probes"]["test_accuracy"]) == {"logistic_regression", "linear_svm", "rbf_svm", "knn5"}
+    probes = summary["probes"]
+    assert set(probes["accuracy"]) == {"logistic_regression", "linear_svm", "rbf_svm", "knn5"}
+    assert probes["split"]["kind"] == "test-halves" and probes["split"]["fit"] == probes["split"]["score"] == "D_test"
+    assert probes["split"]["fit_images"] == probes["split"]["score_images"] == 20 and probes["split"]["seed"] == 0
     arrays = zarr.open_group(str(run_dir / "eval" / "per_example.zarr"), mode="r")
     assert arrays["train/elbo"].shape == (80,) and arrays["test/elbo"].shape == (40,)
     assert arrays["amortization/elbo_star"].shape == (40,)
@@ -76,7 +78,17 @@ def test_eval_writes_gaps_json_and_per_example_arrays(run_dir):
     assert np.isfinite(arrays["test/iwae"][...]).all()
     np.testing.assert_allclose(np.mean(arrays["amortization/elbo_star"][...] - arrays["amortization/elbo"][...]),
                                summary["amortization"]["gap"], rtol=1e-5)
+    fit, score = arrays["probes/fit_index"][...], arrays["probes/score_index"][...]
+    assert not set(fit) & set(score) and sorted({*fit, *score}) == list(range(40))  # halves of D_test
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []  # no temp dirs left
+
+
+def test_probes_on_train_to_test_are_an_explicit_option(run_dir):
+    result = invoke(run_dir, *QUICK_SMALL, "--gaps", "", "--iwae-k", "0", "--probes", "--probe-split", "train-test")
+    assert result.exit_code == 0, result.output
+    split = json.loads((run_dir / "eval" / "gaps.json").read_text())["probes"]["split"]
+    assert (split["kind"], split["fit"], split["score"], split["fit_images"], split["score_images"]) == \
+        ("train-test", "D_train", "D_test", 80, 40)
 
 
 @pytest.mark.parametrize("dataset,channels,model,delta", [
@@ -85,7 +97,7 @@ def test_eval_writes_gaps_json_and_per_example_arrays(run_dir):
 ])
 def test_eval_handles_bernoulli_and_dmol_models_with_their_paper_attack_settings(tmp_path, dataset, channels,
                                                                                   model, delta):
-    write_tiny_store(tmp_path / "data", dataset, channels, model["likelihood"], n_train=24, n_test=12)
+    write_tiny_store(tmp_path / "data", dataset, channels, n_train=24, n_test=12)
     run = write_run(tmp_path / "run", tmp_path / "data", dataset=dataset, model=model)
     result = invoke(run, *QUICK_SMALL, "--qstar-max-iters", "20")
     assert result.exit_code == 0, result.output

@@ -1,4 +1,5 @@
-"""Shard generation: exact, index-addressed bytes; resume; manifests; verify; bad input (single process)."""
+"""Shard generation: exact, index-addressed bytes; resume after kills, signals and a full disk; one writer per
+run; manifests; verify; bad input; and (slow) the same bytes from 2 processes and 2 machine ranks."""
 
 from __future__ import annotations
 
@@ -22,38 +23,15 @@ from vaegen import shardformat as sf
 from vaegen.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
+
 N_TRAIN = 8
 
 
-def make_tiny_dm(root: Path, seed: int = 0) -> Path:
-    """A randomly initialised EDM-preconditioned diffusers UNet2DModel directory (no dm.json: a foreign DM)."""
-    from diffusers import UNet2DModel
-
-    from generator.edm import edm_scheduler
-
-    torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       layers_per_block=1, norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
-    unet.save_pretrained(root)
-    edm_scheduler().save_pretrained(root)
-    return root
-
-
-def make_store(data_root: Path, n: int = N_TRAIN) -> None:
-    """data_root/fmnist.zarr with a training split of n images (only its length matters to the generator)."""
-    import zarr
-
-    group = zarr.open_group(str(data_root / "fmnist.zarr"), mode="w")
-    group.create_group("train").create_array("images", data=np.zeros((n, 1, 32, 32), np.uint8))
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    torch.set_num_threads(1)
+def env(tmp_path_factory, support):
     root = tmp_path_factory.mktemp("gen")
-    make_tiny_dm(root / "dm")
-    make_store(root / "data")
+    support.dm(root / "dm")
+    support.store(root / "data", n_train=N_TRAIN, n_test=4)  # only N matters to the generator
     return root
 
 
@@ -175,6 +153,7 @@ def test_resume_removes_orphans_and_redoes_unfinished_shards(env, reference, tmp
     assert json.loads((out / sf.GENERATION_NAME).read_text())["runs"][-1]["shards_generated_rank0"] == 3
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_at_a_random_point_gives_identical_bytes(env, reference, tmp_path):
     out = tmp_path / "killed"
     args = with_option(gen_args(env, out, 16), "--steps", "3")  # 32 shards, slow enough to kill mid-run
@@ -244,9 +223,9 @@ def test_stock_webdataset_and_the_tar_tool_read_the_shards(reference, tmp_path):
 
 
 def test_packed_blocks_cost_at_most_1_1x_the_raw_pixel_bytes(tmp_path):
-    from generator.generate import BackgroundShardWriter, ShardPlan
+    from generator.generate import BackgroundShardWriter
 
-    plan = ShardPlan(4096, 4096)  # the default shard size
+    plan = sf.ShardPlan(4096, 4096)  # the default shard size
     writer = BackgroundShardWriter(tmp_path, plan, {}, maxsize=2)
     rng = np.random.default_rng(0)
     for _ in range(16):
@@ -257,10 +236,10 @@ def test_packed_blocks_cost_at_most_1_1x_the_raw_pixel_bytes(tmp_path):
     assert not sf.shard_problems(tmp_path, 0, 0, 4096)
 
 
-def test_run_dir_refuses_another_seed_sampler_shard_size_or_dm(env, reference, tmp_path):
+def test_run_dir_refuses_another_seed_sampler_shard_size_or_dm(env, reference, tmp_path, support):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    other_dm = make_tiny_dm(tmp_path / "other-dm", seed=1)
+    other_dm = support.dm(tmp_path / "other-dm", seed=1)
     for change, key in ((["--seed", "1"], "seed"), (["--steps", "2"], "sampler"),
                         (["--shard-size", "8"], "shard_size"), (["--dm", str(other_dm)], "dm_sha256")):
         args = with_option(gen_args(env, out, 4), *change)
@@ -315,10 +294,163 @@ def test_shards_are_tar_archives_with_deterministic_headers(reference):
 
 
 def test_a_failing_writer_stops_the_sampling_loop_with_its_error(tmp_path):
-    from generator.generate import BackgroundShardWriter, ShardPlan
+    from generator.generate import BackgroundShardWriter
 
-    writer = BackgroundShardWriter(tmp_path / "gone", ShardPlan(8, 4), {}, maxsize=1)  # directory missing
-    with pytest.raises(RuntimeError, match="shard writer failed"):
+    writer = BackgroundShardWriter(tmp_path / "gone", sf.ShardPlan(8, 4), {}, maxsize=1)  # directory missing
+    with pytest.raises(FileNotFoundError):
         for _ in range(50):  # never blocks: the dead writer keeps draining its queue
             writer.put(0, np.zeros((1, 1, 32, 32), np.uint8))
         writer.close()
+
+
+def test_a_second_writer_on_the_same_run_exits_2_naming_the_first_and_touches_nothing(env, reference, tmp_path):
+    from vaegen.runlock import run_lock
+
+    out = tmp_path / "busy"
+    shutil.copytree(reference, out)
+    (out / sf.temp_name(3)).write_bytes(b"the first writer's partial shard")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from vaegen.runlock import run_lock\n"
+                               f"with run_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        result = CliRunner().invoke(main, gen_args(env, out, 4))
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1
+        assert f"pid {holder.pid}" in result.output and "is being written by" in result.output
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # not even the orphan was removed
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(out):  # a killed holder leaves no lock behind
+        pass
+    assert run_cli(gen_args(env, out, 4)).exit_code == 0 and shard_bytes(out) == shard_bytes(reference)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 160 KiB tmpfs (root only): a real full disk. Skips where mounting is not allowed."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_exit_2_and_a_rerun_with_space_resumes(env, reference, tiny_tmpfs, tmp_path):
+    out = tiny_tmpfs / "run"
+    args = gen_args(env, out, 4)
+    filler = tiny_tmpfs / "filler"
+    filler.write_bytes(b"x" * 70_000)  # leaves room for the manifests and a few shards, not for all eight
+    import generator.generate as generate_module
+
+    real_check = generate_module.check_free_space
+    generate_module.check_free_space = lambda *a: None  # let it run into the wall (the pre-check would refuse)
+    try:
+        result = CliRunner().invoke(main, args)
+    finally:
+        generate_module.check_free_space = real_check
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith(f"Error: no space left on device writing {out}"), result.output
+    assert len([line for line in lines if "Error" in line]) == 1 and "Traceback" not in result.output
+    assert "nothing half-written was kept" in lines[-1]
+    done = [j for j in range(8) if sf.read_marker(out, j)]
+    assert 0 < len(done) < 8 and not (out / sf.INDEX_NAME).exists()
+    assert not list(out.glob(".*.partial")) and not list(out.glob(".*tmp*"))  # nothing half-written kept
+    for j in done:
+        assert not sf.shard_problems(out, j, 4 * j, 4)  # what is there is whole
+    assert json.loads((out / sf.GENERATION_NAME).read_text())["complete"] is False
+
+    filler.unlink()
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
+def test_not_enough_space_for_the_remaining_shards_is_refused_up_front(env, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: shutil_module._ntuple_diskusage(10, 9, 1))
+    result = CliRunner().invoke(main, gen_args(env, tmp_path / "out", 4))
+    assert result.exit_code == 2 and "need about" in result.output and "MiB are free" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_ends_generation_with_one_line_and_the_rerun_gives_identical_bytes(env, tmp_path, signum, code):
+    out = tmp_path / "signalled"
+    args = with_option(gen_args(env, out, 16), "--steps", "3")
+    ref = tmp_path / "ref3"
+    assert run_cli(with_option(args, "--out", str(ref))).exit_code == 0
+    proc = subprocess.Popen([sys.executable, "-m", "generator", *args[1:]], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while len(list(out.glob("*.done.json"))) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-2000:]
+    assert err.strip().splitlines()[-1].endswith("rerun the same command to resume: finished shards are kept")
+    assert "Traceback" not in err
+    assert not list(out.glob(".*.partial"))
+    assert run_cli(args).exit_code == 0
+    assert shard_bytes(out) == shard_bytes(ref)
+
+
+# --- several processes: `accelerate launch` (torchrun, gloo on CPU) writes the bytes one process writes ------
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
+          "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK"))}
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(scope="module")
+def one_process(env):
+    one = env / "one"
+    assert run_cli(gen_args(env, one, 3)).exit_code == 0  # 24 samples, 6 shards, one process
+    return one
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_bytes_as_one(env, one_process):
+    out = env / "two"
+    cmd = [*LAUNCH, "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
+           "-m", "generator", *gen_args(env, out, 3)[1:]]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / sf.GENERATION_NAME).read_text())["runs"][-1]["world_size"] == 2
+    assert shard_bytes(out) == shard_bytes(one_process) and len(shard_bytes(out)) == 6
+    assert (out / sf.INDEX_NAME).read_bytes() == (one_process / sf.INDEX_NAME).read_bytes()
+
+
+@pytest.mark.slow
+def test_two_machine_ranks_on_loopback_write_the_same_bytes_as_one_process(env, one_process):
+    out, port = env / "nodes", free_port()
+    procs = [subprocess.Popen([*LAUNCH, "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                               "-m", "generator", *gen_args(env, out, 3)[1:]],
+                              cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    assert json.loads((out / sf.GENERATION_NAME).read_text())["runs"][-1]["world_size"] == 2
+    assert shard_bytes(out) == shard_bytes(one_process)
+    assert (out / sf.INDEX_NAME).read_bytes() == (one_process / sf.INDEX_NAME).read_bytes()

@@ -1,12 +1,7 @@
 """Data sources: shard validation, the pool/epoch semantics, splitting across processes, real and mixed data."""
 
-import hashlib
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
-import webdataset as wds
 
 from trainer.data import (
     MixedSource,
@@ -18,58 +13,18 @@ from trainer.data import (
     pieces_in_range,
 )
 from vaegen.errors import VaegenError
-from vaegen.shardformat import BLOCK_SIZE, pack_block, shard_name
 
 
-def numbered_images(n, channels=1, start=0):
-    """uint8 images whose pixel (0, 0, 0..3) encodes the sample index, so a batch says which samples it holds."""
-    images = np.zeros((n, channels, 32, 32), np.uint8)
-    idx = np.arange(start, start + n)
-    for k in range(4):
-        images[:, 0, 0, k] = (idx >> (8 * k)) & 255
-    return images
+def epoch_ids(source, epoch, support):
+    return np.concatenate([support.image_ids(b) for b in source.batches(epoch)])
 
 
-def image_ids(batch) -> np.ndarray:
-    pixels = np.asarray(batch)[:, 0, 0, :4].astype(np.int64)
-    return sum(pixels[:, k] << (8 * k) for k in range(4))
-
-
-def write_shard_run(run_dir, n_samples, shard_size, dataset="fmnist", channels=1, n_train=None, markers=True):
-    """A shard run as the generator writes it (shardformat contract), built here without the generator."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    images = numbered_images(n_samples, channels)
-    shardlist = []
-    for j, first in enumerate(range(0, n_samples, shard_size)):
-        count = min(shard_size, n_samples - first)
-        path = run_dir / shard_name(j)
-        with wds.TarWriter(str(path)) as sink:
-            for b in range(first, first + count, BLOCK_SIZE):
-                sink.write(pack_block(images[b:min(b + BLOCK_SIZE, first + count)], b))
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        size = path.stat().st_size
-        if markers:
-            (run_dir / f"shard-{j:06d}.done.json").write_text(json.dumps(
-                {"shard": j, "first": first, "count": count, "sha256": digest, "filesize": size,
-                 "sampler": "test", "dm_sha256": "0" * 64}))
-        shardlist.append({"url": path.name, "nsamples": count, "filesize": size, "sha256": digest})
-    (run_dir / "index.json").write_text(json.dumps({"__kind__": "wids-shard-index-v1", "shardlist": shardlist}))
-    (run_dir / "generation.json").write_text(json.dumps(
-        {"dataset": dataset, "subset": None, "n_train": n_train, "channels": channels, "image_size": 32}))
-    return run_dir
-
-
-def epoch_ids(source, epoch):
-    return np.concatenate([image_ids(b) for b in source.batches(epoch)])
-
-
-def test_pool_of_two_epochs_is_fresh_for_two_epochs_then_repeats(tmp_path):
+def test_pool_of_two_epochs_is_fresh_for_two_epochs_then_repeats(tmp_path, support):
     n = 300
-    pool = open_shard_pool(write_shard_run(tmp_path, 1000, shard_size=256), "fmnist", (1, 32, 32), n, scale=2)
+    pool = open_shard_pool(support.shard_run(tmp_path, 1000, shard_size=256), "fmnist", (1, 32, 32), n, scale=2)
     assert pool.size == 600
     source = ShardSource(pool, n, batch_size=64, seed=0)
-    e0, e1, e2, e3 = (epoch_ids(source, e) for e in range(4))
+    e0, e1, e2, e3 = (epoch_ids(source, e, support) for e in range(4))
     assert len(e0) == len(e1) == len(e2) == n and len(set(e0)) == n
     assert set(e0) == set(range(300)) and set(e1) == set(range(300, 600))  # disjoint, within the K*N prefix
     assert set(e2) == set(e0) and set(e3) == set(e1)  # epoch 3 repeats epoch 1's set ...
@@ -78,22 +33,22 @@ def test_pool_of_two_epochs_is_fresh_for_two_epochs_then_repeats(tmp_path):
     source.close()
 
 
-def test_same_seed_same_batches_and_other_seed_other_order(tmp_path):
-    pool = open_shard_pool(write_shard_run(tmp_path, 512, 128), "fmnist", (1, 32, 32), 256, scale=2)
+def test_same_seed_same_batches_and_other_seed_other_order(tmp_path, support):
+    pool = open_shard_pool(support.shard_run(tmp_path, 512, 128), "fmnist", (1, 32, 32), 256, scale=2)
     a, b, c = (ShardSource(pool, 256, 32, seed=s) for s in (0, 0, 1))
-    assert np.array_equal(epoch_ids(a, 1), epoch_ids(b, 1))
-    assert not np.array_equal(epoch_ids(a, 1), epoch_ids(c, 1))
+    assert np.array_equal(epoch_ids(a, 1, support), epoch_ids(b, 1, support))
+    assert not np.array_equal(epoch_ids(a, 1, support), epoch_ids(c, 1, support))
 
 
-def test_default_scale_uses_every_whole_epoch_in_the_run(tmp_path):
-    pool = open_shard_pool(write_shard_run(tmp_path, 1000, 256), "fmnist", (1, 32, 32), 300)
+def test_default_scale_uses_every_whole_epoch_in_the_run(tmp_path, support):
+    pool = open_shard_pool(support.shard_run(tmp_path, 1000, 256), "fmnist", (1, 32, 32), 300)
     assert pool.size == 900 and len(pool.shards) == 4
     assert epoch_range(3, 300, pool.size) == (0, 300)
 
 
-def test_two_ranks_see_disjoint_shards_and_equal_batch_counts(tmp_path):
+def test_two_ranks_see_disjoint_shards_and_equal_batch_counts(tmp_path, support):
     # 7 shards of 100 (the last 50): the epoch range [0, 650) cuts through them unevenly.
-    pool = open_shard_pool(write_shard_run(tmp_path, 650, 100), "fmnist", (1, 32, 32), 650, scale=1)
+    pool = open_shard_pool(support.shard_run(tmp_path, 650, 100), "fmnist", (1, 32, 32), 650, scale=1)
     pieces = pieces_in_range(pool, *epoch_range(0, 650, pool.size))
     for epoch in range(3):
         shares = assign_pieces(pieces, 2, seed=0, epoch=epoch)
@@ -101,7 +56,7 @@ def test_two_ranks_see_disjoint_shards_and_equal_batch_counts(tmp_path):
         assert not paths[0] & paths[1] and len(paths[0] | paths[1]) == 7
     ranks = [ShardSource(pool, 650, 64, seed=0, rank=r, world_size=2) for r in range(2)]
     for epoch in range(2):
-        ids = [epoch_ids(s, epoch) for s in ranks]
+        ids = [epoch_ids(s, epoch, support) for s in ranks]
         assert len(ids[0]) == len(ids[1]) == 350  # the larger share; the smaller one pads with repeats
         assert ranks[0].batches_in_epoch(epoch) == ranks[1].batches_in_epoch(epoch) == 6
         seen = [set(s.epoch_positions(epoch)) for s in ranks]
@@ -109,14 +64,14 @@ def test_two_ranks_see_disjoint_shards_and_equal_batch_counts(tmp_path):
         assert {i // 100 for i in seen[0]}.isdisjoint({i // 100 for i in seen[1]})
 
 
-def test_more_processes_than_shards_in_an_epoch_is_refused(tmp_path):
-    pool = open_shard_pool(write_shard_run(tmp_path, 200, 200), "fmnist", (1, 32, 32), 200)
+def test_more_processes_than_shards_in_an_epoch_is_refused(tmp_path, support):
+    pool = open_shard_pool(support.shard_run(tmp_path, 200, 200), "fmnist", (1, 32, 32), 200)
     with pytest.raises(VaegenError, match="each process needs its own shards"):
         ShardSource(pool, 200, 64, seed=0, rank=0, world_size=2)
 
 
-def test_brace_pattern_selects_a_prefix_of_the_shards(tmp_path):
-    run = write_shard_run(tmp_path, 1000, 256)
+def test_brace_pattern_selects_a_prefix_of_the_shards(tmp_path, support):
+    run = support.shard_run(tmp_path, 1000, 256)
     pool = open_shard_pool(str(run / "shard-{000000..000001}.tar"), "fmnist", (1, 32, 32), 256)
     assert pool.size == 512 and len(pool.shards) == 2
 
@@ -127,17 +82,17 @@ def test_brace_pattern_selects_a_prefix_of_the_shards(tmp_path):
     ("truncated", "truncated or resized"), ("small", "the pool needs"), ("noindex", "has no index.json"),
     ("nowhere", "no shard run directory or shard file"),
 ])
-def test_bad_shard_runs_are_refused_before_training(tmp_path, problem, message):
+def test_bad_shard_runs_are_refused_before_training(tmp_path, problem, message, support):
     run = tmp_path / "run"
     if problem == "dataset":
-        write_shard_run(run, 300, 100, dataset="cifar10")
+        support.shard_run(run, 300, 100, dataset="cifar10")
     elif problem == "channels":
-        write_shard_run(run, 300, 100, channels=3)
+        support.shard_run(run, 300, 100, channels=3)
     elif problem == "marker":
-        write_shard_run(run, 300, 100)
+        support.shard_run(run, 300, 100)
         (run / "shard-000001.done.json").unlink()
     elif problem in ("corrupt", "truncated"):
-        write_shard_run(run, 300, 100)
+        support.shard_run(run, 300, 100)
         data = bytearray((run / "shard-000002.tar").read_bytes())
         if problem == "corrupt":
             data[1000] ^= 0xFF
@@ -145,7 +100,7 @@ def test_bad_shard_runs_are_refused_before_training(tmp_path, problem, message):
             data = data[:-1024]
         (run / "shard-000002.tar").write_bytes(bytes(data))
     elif problem == "small":
-        write_shard_run(run, 300, 100)
+        support.shard_run(run, 300, 100)
     elif problem == "noindex":
         run.mkdir()
     n_train = 400 if problem == "small" else 100
@@ -154,28 +109,28 @@ def test_bad_shard_runs_are_refused_before_training(tmp_path, problem, message):
     assert "\n" not in str(info.value)
 
 
-def test_real_source_reshuffles_every_epoch_and_covers_the_training_set():
-    images = numbered_images(500)
+def test_real_source_reshuffles_every_epoch_and_covers_the_training_set(support):
+    images = support.numbered_images(500)
     source = RealSource(images, 128, seed=3)
-    e0, e1 = epoch_ids(source, 0), epoch_ids(source, 1)
+    e0, e1 = epoch_ids(source, 0, support), epoch_ids(source, 1, support)
     assert sorted(e0) == sorted(e1) == list(range(500))
     assert not np.array_equal(e0, e1)
     ranks = [RealSource(images, 64, seed=3, rank=r, world_size=3) for r in range(3)]
-    shares = [epoch_ids(s, 0) for s in ranks]
+    shares = [epoch_ids(s, 0, support) for s in ranks]
     assert {len(s) for s in shares} == {167} and len({b for s in ranks for b in [s.batches_in_epoch(0)]}) == 1
     assert set(np.concatenate(shares)) == set(range(500))
 
 
-def test_mixed_source_takes_the_stated_fraction_of_each_epoch_from_real_data(tmp_path):
+def test_mixed_source_takes_the_stated_fraction_of_each_epoch_from_real_data(tmp_path, support):
     n = 400
-    real = numbered_images(n, start=10_000)  # ids >= 10000 are real, < 10000 synthetic
-    pool = open_shard_pool(write_shard_run(tmp_path, 800, 200), "fmnist", (1, 32, 32), n, scale=2)
+    real = support.numbered_images(n, start=10_000)  # ids >= 10000 are real, < 10000 synthetic
+    pool = open_shard_pool(support.shard_run(tmp_path, 800, 200), "fmnist", (1, 32, 32), n, scale=2)
     source = MixedSource(real, pool, 0.25, 50, seed=0)
     for epoch in range(3):
-        ids = epoch_ids(source, epoch)
+        ids = epoch_ids(source, epoch, support)
         assert len(ids) == n and (ids >= 10_000).sum() == 100
         synthetic = ids[ids < 10_000]
         assert set(synthetic) == set(range((epoch % 2) * n, (epoch % 2) * n + 300))
-    assert set(epoch_ids(source, 0)[epoch_ids(source, 0) >= 10_000]) != set(
-        epoch_ids(source, 1)[epoch_ids(source, 1) >= 10_000])  # fresh real images each epoch
+    assert set(epoch_ids(source, 0, support)[epoch_ids(source, 0, support) >= 10_000]) != set(
+        epoch_ids(source, 1, support)[epoch_ids(source, 1, support) >= 10_000])  # fresh real images each epoch
     source.close()

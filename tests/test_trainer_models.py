@@ -1,5 +1,5 @@
-"""The VAE contract the evaluator builds on: shapes, ELBO sanity, preprocessing, save/load, and the
-closed forms of the linear-Gaussian VAE."""
+"""The VAE contract the evaluator builds on: shapes, ELBO sanity, preprocessing, save/load, the conv VAE's
+parameter counts (the paper's) and BatchNorm handling, and the closed forms of the linear-Gaussian VAE."""
 
 import json
 import math
@@ -21,6 +21,15 @@ SMALL = {
 
 def u8_images(b, c=1, size=32, seed=0):
     return torch.randint(0, 256, (b, c, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def warm_up_batchnorm(vae, x, steps=3):
+    """A few train-mode passes, so BatchNorm's running statistics are no longer their initial 0 and 1."""
+    vae.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            vae.elbo(x)
+    return vae.eval()
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "dmol"])
@@ -97,17 +106,22 @@ def test_build_config_errors_are_one_line_vaegen_errors():
 
 
 @pytest.mark.parametrize("arch", ["fc", "conv", "linear"])
-def test_save_then_load_rebuilds_the_same_model(arch, tmp_path):
+def test_save_then_load_rebuilds_the_same_model_in_eval_mode_with_batch_independent_outputs(arch, tmp_path):
     torch.manual_seed(0)
     vae = build_vae({**SMALL[arch], "dataset": "fmnist"})
+    x = vae.preprocess(u8_images(16))
+    warm_up_batchnorm(vae, x)  # the running statistics must travel with the weights
     save_vae(vae, tmp_path)
     saved = json.loads((tmp_path / "model.json").read_text())
     assert saved["arch"] == arch and saved["dataset"] == "fmnist" and saved["sigma"] == 0.1
     loaded = load_vae(tmp_path)
-    x = vae.preprocess(u8_images(3))
-    torch.testing.assert_close(loaded.encode(x)[0], vae.encode(x)[0])
-    torch.testing.assert_close(loaded.decode(vae.encode(x)[0]), vae.decode(vae.encode(x)[0]))
     assert not loaded.training
+    with torch.no_grad():
+        mean = vae.encode(x)[0]
+        torch.testing.assert_close(loaded.encode(x)[0], mean)
+        torch.testing.assert_close(loaded.decode(mean), vae.decode(mean))
+        torch.testing.assert_close(loaded.encode(x[5:6])[0], loaded.encode(x)[0][5:6])
+        torch.testing.assert_close(loaded.decode(mean[5:6]), loaded.decode(mean)[5:6])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
 
 
@@ -118,6 +132,113 @@ def test_load_refuses_a_directory_without_a_vae_or_with_mismatched_weights(tmp_p
     (tmp_path / "model.json").write_text(json.dumps({"arch": "fc", "hidden": 16}))
     with pytest.raises(VaegenError, match="does not match"):
         load_vae(tmp_path)
+
+
+# --- parameter counts -------------------------------------------------------------------------------------
+
+def conv_counts(n_c, m_z):
+    """CIFAR-10's conv VAE (dmol, 10 components), counted on the meta device: no memory, no initialization."""
+    with torch.device("meta"):
+        vae = build_vae({"arch": "conv", "channels": 3, "likelihood": "dmol", "n_c": n_c, "m_z": m_z})
+    return vae.parameter_counts()
+
+
+@pytest.mark.parametrize("n_c", [64, 128, 256, 512])
+def test_conv_vae_parameter_counts_are_the_papers(n_c):
+    # |Theta| = 88 n_c^2 + 177 n_c + 102 at m_z = 1 (CIFAR-10, dmol with 10 components); each +1 of m_z adds
+    # 3 n_c + 2 (encoder 1x1 conv n_c -> 2 with bias, decoder 1x1 conv 1 -> n_c without), all in Theta_z.
+    base = conv_counts(n_c, 1)
+    assert base["total"] == 88 * n_c ** 2 + 177 * n_c + 102
+    for m_z in (1, 2, 8, 64):
+        counts = conv_counts(n_c, m_z)
+        assert counts["total"] - base["total"] == (m_z - 1) * (3 * n_c + 2)
+        assert counts["z"] == m_z * (3 * n_c + 2)
+        assert counts["not_z"] == base["not_z"] == counts["total"] - counts["z"]
+    paper_millions = {256: 5.81, 512: 23.16}  # Fig. 8's x-axis
+    if n_c in paper_millions:
+        assert round(base["total"] / 1e6, 2) == paper_millions[n_c]
+
+
+def test_conv_vae_counts_do_not_include_batchnorm_running_statistics():
+    counts = conv_counts(8, 1)
+    vae = build_vae({"arch": "conv", "channels": 3, "likelihood": "dmol", "n_c": 8})
+    n_batchnorm = sum(isinstance(m, torch.nn.BatchNorm2d) for m in vae.modules())
+    assert n_batchnorm == 13  # encoder 2 + 2x2 (residual blocks), decoder 1 + 2x2 + 2
+    assert sum(b.numel() for b in vae.buffers()) == n_batchnorm * (8 + 8 + 1)  # mean, var, batch count
+    assert counts["total"] == sum(p.numel() for p in vae.parameters()) == 88 * 64 + 177 * 8 + 102
+
+
+def test_fc_and_linear_parameter_counts_split_at_the_layers_touching_z():
+    z = (32 * 10 + 10) + (5 * 32 + 32)  # encoder 32 -> 2 d_z, decoder d_z -> 32
+    not_z = (1024 * 32 + 32) + 2 * (32 * 32 + 32) + (32 * 1024 + 1024)
+    counts = build_vae({"arch": "fc", "hidden": 32, "d_z": 5}).parameter_counts()
+    assert counts == {"total": z + not_z, "z": z, "not_z": not_z}
+    linear = 2 * (1024 * 3 + 3) + (3 * 1024 + 1024)  # mean and log-variance encoders, decoder
+    counts = build_vae({"arch": "linear", "d_z": 3}).parameter_counts()
+    assert counts == {"total": linear, "z": linear, "not_z": 0}
+
+
+# --- the conv VAE: one-channel images, BatchNorm -----------------------------------------------------------
+
+@pytest.mark.parametrize("m_z", [1, 3])
+def test_conv_vae_on_one_channel_gaussian_images(m_z):
+    # The FashionMNIST use: C = 1, fixed-variance Gaussian, P = 1 parameter per pixel.
+    torch.manual_seed(0)
+    vae = build_vae({"arch": "conv", "channels": 1, "likelihood": "gaussian", "n_c": 8, "m_z": m_z})
+    assert vae.latent_dim == 64 * m_z
+    x = vae.preprocess(u8_images(4))
+    mean, logvar = vae.encode(x)
+    assert mean.shape == logvar.shape == (4, 64 * m_z)
+    assert vae.decode(mean).shape == (4, 1, 32, 32)
+    assert vae.reconstruct(x).shape == x.shape
+    elbo = vae(x)
+    assert elbo.shape == (4,) and torch.isfinite(elbo).all()
+    elbo.mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
+    # first conv 16 C n_c, output conv P n_c + P: 88 n_c^2 + (16 + 26 + 1) n_c + 1 + m_z (3 n_c + 2)
+    assert vae.parameter_counts()["total"] == 88 * 64 + 43 * 8 + 1 + m_z * (3 * 8 + 2)
+
+
+def test_conv_vae_in_eval_mode_scores_an_image_the_same_alone_and_in_a_batch():
+    torch.manual_seed(0)
+    vae = build_vae({**SMALL["conv"], "channels": 3, "likelihood": "dmol", "n_mix": 2})
+    x = vae.preprocess(u8_images(16, c=3))
+    z = torch.randn(16, vae.latent_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        vae.train()  # batch statistics: the control, an image's encoding does depend on its batch
+        assert not torch.allclose(vae.encode(x[3:4])[0], vae.encode(x)[0][3:4], atol=1e-3)
+        warm_up_batchnorm(vae, x)
+        mean, logvar = vae.encode(x)
+        params = vae.decode(z)
+        for i in (0, 3, 15):
+            alone_mean, alone_logvar = vae.encode(x[i:i + 1])
+            torch.testing.assert_close(alone_mean, mean[i:i + 1], rtol=0, atol=1e-5)
+            torch.testing.assert_close(alone_logvar, logvar[i:i + 1], rtol=0, atol=1e-5)
+            torch.testing.assert_close(vae.decode(z[i:i + 1]), params[i:i + 1], rtol=0, atol=1e-5)
+        # The ELBO of image 0 draws the same noise alone and first in the batch (n_samples = 1).
+        elbo = vae.elbo(x, generator=torch.Generator().manual_seed(2))
+        alone = vae.elbo(x[:1], generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(alone, elbo[:1])
+
+
+def test_conv_vae_updates_batchnorm_running_statistics_in_train_mode_only():
+    torch.manual_seed(0)
+    vae = build_vae(SMALL["conv"])
+    x = vae.preprocess(u8_images(8))
+
+    def running_stats():
+        return {k: v.clone() for k, v in vae.state_dict().items() if "running" in k or "num_batches" in k}
+
+    initial = running_stats()
+    with torch.no_grad():
+        vae.eval()
+        vae.elbo(x)
+        assert all(torch.equal(v, initial[k]) for k, v in running_stats().items())
+        vae.train()
+        vae.elbo(x)
+    after = running_stats()
+    assert all(not torch.equal(v, initial[k]) for k, v in after.items())
+    assert all(v.item() == 1 for k, v in after.items() if "num_batches" in k)
 
 
 # --- the linear-Gaussian VAE: closed forms ---------------------------------------------------------------

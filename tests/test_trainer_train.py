@@ -6,34 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from test_trainer_data import write_shard_run
 
 import trainer.train as train_module
 from trainer.models import FCVAE, load_vae
 from trainer.train import TrainConfig, train
 from vaegen.cli import main
-from vaegen.data import store_path
 
 torch.set_num_threads(1)
-
-
-def write_store(root, dataset="fmnist", n_train=48, n_test=24, subset=None, seed=0, channels=1):
-    """A tiny dataset store in the layout `vaegen data` writes (smooth random images, seeded)."""
-    rng = np.random.default_rng(seed)
-    group = zarr.open_group(str(store_path(dataset, subset, seed, root)), mode="w", zarr_format=3)
-    for split, n in (("train", n_train), ("test", n_test)):
-        coarse = rng.integers(0, 256, (n, channels, 8, 8)).astype(np.uint8)
-        images = np.repeat(np.repeat(coarse, 4, axis=2), 4, axis=3)
-        g = group.create_group(split)
-        g.create_array("images", data=images, chunks=images.shape)
-        g.create_array("labels", data=(np.arange(n) % 10).astype(np.uint8), chunks=(n,))
-    group.attrs.update({"dataset": dataset, "channels": channels, "image_size": 32,
-                        "likelihood": "gaussian" if dataset in ("fmnist", "mnist") else
-                        {"binary-mnist": "bernoulli", "cifar10": "dmol"}[dataset], "subset": None})
-    return root
 
 
 def small_config(tmp_path, **overrides):
@@ -47,8 +28,8 @@ def metrics(run_dir):
     return [{k: v for k, v in m.items() if k != "seconds"} for m in lines]
 
 
-def test_training_writes_config_metrics_model_and_done_marker(tmp_path):
-    write_store(tmp_path / "data")
+def test_training_writes_config_metrics_model_and_done_marker(tmp_path, support):
+    support.store(tmp_path / "data")
     out = train(small_config(tmp_path))
     assert sorted(p.name for p in out.iterdir()) == [
         "checkpoint", "config.json", "done.json", "metrics.jsonl", "model.json", "model.safetensors"]
@@ -64,34 +45,33 @@ def test_training_writes_config_metrics_model_and_done_marker(tmp_path):
     assert vae.config["arch"] == "fc" and vae.config["sigma"] == 0.1
 
 
-def test_same_seed_gives_bit_identical_runs(tmp_path):
-    write_store(tmp_path / "data")
+def test_same_seed_gives_bit_identical_runs(tmp_path, support):
+    support.store(tmp_path / "data")
     a = train(small_config(tmp_path, out=str(tmp_path / "a"), epochs=2))
     b = train(small_config(tmp_path, out=str(tmp_path / "b"), epochs=2))
     assert metrics(a) == metrics(b)
 
 
 @pytest.mark.parametrize("source", ["real", "shards"])
-def test_interrupted_run_resumes_to_the_uninterrupted_runs_exact_metrics_and_weights(tmp_path, monkeypatch, source):
-    write_store(tmp_path / "data")
+def test_interrupted_run_resumes_to_the_uninterrupted_runs_exact_metrics_and_weights(tmp_path, monkeypatch, source, support):
+    support.store(tmp_path / "data")
     extra = {}
     if source == "shards":
-        write_shard_run(tmp_path / "shards", 48 * 3, 40, n_train=48)
+        support.shard_run(tmp_path / "shards", 48 * 3, 40, n_train=48)
         extra = dict(source="shards", shards=str(tmp_path / "shards"), scale=3)
     full = train(small_config(tmp_path, out=str(tmp_path / "full"), **extra))
 
-    real_generator = train_module.generator
+    real_generator = train_module.torch_generator
 
-    def crash_in_epoch_5(device, *keys):
-        seed, epoch, rank, batch, purpose = (keys + (None,) * 5)[:5]
-        if purpose == train_module.BINARIZE and epoch == 4 and batch == 1:
-            raise KeyboardInterrupt("simulated kill in the middle of epoch 5")
-        return real_generator(device, *keys)
+    def crash_in_epoch_5(seed, purpose, *keys, device="cpu"):
+        if purpose == "vae-binarize" and keys[0] == 4 and keys[2] == 1:  # (epoch, rank, batch)
+            raise RuntimeError("simulated kill in the middle of epoch 5")
+        return real_generator(seed, purpose, *keys, device=device)
 
-    monkeypatch.setattr(train_module, "generator", crash_in_epoch_5)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(train_module, "torch_generator", crash_in_epoch_5)
+    with pytest.raises(RuntimeError, match="simulated kill"):
         train(small_config(tmp_path, out=str(tmp_path / "resumed"), **extra))
-    monkeypatch.setattr(train_module, "generator", real_generator)
+    monkeypatch.setattr(train_module, "torch_generator", real_generator)
     resumed = tmp_path / "resumed"
     assert json.loads((resumed / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 4
     assert not (resumed / "done.json").exists() and not (resumed / "model.json").exists()
@@ -102,8 +82,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_runs_exact_metrics_and_wei
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_loss_stops_with_exit_2_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    write_store(tmp_path / "data")
+def test_nan_loss_stops_with_exit_2_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, support):
+    support.store(tmp_path / "data")
     original = FCVAE.decode
     calls = {"n": 0}
 
@@ -135,24 +115,24 @@ def run_cli(*args):
     ("empty-pool", "the pool is empty"), ("too-small", "the pool needs"),
     ("augment-shards", "--augment augments real data"), ("no-shards", "training on shards needs --shards"),
 ])
-def test_bad_input_stops_before_training_with_one_line_and_exit_2(tmp_path, problem, message):
+def test_bad_input_stops_before_training_with_one_line_and_exit_2(tmp_path, problem, message, support):
     data, shards, out = tmp_path / "data", tmp_path / "shards", tmp_path / "run"
     if problem != "no-store":
-        write_store(data)
+        support.store(data)
     if problem == "wrong-dataset":
-        write_shard_run(shards, 96, 48, dataset="cifar10")
+        support.shard_run(shards, 96, 48, dataset="cifar10")
     elif problem == "wrong-shape":
-        write_shard_run(shards, 96, 48, channels=3)
+        support.shard_run(shards, 96, 48, channels=3)
     elif problem == "too-small":
-        write_shard_run(shards, 40, 20)
+        support.shard_run(shards, 40, 20)
     elif problem in ("corrupt", "augment-shards", "no-store"):
-        write_shard_run(shards, 96, 48)
+        support.shard_run(shards, 96, 48)
         if problem == "corrupt":
             blob = bytearray((shards / "shard-000001.tar").read_bytes())
             blob[2000] ^= 1
             (shards / "shard-000001.tar").write_bytes(bytes(blob))
     elif problem == "empty-pool":
-        write_shard_run(shards, 96, 48)
+        support.shard_run(shards, 96, 48)
         (shards / "index.json").write_text(json.dumps({"__kind__": "wids-shard-index-v1", "shardlist": []}))
     args = ["--dataset", "fmnist", "--data-root", data, "--epochs", 1, "--out", out]
     if problem != "no-shards":
@@ -166,8 +146,8 @@ def test_bad_input_stops_before_training_with_one_line_and_exit_2(tmp_path, prob
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_existing_run_needs_resume_and_a_finished_run_is_skipped(tmp_path):
-    write_store(tmp_path / "data")
+def test_existing_run_needs_resume_and_a_finished_run_is_skipped(tmp_path, support):
+    support.store(tmp_path / "data")
     args = ["--dataset", "fmnist", "--source", "real", "--data-root", tmp_path / "data", "--epochs", 1,
             "--batch-size", 16, "--out", tmp_path / "run"]
     assert run_cli(*args)[0].exit_code == 0
@@ -180,17 +160,45 @@ def test_existing_run_needs_resume_and_a_finished_run_is_skipped(tmp_path):
     assert result.exit_code == 2 and "different settings (seed)" in errors[0]
 
 
-def test_binary_mnist_trains_a_bernoulli_vae_and_augmented_and_mixed_sources_train(tmp_path):
-    write_store(tmp_path / "data", dataset="binary-mnist")
+def test_binary_mnist_trains_a_bernoulli_vae_and_augmented_and_mixed_sources_train(tmp_path, support):
+    support.store(tmp_path / "data", dataset="binary-mnist")
     out = train(small_config(tmp_path, dataset="binary-mnist", epochs=1, eval_every=1, out=str(tmp_path / "b")))
     assert load_vae(out).likelihood.name == "bernoulli" and metrics(out)[0]["test_elbo"] < 0
     out = train(small_config(tmp_path, dataset="binary-mnist", epochs=1, augment="tuned", out=str(tmp_path / "a")))
-    assert json.loads((out / "config.json").read_text())["data"]["augment_ops"] == [
-        "translate", "scale", "aniso_scale", "rotate"]
-    write_shard_run(tmp_path / "shards", 96, 48, dataset="binary-mnist")
+    augmentation = json.loads((out / "config.json").read_text())["data"]["augmentation"]
+    assert [op["name"] for op in augmentation] == ["translate", "scale", "rotate", "aniso", "aniso_rotate"]  # table 9
+    assert all(0 <= op["probability"] <= 1 for op in augmentation)
+    support.shard_run(tmp_path / "shards", 96, 48, dataset="binary-mnist")
     out = train(small_config(tmp_path, dataset="binary-mnist", epochs=2, source="shards", mix_real=0.5,
                              shards=str(tmp_path / "shards"), out=str(tmp_path / "m")))
     assert json.loads((out / "config.json").read_text())["data"]["kind"] == "mixed"
+
+
+def test_mixed_source_with_augmentation_augments_only_the_real_part(tmp_path, support):
+    from trainer.augment import Augmenter
+    from trainer.data import MixedSource, open_shard_pool
+
+    n = 40
+    real = support.numbered_images(n, start=10_000)
+    real[:, :, 8:24, 8:24] = 200  # a block that a flip or shift visibly moves
+    pool = open_shard_pool(support.shard_run(tmp_path / "shards", 2 * n, 20), "fmnist", (1, 32, 32), n, scale=2)
+    flip_all = Augmenter([{"name": "translate", "max_px": 3}], p=1.0)
+    source = MixedSource(real, pool, 0.5, 16, seed=0, augmenter=flip_all)
+    plain = MixedSource(real, pool, 0.5, 16, seed=0)
+    changed_real = changed_synthetic = 0
+    for a, b in zip(source.batches(0), plain.batches(0)):
+        is_real = support.image_ids(b) >= 10_000
+        differs = (a != b).flatten(1).any(1).numpy()
+        changed_real += int(differs[is_real].sum())
+        changed_synthetic += int(differs[~is_real].sum())
+    assert changed_real > 10 and changed_synthetic == 0
+    source.close()
+    plain.close()
+    support.store(tmp_path / "data")
+    out = train(small_config(tmp_path, epochs=1, source="shards", mix_real=0.5, augment="tuned",
+                             shards=str(tmp_path / "shards"), scale=1, out=str(tmp_path / "mixed-aug")))
+    data = json.loads((out / "config.json").read_text())["data"]
+    assert data["kind"] == "mixed" and data["augmented"] == "the real part" and data["augment"] == "tuned"
 
 
 def cli_env():
@@ -199,14 +207,14 @@ def cli_env():
 
 
 @pytest.mark.slow
-def test_sigkilled_process_resumes_to_the_uninterrupted_runs_exact_metrics(tmp_path):
+def test_sigkilled_process_resumes_to_the_uninterrupted_runs_exact_metrics(tmp_path, support):
     import signal
     import subprocess
     import sys
     import time
 
-    write_store(tmp_path / "data", n_train=96)
-    write_shard_run(tmp_path / "shards", 96 * 4, 50, n_train=96)
+    support.store(tmp_path / "data", n_train=96)
+    support.shard_run(tmp_path / "shards", 96 * 4, 50, n_train=96)
     args = [sys.executable, "-m", "trainer", "--dataset", "fmnist", "--data-root", str(tmp_path / "data"),
             "--shards", str(tmp_path / "shards"), "--epochs", "40", "--eval-every", "2", "--checkpoint-every", "1",
             "--batch-size", "8"]
@@ -225,13 +233,13 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_runs_exact_metrics(tmp_p
 
 
 @pytest.mark.slow
-def test_two_process_run_on_cpu_trains_on_disjoint_shards_with_equal_batch_counts(tmp_path):
+def test_two_process_run_on_cpu_trains_on_disjoint_shards_with_equal_batch_counts(tmp_path, support):
     """A real 2-process run (torchrun + Accelerate on gloo): unequal batch counts would hang or fail DDP."""
     import subprocess
     import sys
 
-    write_store(tmp_path / "data", n_train=96)
-    write_shard_run(tmp_path / "shards", 96 * 2, 20, n_train=96)  # epochs cut through shards unevenly
+    support.store(tmp_path / "data", n_train=96)
+    support.shard_run(tmp_path / "shards", 96 * 2, 20, n_train=96)  # epochs cut through shards unevenly
     out = tmp_path / "run"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer",
                     "--dataset", "fmnist", "--data-root", str(tmp_path / "data"), "--shards", str(tmp_path / "shards"),
@@ -244,12 +252,13 @@ def test_two_process_run_on_cpu_trains_on_disjoint_shards_with_equal_batch_count
     assert [m["epoch"] for m in metrics(out)] == [1, 2, 3]
 
 
-def test_bf16_run_trains_with_float32_elbos(tmp_path):
+@pytest.mark.slow
+def test_bf16_run_trains_with_float32_elbos(tmp_path, support):
     # A subprocess: Accelerate fixes the mixed-precision mode once per process.
     import subprocess
     import sys
 
-    write_store(tmp_path / "data")
+    support.store(tmp_path / "data")
     out = tmp_path / "run"
     subprocess.run([sys.executable, "-m", "trainer", "--dataset", "fmnist", "--source", "real", "--data-root",
                     str(tmp_path / "data"), "--epochs", "2", "--eval-every", "1", "--batch-size", "16", "--bf16",
@@ -257,3 +266,35 @@ def test_bf16_run_trains_with_float32_elbos(tmp_path):
     points = metrics(out)
     assert json.loads((out / "config.json").read_text())["bf16"] is True
     assert len(points) == 2 and all(np.isfinite(m["train_elbo"]) for m in points)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
+def test_a_signal_finishes_the_epoch_checkpoints_it_and_the_resumed_run_is_identical(tmp_path, support, signum,
+                                                                                      code):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    support.store(tmp_path / "data", n_train=96)
+    args = [sys.executable, "-m", "trainer", "--dataset", "fmnist", "--source", "real", "--data-root",
+            str(tmp_path / "data"), "--epochs", "60", "--eval-every", "2", "--checkpoint-every", "50",
+            "--batch-size", "8"]
+    subprocess.run([*args, "--out", str(tmp_path / "full")], check=True, env=cli_env(), capture_output=True)
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "signalled")], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "signalled" / "metrics.jsonl"
+    while proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by {signal.Signals(signum).name}: checkpoint saved after epoch ") and \
+        "--resume" in last and "Traceback" not in err
+    epoch = int(last.split("after epoch ")[1].split()[0])
+    assert json.loads((tmp_path / "signalled/checkpoint/trainer_state.json").read_text())["epoch"] == epoch < 60
+    subprocess.run([*args, "--out", str(tmp_path / "signalled"), "--resume"], check=True, env=cli_env(),
+                   capture_output=True)
+    assert metrics(tmp_path / "signalled") == metrics(tmp_path / "full")

@@ -1,5 +1,6 @@
 """`python -m trainer ...` and `accelerate launch -m trainer ...`: the `vaegen train` command."""
 
 from trainer.cli import train
+from vaegen.interrupts import run_command
 
-train(prog_name="python -m trainer")
+run_command(train, "python -m trainer")

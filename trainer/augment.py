@@ -1,97 +1,280 @@
-"""ADA-style augmentation of uint8 image batches (the paper's Aug.Naive and Aug.Tuned baselines), with kornia.
+"""The paper's Aug.Naive and Aug.Tuned baselines: ADA-style augmentation of uint8 image batches.
 
-Each op is applied to each image independently with probability p (default 0.1, as in the paper). Batches are
-converted to [0, 1] floats, augmented, and quantized back to uint8, so augmented data looks like every other
-source to the rest of the trainer. Randomness comes only from the seed passed per batch, so a run (and its
-resume) is reproducible.
+Semantics follow StyleGAN2-ADA (Karras et al. 2020) and its successor in EDM (Karras et al. 2022,
+NVlabs/edm `training/augment.py`), whose parameter names the paper's Tables 8-10 use (EDM is where
+"anisotropic rotation with probability p" and `yflip` come from):
 
-Op strengths follow ADA (Karras et al. 2020) where the task statement leaves them open: translation up to
-3 px (integer, nearest sampling), isotropic scaling in [0.8, 1.25], anisotropic scaling with independent
-x/y factors in [0.8, 1.25], rotation up to 10 degrees, additive brightness +-0.2, contrast x[0.7, 1.4],
-hue +-0.1 turn, saturation x[0.7, 1.4]. Geometric ops pad by reflection, as ADA does.
+- Each op is applied to each image independently with probability `p`, except ops whose table entry gives
+  its own probability (`xflip` in Table 10: 1; `aniso_rotate`: 0.5 or 0.4, as EDM's `aniso_rotate_prob`,
+  not scaled by `p`). Ops with their own probability keep it at `p=0`.
+- All geometric ops of an image are composed into one 3x3 matrix (pixel coordinates about the image centre)
+  and the image is resampled once: repeated resampling visibly blurs 32x32 images. Order as in ADA: flips,
+  integer translation, isotropic scaling, rotation, anisotropic scaling.
+- Resampling is bilinear `grid_sample` with `padding_mode="reflection", align_corners=True`, which mirrors
+  about the centres of the edge pixels: the same as ADA's `F.pad(mode="reflect")` (edge pixel not
+  repeated) and EDM's integer-translation blit, without a padding margin to size. ADA's 2x-upsampled
+  anti-aliased resampling is not reproduced; integer shifts and flips alone stay exact. kornia's
+  `warp_affine` would wrap the same two torch calls, so we call torch directly.
+- Colour ops, as in ADA, form one 4x4 matrix per image applied once, in ADA's [-1, 1] pixel units:
+  brightness adds N(0, std^2) (std 0.2 = 25.5 grey levels), contrast scales about mid-grey (ADA's 0; ADA
+  does not lerp about the image mean), hue rotates about the grey axis, saturation scales away from it.
+  Hue and saturation are exactly identity on 1-channel images (ADA's grey rule), so `augmentation_ops`
+  leaves them out for grey datasets.
+- Randomness comes only from the per-batch seed (a torch.Generator on the images' device; the global RNG is
+  untouched), so a run and its resume are reproducible on the same kind of device.
 
-Tuned sets (we could not recall the paper's tables 8-10 exactly; these are our choices, one line of reasoning
-each):
-    fmnist        flip, translate, scale, brightness, contrast: garments are left-right symmetric, positioned
-                  and sized slightly differently, photographed under different exposure; no rotation
-                  (the catalogue images are all upright) and no colour ops (grey images).
-    mnist         translate, scale, aniso_scale, rotate: handwriting varies in position, size, aspect and
-                  slant; no flips (a mirrored 2 or 7 is not a digit) and no intensity or colour ops (ink is
-                  near-binary).
-    binary-mnist  as mnist (the Bernoulli binarization already randomizes intensities).
-    cifar10       flip, translate, scale, rotate, brightness, contrast, saturation: natural photos are
-                  mirror-symmetric and vary in framing and exposure; no hue (it changes object colours
-                  unnaturally, e.g. blue horses) and no anisotropic scaling (distorts shapes).
-Hue and saturation leave grey images unchanged, so they are left out for 1-channel datasets.
+Readings of the tables (flag-able where the paper is ambiguous):
+- "2^sigma, sigma in [0, s]" (scale, aniso, contrast, saturation) and brightness "sigma in [0, s]":
+  `sigma_reading="std"` (default, ADA's meaning): the log2 factor (brightness: the offset) ~ N(0, s^2).
+  `"range"`: per image, sigma ~ U(0, s), then N(0, sigma^2).
+- b in {0.1, 0.12}: `p`, default 0.1 for every dataset; 0.12 is the other value the paper names (and EDM's
+  CIFAR-10 default).
+- Translation "t in {0, 1, 2, 3} px in x and y": an integer shift uniform over -3..3 px, x and y drawn
+  independently (ADA rounds a uniform draw instead, which halves the end values' weight).
+- Rotation "d degrees": angle uniform in [-d, d] (d = 360 is the full circle). Hue "r in [0, 0.25 pi]":
+  angle uniform in [-45, 45] degrees. `aniso_rotate`: the stretch axis is rotated by an angle uniform over
+  the full circle (R(t) S R(t)^T, area preserved), as in EDM; without it the stretch is along x/y.
+- Flips: when applied, a flip mirrors the image with probability 1/2 (`flip_reading="ada"`, default: ADA
+  and EDM draw `randint(2)`). So Table 10's "horizontal flip applied with probability 1" (as printed) is
+  the ordinary random flip of half the images, which is what EDM's CIFAR-10 config (`xflip=1e8`) does.
+  `flip_reading="always"`: an applied flip always mirrors, so Table 10 mirrors every image.
+- Table 10 lists no translation (EDM's CIFAR-10 config has fractional translation); we follow the table.
 """
 
 from __future__ import annotations
 
-import kornia.augmentation as K
+import math
+
 import torch
+import torch.nn.functional as F
 
 from vaegen.errors import VaegenError
 
-NAIVE_OPS = ("flip", "translate", "scale", "aniso_scale", "rotate", "brightness", "contrast", "hue", "saturation")
-TUNED_OPS = {
-    "fmnist": ("flip", "translate", "scale", "brightness", "contrast"),
-    "mnist": ("translate", "scale", "aniso_scale", "rotate"),
-    "binary-mnist": ("translate", "scale", "aniso_scale", "rotate"),
-    "cifar10": ("flip", "translate", "scale", "rotate", "brightness", "contrast", "saturation"),
+GEOMETRIC_OPS = ("xflip", "yflip", "translate", "scale", "rotate", "aniso", "aniso_rotate")
+COLOUR_OPS = ("brightness", "contrast", "hue", "saturation")
+OPS = GEOMETRIC_OPS + COLOUR_OPS  # also the order of application
+SIGMA_READINGS = ("std", "range")
+FLIP_READINGS = ("ada", "always")
+
+# Table 8's parameters; an op given by name alone gets these.
+DEFAULTS: dict[str, dict] = {
+    "xflip": {},
+    "yflip": {},
+    "translate": {"max_px": 3},
+    "scale": {"log2_std": 0.2},
+    "rotate": {"max_deg": 10.0},
+    "aniso": {"log2_std": 0.2},
+    "aniso_rotate": {"probability": 0.5},
+    "brightness": {"std": 0.2},
+    "contrast": {"log2_std": 0.25},
+    "hue": {"max_deg": 45.0},
+    "saturation": {"log2_std": 0.5},
 }
-COLOUR_OPS = ("hue", "saturation")
-SCALE_RANGE = (0.8, 1.25)
+NAIVE = tuple({"name": name} for name in OPS if name != "yflip")  # Table 8, all datasets
+TUNED_MNIST_LIKE = (  # Table 9: binary-mnist, mnist, fmnist
+    {"name": "translate", "max_px": 3},
+    {"name": "scale", "log2_std": 0.15},
+    {"name": "rotate", "max_deg": 10.0},
+    {"name": "aniso", "log2_std": 0.15},
+    {"name": "aniso_rotate", "probability": 0.4},
+)
+TUNED = {
+    "binary-mnist": TUNED_MNIST_LIKE,
+    "mnist": TUNED_MNIST_LIKE,
+    "fmnist": TUNED_MNIST_LIKE,
+    "cifar10": (  # Table 10
+        {"name": "xflip", "probability": 1.0},
+        {"name": "yflip"},
+        {"name": "scale", "log2_std": 0.2},
+        {"name": "rotate", "max_deg": 360.0},
+        {"name": "aniso", "log2_std": 0.2},
+        {"name": "aniso_rotate", "probability": 0.5},
+    ),
+}
 
 
-def make_op(name: str, p: float, image_size: int) -> K.AugmentationBase2D:
-    shift = 3 / image_size
-    if name == "flip":
-        return K.RandomHorizontalFlip(p=p)
-    if name == "translate":
-        return K.RandomTranslate((-shift, shift), (-shift, shift), resample="nearest",
-                                 padding_mode="reflection", p=p)
-    if name == "scale":
-        return K.RandomAffine(degrees=0, scale=SCALE_RANGE, padding_mode="reflection", p=p)
-    if name == "aniso_scale":
-        return K.RandomAffine(degrees=0, scale=(*SCALE_RANGE, *SCALE_RANGE), padding_mode="reflection", p=p)
-    if name == "rotate":
-        return K.RandomAffine(degrees=10.0, padding_mode="reflection", p=p)
-    if name == "brightness":
-        return K.RandomBrightness(brightness=(0.8, 1.2), p=p)
-    if name == "contrast":
-        return K.RandomContrast(contrast=(0.7, 1.4), p=p)
-    if name == "hue":
-        return K.RandomHue(hue=(-0.1, 0.1), p=p)
-    if name == "saturation":
-        return K.RandomSaturation(saturation=(0.7, 1.4), p=p)
-    raise VaegenError(f"unknown augmentation op {name!r}; choose from {', '.join(NAIVE_OPS)}")
+def resolve_op(op: str | dict) -> dict:
+    """An op name or partial dict -> the full dict {"name": ..., parameters}, missing ones from Table 8."""
+    op = {"name": op} if isinstance(op, str) else dict(op)
+    name = op.get("name")
+    if name not in DEFAULTS:
+        raise VaegenError(f"unknown augmentation op {name!r}; choose from {', '.join(OPS)}")
+    allowed = {"name", "probability", *DEFAULTS[name]}
+    if unknown := set(op) - allowed:
+        raise VaegenError(f"augmentation op {name!r} has no parameter(s) {', '.join(sorted(unknown))}")
+    op = {"name": name, **DEFAULTS[name], **op}
+    values = [value for key, value in op.items() if key != "name"]
+    if (any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in values)
+            or op.get("probability", 0) > 1 or not isinstance(op.get("max_px", 0), int)):
+        raise VaegenError(f"augmentation op {name!r} needs numbers >= 0, a probability <= 1 and whole "
+                          f"pixels: {op}")
+    return op
 
 
-def augmentation_ops(kind: str, dataset: str, channels: int) -> tuple[str, ...]:
-    """The op names of the `naive` or `tuned` set for a dataset."""
-    if kind == "naive":
-        ops = NAIVE_OPS
-    elif kind == "tuned":
-        if dataset not in TUNED_OPS:
-            raise VaegenError(f"no tuned augmentation set for {dataset!r}; use --augment naive")
-        ops = TUNED_OPS[dataset]
-    else:
+def augmentation_ops(kind: str, dataset: str, channels: int) -> tuple[dict, ...]:
+    """The resolved op list of the paper's `naive` (Table 8) or `tuned` (Tables 9, 10) set for a dataset."""
+    if dataset not in TUNED:
+        raise VaegenError(f"no augmentation sets for dataset {dataset!r}; choose from {', '.join(TUNED)}")
+    if kind not in ("naive", "tuned"):
         raise VaegenError(f"unknown augmentation {kind!r}; choose naive or tuned")
-    return tuple(op for op in ops if channels == 3 or op not in COLOUR_OPS)
+    ops = NAIVE if kind == "naive" else TUNED[dataset]
+    return tuple(resolve_op(op) for op in ops if channels == 3 or op["name"] not in ("hue", "saturation"))
+
+
+def affine2d(a, b, c, d, tx, ty) -> torch.Tensor:
+    """Per-image (n,) entries -> (n, 3, 3) homogeneous matrices [[a, b, tx], [c, d, ty], [0, 0, 1]]."""
+    zero, one = torch.zeros_like(a), torch.ones_like(a)
+    return torch.stack([a, b, tx, c, d, ty, zero, zero, one], dim=-1).view(-1, 3, 3)
+
+
+def rotation2d(theta: torch.Tensor) -> torch.Tensor:
+    zero = torch.zeros_like(theta)
+    return affine2d(theta.cos(), -theta.sin(), theta.sin(), theta.cos(), zero, zero)
+
+
+def scaling2d(sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
+    zero = torch.zeros_like(sx)
+    return affine2d(sx, zero, zero, sy, zero, zero)
 
 
 class Augmenter:
-    """uint8 (B, C, H, W) -> augmented uint8 batch of the same shape, seeded per call."""
+    """uint8 (B, C, H, W) -> augmented uint8 batch of the same shape and device, seeded per call."""
 
-    def __init__(self, ops: tuple[str, ...], p: float = 0.1, image_size: int = 32):
+    def __init__(self, ops, p: float = 0.1, image_size: int = 32, sigma_reading: str = "std",
+                 flip_reading: str = "ada"):
         if not 0 <= p <= 1:
             raise VaegenError(f"augmentation probability must be in [0, 1], got {p}")
-        self.ops, self.p = tuple(ops), p
-        self.pipeline = K.AugmentationSequential(*(make_op(op, p, image_size) for op in ops))
+        if sigma_reading not in SIGMA_READINGS or flip_reading not in FLIP_READINGS:
+            raise VaegenError(f"sigma_reading must be one of {SIGMA_READINGS} (got {sigma_reading!r}), "
+                              f"flip_reading one of {FLIP_READINGS} (got {flip_reading!r})")
+        resolved = [resolve_op(op) for op in ops]
+        by_name = {op["name"]: op for op in resolved}
+        if len(by_name) != len(resolved):
+            raise VaegenError(f"augmentation ops listed twice: {[op['name'] for op in resolved]}")
+        if "aniso_rotate" in by_name and "aniso" not in by_name:
+            raise VaegenError("aniso_rotate rotates the axis of the anisotropic scaling; add the aniso op")
+        self.p, self.image_size = p, image_size
+        self.sigma_reading, self.flip_reading = sigma_reading, flip_reading
+        self.ops = {name: by_name[name] for name in OPS if name in by_name}  # in order of application
+
+    def probability(self, name: str) -> float:
+        return self.ops[name].get("probability", self.p) if name in self.ops else 0.0
+
+    def describe(self) -> list[dict]:
+        """Every parameter that determines the output, one JSON-ready dict per op (for config.json)."""
+        entries = []
+        for name, op in self.ops.items():
+            params = {key: value for key, value in op.items() if key not in ("name", "probability")}
+            entry = {"name": name, "probability": self.probability(name), **params}
+            if name in ("xflip", "yflip"):
+                entry["mirror_probability"] = 0.5 if self.flip_reading == "ada" else 1.0
+            if name == "translate":
+                entry["integer"] = True
+            if name == "aniso_rotate":
+                entry["max_deg"] = 180.0
+            if name in ("scale", "aniso", "brightness", "contrast", "saturation"):
+                entry["sigma_reading"] = self.sigma_reading
+            if name in GEOMETRIC_OPS:
+                entry["resample"] = "once per image, bilinear, reflect about edge pixel centres"
+            if name == "brightness":
+                entry["units"] = "[-1, 1] pixel range"
+            if name == "contrast":
+                entry["centre"] = "mid-grey"
+            entries.append(entry)
+        return entries
+
+    def matrices(self, n: int, seed: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-image matrices a call with this seed uses: geometric (n, 3, 3), mapping input pixel
+        positions (about the image centre) to output ones, and colour (n, 4, 4) on [-1, 1] RGB."""
+        generator = torch.Generator(device).manual_seed(seed)
+        return self._draw(n, generator, torch.device(device))
+
+    def _draw(self, n: int, generator: torch.Generator, device: torch.device):
+        def uniform(low=0.0, high=1.0):
+            return torch.rand(n, generator=generator, device=device) * (high - low) + low
+
+        def applied(name):
+            return uniform() < self.probability(name)
+
+        def normal(name, key):  # the op's N(0, sigma^2) draw, zero where the op is not applied
+            sigma = self.ops[name][key] * (uniform() if self.sigma_reading == "range" else 1.0)
+            return torch.randn(n, generator=generator, device=device) * sigma * applied(name)
+
+        geometric = torch.eye(3, device=device).expand(n, 3, 3)
+        one, zero = torch.ones(n, device=device), torch.zeros(n, device=device)
+        for name in (op for op in self.ops if op in GEOMETRIC_OPS):
+            if name in ("xflip", "yflip"):
+                mirror_p = 0.5 if self.flip_reading == "ada" else 1.0
+                sign = 1 - 2 * (applied(name) & (uniform() < mirror_p)).float()
+                step = scaling2d(sign, one) if name == "xflip" else scaling2d(one, sign)
+            elif name == "translate":
+                max_px = self.ops[name]["max_px"]
+                shift = torch.randint(-max_px, max_px + 1, (2, n), generator=generator, device=device)
+                shift = shift * applied(name)
+                step = affine2d(one, zero, zero, one, shift[0].float(), shift[1].float())
+            elif name == "scale":
+                s = normal(name, "log2_std").exp2()
+                step = scaling2d(s, s)
+            elif name == "rotate":
+                max_rad = math.radians(self.ops[name]["max_deg"])
+                step = rotation2d(uniform(-max_rad, max_rad) * applied(name))
+            elif name == "aniso":  # area-preserving stretch, its axis rotated with aniso_rotate's probability
+                s = normal(name, "log2_std").exp2()
+                axis = uniform(-math.pi, math.pi) * applied("aniso_rotate")
+                step = rotation2d(axis) @ scaling2d(s, 1 / s) @ rotation2d(-axis)
+            else:  # aniso_rotate: drawn inside aniso
+                continue
+            geometric = step @ geometric
+
+        colour = torch.eye(4, device=device).expand(n, 4, 4)
+        grey = torch.full((3, 1), 3 ** -0.5, device=device)  # unit vector along the grey (luma) axis
+        along_grey = grey @ grey.T
+        across_grey = torch.eye(3, device=device) - along_grey
+        for name in (op for op in self.ops if op in COLOUR_OPS):
+            step = torch.eye(4, device=device).repeat(n, 1, 1)
+            if name == "brightness":
+                step[:, :3, 3] = normal(name, "std")[:, None]
+            elif name == "contrast":
+                step[:, :3, :3] *= normal(name, "log2_std").exp2()[:, None, None]
+            elif name == "hue":  # Rodrigues rotation about the grey axis
+                max_rad = math.radians(self.ops[name]["max_deg"])
+                theta = (uniform(-max_rad, max_rad) * applied(name))[:, None, None]
+                cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=device) * 3 ** -0.5
+                step[:, :3, :3] = along_grey + theta.cos() * across_grey + theta.sin() * cross
+            elif name == "saturation":
+                s = normal(name, "log2_std").exp2()[:, None, None]
+                step[:, :3, :3] = along_grey + s * across_grey
+            colour = step @ colour
+        return geometric, colour
 
     def __call__(self, images_u8: torch.Tensor, seed: int) -> torch.Tensor:
-        devices = [images_u8.device] if images_u8.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # kornia draws from the global RNG; keep it untouched
-            torch.manual_seed(seed)
-            out = self.pipeline(images_u8.float() / 255)
-        return (out * 255).round().clamp(0, 255).to(torch.uint8)
+        n, channels, height, width = images_u8.shape
+        if images_u8.dtype != torch.uint8 or (height, width) != (self.image_size, self.image_size):
+            raise VaegenError(f"augmentation expects uint8 (B, C, {self.image_size}, {self.image_size}) "
+                              f"images, got {images_u8.dtype} {tuple(images_u8.shape)}")
+        if channels not in (1, 3):
+            raise VaegenError(f"augmentation handles 1- or 3-channel images, got {channels}")
+        # aniso_rotate only turns the axis of aniso, so on its own it changes nothing.
+        active = [name for name in self.ops if self.probability(name) > 0 and name != "aniso_rotate"]
+        if not active:
+            return images_u8.clone()
+        generator = torch.Generator(images_u8.device).manual_seed(seed)
+        geometric, colour = self._draw(n, generator, images_u8.device)
+        x = images_u8.float() / 127.5 - 1  # ADA's pixel range; colour parameters are in these units
+
+        if any(name in GEOMETRIC_OPS for name in active):
+            # Output pixel -> input pixel in grid_sample's coordinates (+-1: edge pixel centres).
+            half = torch.tensor([(width - 1) / 2, (height - 1) / 2, 1.0], device=x.device)
+            theta = torch.diag(1 / half) @ torch.linalg.inv_ex(geometric).inverse @ torch.diag(half)
+            grid = F.affine_grid(theta[:, :2], list(x.shape), align_corners=True)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+
+        if any(name in COLOUR_OPS for name in active):
+            pixels = x.flatten(2)
+            if channels == 3:
+                pixels = colour[:, :3, :3] @ pixels + colour[:, :3, 3:]
+            else:  # ADA's grey rule: the mean RGB row; hue and saturation rows sum to one, so cancel out
+                rows = colour[:, :3].mean(dim=1, keepdim=True)
+                pixels = pixels * rows[:, :, :3].sum(dim=2, keepdim=True) + rows[:, :, 3:]
+            x = pixels.view_as(x)
+        return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

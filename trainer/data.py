@@ -8,8 +8,9 @@ one effective epoch is N = |D_train| images summed over all processes.
                      so K epochs see fresh samples and epoch K repeats epoch 0's set (in a new order).
     RealSource       the zarr training split (optionally a subset store), reshuffled every epoch.
     MixedSource      a fraction f of each epoch's N images real (a fresh random f*N of D_train), the rest the
-                     first (1 - f)*N samples of the epoch's pool range.
-    AugmentedSource  any source with ADA-style augmentation applied to each batch (trainer.augment).
+                     first (1 - f)*N samples of the epoch's pool range; optionally the real part augmented.
+    AugmentedSource  any source with ADA-style augmentation applied to each batch (trainer.augment), on the
+                     training device (a GPU batch stays on the GPU).
 
 Multi-process (Accelerate): shards are split between processes whole (disjoint shards per process), by a
 seeded per-epoch assignment that balances image counts; real images by a seeded per-epoch permutation.
@@ -38,6 +39,7 @@ from tqdm import tqdm
 
 from vaegen.errors import VaegenError
 from vaegen.provenance import read_json
+from vaegen.seeding import derive, numpy_rng
 from vaegen.shardformat import (
     GENERATION_NAME,
     INDEX_NAME,
@@ -47,12 +49,6 @@ from vaegen.shardformat import (
     shard_problems,
     unpack_block,
 )
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from a tuple of non-negative ints (seed, epoch, process, purpose, ...)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
-
 
 # --- the shard pool ---------------------------------------------------------------------------------------
 
@@ -190,7 +186,7 @@ def assign_pieces(pieces: list[Piece], world_size: int, seed: int, epoch: int) -
     if len(pieces) < world_size:
         raise VaegenError(f"an epoch spans {len(pieces)} shard(s) but {world_size} processes train: each process "
                           "needs its own shards; write smaller shards or use fewer processes")
-    order = np.random.default_rng(derive_seed(seed, epoch, 1)).permutation(len(pieces))
+    order = numpy_rng(seed, "shard-assignment", epoch).permutation(len(pieces))
     order = sorted(order, key=lambda i: -pieces[i].count)  # stable: ties keep the seeded order
     shares: list[list[Piece]] = [[] for _ in range(world_size)]
     totals = [0] * world_size
@@ -271,10 +267,16 @@ class BatchSource(abc.ABC):
 
     def batches(self, epoch: int):
         """Yield the epoch's batches (uint8 CPU tensors) in a seeded per-epoch order."""
+        for batch, _ in self._batches_with_rows(epoch):
+            yield batch
+
+    def _batches_with_rows(self, epoch: int):
+        """(batch, the rows of the epoch share it holds)."""
         share = self._share(epoch)
-        order = np.random.default_rng(derive_seed(self.seed, epoch, self.rank, 2)).permutation(len(share))
+        order = numpy_rng(self.seed, "batch-order", epoch, self.rank).permutation(len(share))
         for b in range(self.batches_in_epoch(epoch)):
-            yield torch.from_numpy(share[np.sort(order[b * self.batch_size:(b + 1) * self.batch_size])])
+            rows = np.sort(order[b * self.batch_size:(b + 1) * self.batch_size])
+            yield torch.from_numpy(share[rows]), rows
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -292,7 +294,7 @@ class RealSource(BatchSource):
 
     def real_share(self, epoch: int, count: int) -> np.ndarray:
         """This process's part of a fresh random `count` of D_train (sorted indices: contiguous reads)."""
-        perm = np.random.default_rng(derive_seed(self.seed, epoch, 3)).permutation(len(self.images))[:count]
+        perm = numpy_rng(self.seed, "real-epoch-sample", epoch).permutation(len(self.images))[:count]
         chosen = perm[np.arange(math.ceil(count / self.world_size) * self.world_size) % count]
         return self.images[np.sort(chosen[self.rank::self.world_size])]
 
@@ -330,10 +332,12 @@ class ShardSource(BatchSource):
 
 
 class MixedSource(BatchSource):
-    """A fraction of every epoch real (fresh random real images each epoch), the rest synthetic."""
+    """A fraction of every epoch real (fresh random real images each epoch), the rest synthetic. With an
+    augmenter, the real images of every batch are augmented (on `device`) and the synthetic ones are not."""
 
     def __init__(self, real_images: np.ndarray, pool: ShardPool, real_fraction: float, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, image_shape: tuple[int, int, int] = (1, 32, 32)):
+                 rank: int = 0, world_size: int = 1, image_shape: tuple[int, int, int] = (1, 32, 32),
+                 augmenter=None, device="cpu"):
         super().__init__(batch_size, seed, rank, world_size)
         n = len(real_images)
         self.n_real = round(real_fraction * n)
@@ -343,12 +347,28 @@ class MixedSource(BatchSource):
         self.real = RealSource(real_images, batch_size, seed, rank, world_size)
         self.synthetic = ShardSource(pool, n, batch_size, seed, rank, world_size, image_shape,
                                      synthetic_per_epoch=n - self.n_real)
+        self.augmenter, self.device = augmenter, torch.device(device)
+
+    def real_share_size(self) -> int:
+        return math.ceil(self.n_real / self.world_size)
 
     def share_size(self, epoch: int) -> int:
-        return math.ceil(self.n_real / self.world_size) + self.synthetic.share_size(epoch)
+        return self.real_share_size() + self.synthetic.share_size(epoch)
 
     def epoch_share(self, epoch: int) -> np.ndarray:
+        """Real images first (rows < real_share_size), then synthetic ones."""
         return np.concatenate([self.real.real_share(epoch, self.n_real), self.synthetic.epoch_share(epoch)])
+
+    def batches(self, epoch: int):
+        if self.augmenter is None:
+            yield from super().batches(epoch)
+            return
+        for b, (batch, rows) in enumerate(self._batches_with_rows(epoch)):
+            batch = batch.to(self.device)
+            real = torch.from_numpy(rows < self.real_share_size()).to(self.device)
+            if real.any():
+                batch[real] = self.augmenter(batch[real], derive(self.seed, "augment", epoch, self.rank, b))
+            yield batch
 
     def close(self) -> None:
         self.real.close()
@@ -357,7 +377,7 @@ class MixedSource(BatchSource):
 
 
 class AugmentedSource(BatchSource):
-    """Another source's batches, augmented on `device` (kornia runs on the GPU when there is one)."""
+    """Another source's batches, augmented on `device`."""
 
     def __init__(self, inner: BatchSource, augmenter, device="cpu"):
         super().__init__(inner.batch_size, inner.seed, inner.rank, inner.world_size)
@@ -371,7 +391,7 @@ class AugmentedSource(BatchSource):
 
     def batches(self, epoch: int):
         for b, batch in enumerate(self.inner.batches(epoch)):
-            yield self.augmenter(batch.to(self.device), derive_seed(self.seed, epoch, self.rank, b, 4))
+            yield self.augmenter(batch.to(self.device), derive(self.seed, "augment", epoch, self.rank, b))
 
     def close(self) -> None:
         self.inner.close()

@@ -5,14 +5,22 @@ next to the weights (model.safetensors), so the evaluator rebuilds exactly what 
 
 Architectures (config["arch"]):
     fc      32*32*C -> 512 -> 512 -> d_z=16 (mean and log-variance), decoder mirrored; the paper's MNIST-type VAE.
-    conv    residual conv VAE for CIFAR-10: width n_c, latent map of m_z channels at 8x8 (d_z = 64*m_z); the
-            decoder upsamples 8 -> 16 -> 32 (nearest + conv, no checkerboard artefacts).
+    conv    the paper's residual VAE for CIFAR-10 (Tables 4-6, read so that its parameter counts come out):
+            width n_c, latent map of m_z channels at 8x8 (d_z = 64*m_z), ReLU and BatchNorm; the encoder
+            halves the image twice with 4x4 stride-2 convs, the decoder doubles it twice with 4x4 stride-2
+            transposed convs.
     linear  linear-Gaussian VAE: decoder mean W z + b with a fixed-sigma Gaussian, affine encoder for the mean
             and the log-variance. log p(x), the exact posterior, the best diagonal-Gaussian ELBO* and hence the
             amortization gap have closed forms (`LinearVAE.log_marginal` etc.): the ground truth for tests.
 
-Hidden layers use SiLU: smooth, so the evaluator's gradient-based per-datapoint q* optimization and PGD
-attack see no dead units or kinks. No normalization layers: an image's ELBO must not depend on its batch.
+The FC VAE's hidden layers use SiLU: smooth, so the evaluator's gradient-based per-datapoint q* optimization
+and PGD attack see no dead units or kinks. The conv VAE keeps the paper's ReLU and BatchNorm. BatchNorm uses
+batch statistics only in train mode (training steps); in eval mode (the trainer's logged ELBOs, and
+`load_vae`, hence the evaluator) it uses its running statistics, so an image's ELBO never depends on the rest
+of its batch.
+
+`VAE.parameter_counts` splits the parameters as the paper does: Theta_z, the layers touching z (fc and conv:
+the encoder's last and the decoder's first; linear: all), and Theta_not_z, everything else.
 """
 
 from __future__ import annotations
@@ -53,7 +61,9 @@ LINEAR_WEIGHT_KEYS = {
     "enc_logvar_weight": "enc_logvar.weight",  # (d_z, D)
     "enc_logvar_bias": "enc_logvar.bias",  # (d_z,)
 }
-INFO_KEYS = ("dataset",)  # carried along for readers, ignored by the model
+# Carried along for readers, ignored by the model: the dataset, and in model.json the parameter counts
+# ({"total", "z", "not_z"}: `VAE.parameter_counts`) that the overparameterization study plots against.
+INFO_KEYS = ("dataset", "parameters")
 
 
 def resolve_config(config: dict) -> dict:
@@ -117,6 +127,17 @@ class VAE(nn.Module, metaclass=abc.ABCMeta):
     def decode(self, z: Tensor) -> Tensor:
         """Likelihood parameters (B, P, H, W) for latents (B, d_z)."""
 
+    @abc.abstractmethod
+    def z_layers(self) -> list[nn.Module]:
+        """The layers touching z, whose size scales with d_z: the paper's Theta_z."""
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters: total, in Theta_z (`z_layers`) and in the rest; BatchNorm running statistics
+        are buffers, not parameters."""
+        total = sum(p.numel() for p in self.parameters())
+        z = sum(p.numel() for layer in self.z_layers() for p in layer.parameters())
+        return {"total": total, "z": z, "not_z": total - z}
+
     def log_likelihood(self, x: Tensor, params: Tensor) -> Tensor:
         """log p(x|z) in nats per image, summed over pixels: (B,)."""
         return self.likelihood.log_prob(x, params)
@@ -171,34 +192,53 @@ class FCVAE(VAE):
     def decode(self, z):
         return self.decoder(z).reshape(-1, self.num_params, self.image_size, self.image_size)
 
+    def z_layers(self):
+        return [self.encoder[-1], self.decoder[0]]
+
 
 class ResidualBlock(nn.Module):
+    """x + BN(Conv1x1(ReLU(BN(Conv3x3(ReLU(x)))))). The paper's Table 6 prints two 3x3 convs; its parameter
+    counts need a 3x3 and a 1x1 (see ConvVAE)."""
+
     def __init__(self, width: int):
         super().__init__()
-        self.body = nn.Sequential(nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
-                                  nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+        self.body = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(), nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width),
+        )
 
     def forward(self, x):
         return x + self.body(x)
 
 
 class ConvVAE(VAE):
+    """The paper's residual VAE (Tables 4-6). Printed, the decoder upsamples only once and the counts come to
+    ~104 n_c^2; this reading (two transposed convs, (3x3, 1x1) residual blocks, a 1x1 output conv) gives the
+    paper's |Theta| = 88 n_c^2 + 177 n_c + 102 at m_z = 1 (CIFAR-10, dmol with 10 components), and each +1 of
+    m_z adds 3 n_c + 2.
+
+    BatchNorm (default momentum 0.1): train mode normalizes with the batch's statistics and updates the
+    running ones; eval mode uses only the running statistics (saved with the weights), so an image's score
+    does not depend on its batch.
+    """
+
     def __init__(self, config: dict):
         super().__init__(config)
         n_c, self.m_z = config["n_c"], config["m_z"]
         self.latent_size = self.image_size // 4
         self.latent_dim = self.m_z * self.latent_size ** 2
         self.encoder = nn.Sequential(
-            nn.Conv2d(self.channels, n_c, 3, padding=1), ResidualBlock(n_c),
-            nn.Conv2d(n_c, n_c, 4, stride=2, padding=1), ResidualBlock(n_c),  # 32 -> 16
-            nn.Conv2d(n_c, n_c, 4, stride=2, padding=1), ResidualBlock(n_c),  # 16 -> 8
-            nn.SiLU(), nn.Conv2d(n_c, 2 * self.m_z, 1),
+            nn.Conv2d(self.channels, n_c, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(n_c), nn.ReLU(),
+            nn.Conv2d(n_c, n_c, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(n_c),
+            ResidualBlock(n_c), ResidualBlock(n_c),
+            nn.Conv2d(n_c, 2 * self.m_z, 1),
         )
         self.decoder = nn.Sequential(
-            nn.Conv2d(self.m_z, n_c, 3, padding=1), ResidualBlock(n_c),
-            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(n_c, n_c, 3, padding=1), ResidualBlock(n_c),
-            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(n_c, n_c, 3, padding=1), ResidualBlock(n_c),
-            nn.SiLU(), nn.Conv2d(n_c, self.num_params, 3, padding=1),
+            nn.Conv2d(self.m_z, n_c, 1, bias=False), nn.BatchNorm2d(n_c),
+            ResidualBlock(n_c), ResidualBlock(n_c),
+            nn.ConvTranspose2d(n_c, n_c, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(n_c), nn.ReLU(),
+            nn.ConvTranspose2d(n_c, n_c, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(n_c), nn.ReLU(),
+            nn.Conv2d(n_c, self.num_params, 1),
         )
 
     def encode(self, x):
@@ -207,6 +247,9 @@ class ConvVAE(VAE):
 
     def decode(self, z):
         return self.decoder(z.reshape(-1, self.m_z, self.latent_size, self.latent_size))
+
+    def z_layers(self):
+        return [self.encoder[-1], self.decoder[0]]
 
 
 class LinearVAE(VAE):
@@ -230,6 +273,9 @@ class LinearVAE(VAE):
 
     def decode(self, z):
         return self.decoder(z).reshape(-1, *self.image_shape)
+
+    def z_layers(self):
+        return [self.enc_mean, self.enc_logvar, self.decoder]  # every layer touches z
 
     def _decoder64(self):
         return self.decoder.weight.detach().double(), self.decoder.bias.detach().double()
@@ -304,16 +350,22 @@ def build_vae(config: dict) -> VAE:
     return vae
 
 
-def save_vae(vae: VAE, out_dir) -> None:
-    """out_dir/model.safetensors + out_dir/model.json, each written under a temporary name and renamed."""
+def save_vae(vae: VAE, out_dir, name: str = MODEL_WEIGHTS_NAME, config_name: str | None = MODEL_CONFIG_NAME) -> None:
+    """out_dir/model.safetensors + out_dir/model.json (the build config and the parameter counts), each written
+    under a temporary name and renamed; a failed write (a full disk) leaves no temporary file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    tmp = out_dir / f".{MODEL_WEIGHTS_NAME}.tmp-{os.getpid()}"
-    save_file(weights, str(tmp), metadata={"arch": vae.config["arch"]})
-    os.replace(tmp, out_dir / MODEL_WEIGHTS_NAME)
+    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+    try:
+        save_file(weights, str(tmp), metadata={"arch": vae.config["arch"]})
+        os.replace(tmp, out_dir / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(out_dir)
-    write_json_atomic(out_dir / MODEL_CONFIG_NAME, vae.config)
+    if config_name is not None:
+        write_json_atomic(out_dir / config_name, {**vae.config, "parameters": vae.parameter_counts()})
 
 
 def load_vae(run_dir, device="cpu") -> VAE:

@@ -4,8 +4,9 @@ The whole loop is in `train` below. Progress is counted in effective epochs of N
 `eval_every` epochs the mean ELBO on the *real* training set and on the test set goes to metrics.jsonl; every
 `checkpoint_every` epochs (and at the end) an Accelerate checkpoint (model, optimizer, RNG states) plus the
 epoch number is saved. The data of an epoch, the binarization noise and the reparameterization noise of every
-step are functions of (seed, epoch, batch, process), so resuming from a checkpoint at an epoch boundary
-continues exactly as if the run had never stopped.
+step are functions of (seed, epoch, batch, process) (`vaegen.seeding`), so resuming from a checkpoint at an
+epoch boundary continues exactly as if the run had never stopped. On SIGINT or SIGTERM the epoch in flight
+finishes and is checkpointed before the process exits (130 / 143); a second signal abandons it at once.
 
 Output directory (runs/vae/NAME):
     config.json          the resolved TrainConfig, the model config, N, the shard pool, provenance
@@ -43,19 +44,26 @@ from trainer.data import (
     MixedSource,
     RealSource,
     ShardSource,
-    derive_seed,
     open_shard_pool,
 )
 from trainer.models import VAE, build_vae, save_vae
 from vaegen.data import get_spec, open_dataset
 from vaegen.errors import VaegenError
-from vaegen.provenance import read_json, run_record, write_json_atomic
+from vaegen.interrupts import StopRequests, set_resume_hint
+from vaegen.provenance import (
+    append_jsonl,
+    read_json,
+    read_jsonl,
+    run_record,
+    write_json_atomic,
+    write_text_atomic,
+)
+from vaegen.runlock import run_lock
+from vaegen.seeding import SPLIT, derive, numpy_rng, torch_generator
 from vaegen.vaerun import CONFIG_NAME, DONE_NAME, METRICS_NAME
 
 DEFAULT_LR = {"fc": 1e-3, "conv": 2e-4}
 CHECKPOINT, STATE_NAME = "checkpoint", "trainer_state.json"
-# Purposes of derived seeds (each stream of randomness gets its own).
-BINARIZE, REPARAM, EVAL_BINARIZE, EVAL_REPARAM, EVAL_SUBSET = 10, 11, 12, 13, 14
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,10 @@ class TrainConfig:
     subset_seed: int = 0
     data_root: str = "data"
     scale: int | None = None  # pool = first scale*N shard samples (default: all whole epochs in the run)
-    augment: str | None = None  # naive | tuned (real data only)
-    augment_p: float = 0.1
+    augment: str | None = None  # naive | tuned: the real data (with --mix-real: the real part) is augmented
+    augment_p: float = 0.1  # the paper's b (0.1 or 0.12)
+    augment_sigma_reading: str = "std"  # "2^sigma, sigma in [0, s]": log2 factor ~ N(0, s^2) | per-image U(0, s)
+    augment_flip_reading: str = "ada"  # an applied flip mirrors with probability 1/2 (ADA) | always
     mix_real: float = 0.0  # fraction of every epoch drawn from D_train when training on shards
     epochs: int = 1000
     seed: int = 0
@@ -102,8 +112,8 @@ def resolve_config(cfg: TrainConfig, store_attrs: dict) -> TrainConfig:
         raise VaegenError("training on shards needs --shards RUN_DIR or a shard pattern (or use --source real)")
     if cfg.source == "real" and (cfg.shards or cfg.mix_real or cfg.scale):
         raise VaegenError("--source real trains on D_train only; --shards/--mix-real/--scale need --source shards")
-    if cfg.augment and cfg.source != "real":
-        raise VaegenError("--augment augments real data; use it with --source real")
+    if cfg.augment and cfg.source != "real" and not cfg.mix_real:
+        raise VaegenError("--augment augments real data; use it with --source real or with --mix-real")
     arch = cfg.arch or ("conv" if store_attrs.get("channels", 1) == 3 else "fc")
     return dataclasses.replace(
         cfg, arch=arch, likelihood=cfg.likelihood or store_attrs.get("likelihood") or get_spec(cfg.dataset).likelihood,
@@ -126,13 +136,16 @@ def build_source(cfg: TrainConfig, train_images: np.ndarray, rank: int, world_si
     """The batch source for this process and a description of it for config.json."""
     image_shape = tuple(train_images.shape[1:])
     n = len(train_images)
+    augmenter = None
+    if cfg.augment:
+        augmenter = Augmenter(augmentation_ops(cfg.augment, cfg.dataset, image_shape[0]), cfg.augment_p,
+                              image_shape[1], cfg.augment_sigma_reading, cfg.augment_flip_reading)
     if cfg.source == "real":
         source = RealSource(train_images, cfg.batch_size, cfg.seed, rank, world_size)
-        if cfg.augment:
-            ops = augmentation_ops(cfg.augment, cfg.dataset, image_shape[0])
-            source = AugmentedSource(source, Augmenter(ops, cfg.augment_p, image_shape[1]), device)
-            return source, {"kind": "real+augment", "augment_ops": list(ops), "augment_p": cfg.augment_p}
-        return source, {"kind": "real"}
+        if augmenter is None:
+            return source, {"kind": "real"}
+        return AugmentedSource(source, augmenter, device), {"kind": "real+augment", "augment": cfg.augment,
+                                                            "augmentation": augmenter.describe()}
     pool = open_shard_pool(cfg.shards, cfg.dataset, image_shape, n, cfg.scale)
     described = {"kind": "shards", "run_dir": str(pool.run_dir), "pool_size": pool.size, "scale": pool.size // n,
                  "shards_used": len(pool.shards), "generation": pool.generation}
@@ -141,36 +154,36 @@ def build_source(cfg: TrainConfig, train_images: np.ndarray, rank: int, world_si
                    f"this VAE's D_train has N={n}", err=True)
     if cfg.mix_real:
         described.update(kind="mixed", real_fraction=cfg.mix_real)
+        if augmenter is not None:
+            described.update(augment=cfg.augment, augmentation=augmenter.describe(), augmented="the real part")
         return MixedSource(train_images, pool, cfg.mix_real, cfg.batch_size, cfg.seed, rank, world_size,
-                           image_shape), described
+                           image_shape, augmenter, device), described
     return ShardSource(pool, n, cfg.batch_size, cfg.seed, rank, world_size, image_shape), described
 
 
-def generator(device, *keys: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(derive_seed(*keys))
-
-
 @torch.no_grad()
-def mean_elbo(vae: VAE, images: np.ndarray, accelerator: Accelerator, batch_size: int, seed: int) -> float:
+def mean_elbo(vae: VAE, images: np.ndarray, split: str, accelerator: Accelerator, batch_size: int,
+              seed: int) -> float:
     """Mean ELBO (nats per image) over `images`, split across processes; the same noise at every evaluation,
     so successive points of a run differ only by the model."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    device = accelerator.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     mine = images[rank::world]
     for i in range(0, len(mine), batch_size):
-        batch = torch.from_numpy(mine[i:i + batch_size]).to(accelerator.device)
-        x = vae.preprocess(batch, generator(accelerator.device, seed, rank, i, EVAL_BINARIZE))
-        elbo = vae.elbo(x, 1, generator(accelerator.device, seed, rank, i, EVAL_REPARAM))
+        batch = torch.from_numpy(mine[i:i + batch_size]).to(device)
+        x = vae.preprocess(batch, torch_generator(seed, "vae-log-binarize", SPLIT[split], rank, i, device=device))
+        elbo = vae.elbo(x, 1, torch_generator(seed, "vae-log-reparam", SPLIT[split], rank, i, device=device))
         total += torch.stack([elbo.double().sum(), torch.tensor(float(len(elbo)), device=total.device)])
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1]).item()
 
 
-def eval_subset(images: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+def eval_subset(images: np.ndarray, split: str, cap: int | None, seed: int) -> np.ndarray:
     """The real images evaluated every time: all of them, or a fixed seeded sample of `cap`."""
     if cap is None or cap >= len(images):
         return images
-    keep = np.sort(np.random.default_rng(derive_seed(seed, EVAL_SUBSET)).permutation(len(images))[:cap])
+    keep = np.sort(numpy_rng(seed, "vae-log-subsample", SPLIT[split]).permutation(len(images))[:cap])
     return images[keep]
 
 
@@ -224,16 +237,20 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: dict) -> None:
 
 def truncate_metrics(path: Path, epoch: int) -> None:
     """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epoch]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    if path.exists():
+        write_text_atomic(path, "".join(json.dumps(m) + "\n" for m in read_jsonl(path) if m["epoch"] <= epoch))
 
 
 def train(cfg: TrainConfig) -> Path:
     """Train one VAE; returns the run directory. All input checks happen before the first step."""
+    from accelerate import PartialState
+
+    set_resume_hint("rerun the same command with --resume to continue from the last checkpoint")
+    with run_lock(cfg.out, main_process=PartialState().is_main_process):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> Path:
     # --- inputs: D_train, D_test, the data source; nothing is written before they all check out ----------
     train_real = open_dataset(cfg.dataset, "train", cfg.subset, cfg.subset_seed, cfg.data_root)
     test_real = open_dataset(cfg.dataset, "test", cfg.subset, cfg.subset_seed, cfg.data_root)
@@ -252,7 +269,7 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
 
     # --- model, optimizer, resume -----------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(derive(cfg.seed, "vae-init"))
     vae = build_vae(saved["model"])
     optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     model, optimizer = accelerator.prepare(vae, optimizer)
@@ -266,8 +283,8 @@ def train(cfg: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(out / METRICS_NAME, start_epoch)
         write_json_atomic(out / CONFIG_NAME, {**saved, "run_record": run_record()})
-    train_eval = eval_subset(train_real.images, cfg.eval_images, cfg.seed)
-    test_eval = eval_subset(test_real.images, cfg.eval_images, cfg.seed + 1)
+    train_eval = eval_subset(train_real.images, "train", cfg.eval_images, cfg.seed)
+    test_eval = eval_subset(test_real.images, "test", cfg.eval_images, cfg.seed)
     images_per_epoch = [source.share_size(e) * world for e in range(cfg.epochs)]
     bar = tqdm(total=sum(images_per_epoch), initial=sum(images_per_epoch[:start_epoch]), unit="img",
                unit_scale=True, dynamic_ncols=True, disable=not accelerator.is_local_main_process,
@@ -276,45 +293,52 @@ def train(cfg: TrainConfig) -> Path:
     metrics: dict = {}
 
     # --- the loop ---------------------------------------------------------------------------------------
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        elbo_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for b, images in enumerate(source.batches(epoch)):
-            images = images.to(device, non_blocking=True)
-            x = vae.preprocess(images, generator(device, cfg.seed, epoch, rank, b, BINARIZE))
-            elbo = model(x, 1, generator(device, cfg.seed, epoch, rank, b, REPARAM))
-            loss = -elbo.float().mean()
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elbo_sum += elbo.detach().double().sum()
-            bar.update(len(images) * world)
-            if b % 50 == 0:
-                bar.set_postfix(epoch=epoch + 1, elbo=f"{-loss.item():.1f}",
-                                test=f"{metrics.get('test_elbo', float('nan')):.1f}", refresh=False)
-        batch_elbo = accelerator.reduce(elbo_sum, reduction="sum").item() / images_per_epoch[epoch]
-        if not math.isfinite(batch_elbo):
-            bar.close()
-            source.close()
-            raise VaegenError(f"the training loss became {batch_elbo} in epoch {epoch + 1}; stopped, the last good "
-                              f"checkpoint in {out / CHECKPOINT} is kept (try a lower --lr)")
+    stops = StopRequests("this epoch")  # a signal ends the run after the current epoch, with a checkpoint
+    with stops:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            elbo_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for b, images in enumerate(source.batches(epoch)):
+                images = images.to(device, non_blocking=True)
+                x = vae.preprocess(images, torch_generator(cfg.seed, "vae-binarize", epoch, rank, b, device=device))
+                elbo = model(x, 1, torch_generator(cfg.seed, "vae-reparam", epoch, rank, b, device=device))
+                loss = -elbo.float().mean()
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                elbo_sum += elbo.detach().double().sum()
+                bar.update(len(images) * world)
+                if b % 50 == 0:
+                    bar.set_postfix(epoch=epoch + 1, elbo=f"{-loss.item():.1f}",
+                                    test=f"{metrics.get('test_elbo', float('nan')):.1f}", refresh=False)
+            batch_elbo = accelerator.reduce(elbo_sum, reduction="sum").item() / images_per_epoch[epoch]
+            if not math.isfinite(batch_elbo):
+                bar.close()
+                source.close()
+                raise VaegenError(f"the training loss became {batch_elbo} in epoch {epoch + 1}; stopped, the last "
+                                  f"good checkpoint in {out / CHECKPOINT} is kept (try a lower --lr)")
 
-        done = epoch + 1
-        if done % cfg.eval_every == 0 or done == cfg.epochs:
-            model.eval()
-            train_elbo = mean_elbo(vae, train_eval, accelerator, cfg.eval_batch_size, cfg.seed)
-            test_elbo = mean_elbo(vae, test_eval, accelerator, cfg.eval_batch_size, cfg.seed)
-            metrics = {"epoch": done, "step": step, "images": sum(images_per_epoch[:done]),
-                       "train_elbo": train_elbo, "test_elbo": test_elbo,
-                       "generalization_gap": train_elbo - test_elbo, "batch_elbo": batch_elbo,
-                       "seconds": round(time.monotonic() - started, 2)}
-            if accelerator.is_main_process:
-                with open(out / METRICS_NAME, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            bar.set_postfix(epoch=done, elbo=f"{batch_elbo:.1f}", test=f"{test_elbo:.1f}")
-        if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
-            save_checkpoint(accelerator, out, {"epoch": done, "step": step})
+            done = epoch + 1
+            if done % cfg.eval_every == 0 or done == cfg.epochs:
+                model.eval()
+                train_elbo = mean_elbo(vae, train_eval, "train", accelerator, cfg.eval_batch_size, cfg.seed)
+                test_elbo = mean_elbo(vae, test_eval, "test", accelerator, cfg.eval_batch_size, cfg.seed)
+                metrics = {"epoch": done, "step": step, "images": sum(images_per_epoch[:done]),
+                           "train_elbo": train_elbo, "test_elbo": test_elbo,
+                           "generalization_gap": train_elbo - test_elbo, "batch_elbo": batch_elbo,
+                           "seconds": round(time.monotonic() - started, 2)}
+                if accelerator.is_main_process:
+                    append_jsonl(out / METRICS_NAME, metrics)
+                bar.set_postfix(epoch=done, elbo=f"{batch_elbo:.1f}", test=f"{test_elbo:.1f}")
+            stopping = stops.agreed(accelerator) and done < cfg.epochs
+            if done % cfg.checkpoint_every == 0 or done == cfg.epochs or stopping:
+                save_checkpoint(accelerator, out, {"epoch": done, "step": step})
+            if stopping:
+                bar.close()
+                source.close()
+                raise stops.interrupted(f"checkpoint saved after epoch {done} of {cfg.epochs}; rerun the same "
+                                        "command with --resume to continue")
     bar.close()
     source.close()
 

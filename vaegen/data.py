@@ -27,6 +27,8 @@ import numpy as np
 
 from vaegen.errors import VaegenError
 from vaegen.provenance import code_version, sha256_file
+from vaegen.runlock import run_lock
+from vaegen.seeding import numpy_rng
 
 IMAGE_SIZE = 32
 DEBIAN_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -240,8 +242,8 @@ def balanced_subset(labels: np.ndarray, n: int, seed: int, num_classes: int = 10
     """
     if not 0 < n <= len(labels):
         raise VaegenError(f"--subset must be in 1..{len(labels)}, got {n}")
-    rng = np.random.default_rng(seed)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    per_class = [numpy_rng(seed, "data-subset", c).permutation(np.flatnonzero(labels == c))
+                 for c in range(num_classes)]
     counts = [n // num_classes + (c < n % num_classes) for c in range(num_classes)]
     for c, (members, k) in enumerate(zip(per_class, counts)):
         if k > len(members):
@@ -257,7 +259,7 @@ def store_path(dataset: str, subset: int | None = None, seed: int = 0, root: str
     return Path(root) / store_name(dataset, subset, seed)
 
 
-def build_store(dataset: str, out_dir="data", subset: int | None = None, seed: int = 0, data_dir=None,
+def build_store(dataset: str, data_root="data", subset: int | None = None, subset_seed: int = 0, data_dir=None,
                 download: bool = True) -> Path:
     """`vaegen data`: build (or confirm) the zarr store for a dataset; returns its path.
 
@@ -270,45 +272,68 @@ def build_store(dataset: str, out_dir="data", subset: int | None = None, seed: i
     spec = get_spec(dataset)
     sources = locate_sources(spec, data_dir, download)
     source_attrs = {p.name: sha256_file(p) for p in sources.values()}
-    path = store_path(dataset, subset, seed, out_dir)
-    if path.exists():
-        try:
-            existing = dict(zarr.open_group(str(path), mode="r").attrs).get("sources")
-        except Exception:
-            existing = None
-        if existing != source_attrs:
-            raise VaegenError(f"{path} exists but was built from different source files; "
-                              "move it away (or pass another --out-dir) to rebuild")
-        return path
+    path = store_path(dataset, subset, subset_seed, data_root)
+    with run_lock(path):
+        if path.exists():
+            try:
+                existing = dict(zarr.open_group(str(path), mode="r").attrs).get("sources")
+            except Exception:
+                existing = None
+            if existing != source_attrs:
+                raise VaegenError(f"{path} exists but was built from different source files; "
+                                  "move it away (or pass another --data-root) to rebuild")
+            return path
 
-    splits = load_official(spec, sources)
-    attrs = {
-        "dataset": spec.name, "channels": spec.channels, "likelihood": spec.likelihood,
-        "image_size": IMAGE_SIZE, "sources": source_attrs,
-        "padding": "zero-pad symmetric to 32x32" if spec.format == "idx" else "none (already 32x32)",
-        "subset": None, "code_version": code_version(), **spec.extra_attrs,
-    }
-    if subset is not None:
-        keep = balanced_subset(splits["train"][1], subset, seed, spec.num_classes)
-        splits["train"] = (splits["train"][0][keep], splits["train"][1][keep])
-        attrs["subset"] = {"n": subset, "seed": seed, "balanced": True,
-                           "indices_sha256": hashlib.sha256(keep.astype("<i8").tobytes()).hexdigest()}
+        splits = load_official(spec, sources)
+        attrs = store_attrs(dataset, sources=source_attrs)
+        train_extra = {}
+        if subset is not None:
+            keep = balanced_subset(splits["train"][1], subset, subset_seed, spec.num_classes)
+            splits["train"] = (splits["train"][0][keep], splits["train"][1][keep])
+            attrs["subset"] = {"n": subset, "seed": subset_seed, "balanced": True,
+                               "indices_sha256": hashlib.sha256(keep.astype("<i8").tobytes()).hexdigest()}
+            train_extra["source_indices"] = keep.astype(np.int64)
+        return write_store(path, splits, attrs, train_extra)
+
+
+def write_store(path: str | os.PathLike, splits: dict[str, tuple[np.ndarray, np.ndarray]], attrs: dict,
+                train_extra: dict[str, np.ndarray] | None = None) -> Path:
+    """Write a dataset store: {split: (images (N, C, 32, 32) uint8, labels (N,) uint8)} plus provenance attrs.
+
+    The one writer of the store layout in the module docstring (`build_store` uses it; so do tests and benches
+    that need a store of their own). It is built under a temporary name and renamed, so an interrupted write
+    never leaves something a later stage could take for a complete store.
+    """
+    import zarr
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         for split, (images, labels) in splits.items():
+            images = np.ascontiguousarray(images, dtype=np.uint8)
             group = root.create_group(split)
-            group.create_array("images", data=images, chunks=(min(len(images), 4096), *images.shape[1:]))
-            group.create_array("labels", data=labels, chunks=(min(len(labels), 65536),))
-            if split == "train" and subset is not None:
-                group.create_array("source_indices", data=keep.astype(np.int64))
+            group.create_array("images", data=images, chunks=(max(1, min(len(images), 4096)), *images.shape[1:]))
+            group.create_array("labels", data=np.asarray(labels, dtype=np.uint8),
+                               chunks=(max(1, min(len(labels), 65536)),))
+            for name, values in (train_extra or {}).items() if split == "train" else ():
+                group.create_array(name, data=values)
         root.attrs.update(attrs)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def store_attrs(dataset: str, subset: dict | None = None, sources: dict | None = None) -> dict:
+    """The provenance attrs of a store of `dataset` (what `build_store` records; tests use it for tiny stores)."""
+    spec = get_spec(dataset)
+    return {"dataset": spec.name, "channels": spec.channels, "likelihood": spec.likelihood,
+            "image_size": IMAGE_SIZE, "sources": sources or {},
+            "padding": "zero-pad symmetric to 32x32" if spec.format == "idx" else "none (already 32x32)",
+            "subset": subset, "code_version": code_version(), **spec.extra_attrs}
 
 
 @dataclass(frozen=True)
@@ -340,6 +365,6 @@ def open_dataset(dataset: str, split: str, subset: int | None = None, seed: int 
     get_spec(dataset)
     path = store_path(dataset, subset, seed, root)
     if not path.exists():
-        build = f"vaegen data {dataset}" + (f" --subset {subset} --seed {seed}" if subset else "")
-        raise VaegenError(f"no dataset store at {path}; build it with `{build} --out-dir {root}`")
+        build = f"vaegen data {dataset}" + (f" --subset {subset} --subset-seed {seed}" if subset else "")
+        raise VaegenError(f"no dataset store at {path}; build it with `{build} --data-root {root}`")
     return load_split(path, split)

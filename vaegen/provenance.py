@@ -50,17 +50,52 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write JSON to a temporary name, fsync, then rename: readers never see a half-written file."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file under a temporary name, fsync, then rename: readers never see a half-written file,
+    and a failed write (a full disk) leaves the previous version and no temporary file behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """JSON through `write_text_atomic`."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, obj) -> None:
+    """Append one JSON line, all or nothing: a failed write (a full disk, a signal) is cut off again, so the
+    file never ends in half a line that a resumed run or a report would choke on."""
+    line = (json.dumps(obj, default=_json_default) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """Every line of a JSON-lines file written by `append_jsonl` ([] when it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_json(path: str | os.PathLike):

@@ -1,4 +1,4 @@
-"""The shard contract between the generator (writes) and the trainer (reads).
+"""The shard contract, both ways: how shards are written (the generator), read (the trainer) and verified.
 
 A run directory ``shards/<dataset>/<run>/`` holds:
 
@@ -28,14 +28,18 @@ disk cost within a few percent of the raw pixel bytes; one tar member per 32x32 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vaegen.provenance import sha256_file
+from vaegen.errors import VaegenError
+from vaegen.provenance import fsync_dir, read_json, sha256_file, write_json_atomic
 
 BLOCK_SIZE = 256
 INDEX_NAME = "index.json"
@@ -97,7 +101,26 @@ def read_index(run_dir: str | Path) -> dict:
     return index
 
 
-# --- writing (the generator) and checking (the generator's `shards verify` and the trainer) ---------------
+# --- the plan: which samples go in which shard -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Samples [0, n_samples) cut into shards of `shard_size`: shard j holds [j*S, (j+1)*S), the last may be short."""
+
+    n_samples: int
+    shard_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.n_samples // self.shard_size)
+
+    def span(self, j: int) -> tuple[int, int]:
+        """(first sample, count) of shard j."""
+        first = j * self.shard_size
+        return first, min(self.shard_size, self.n_samples - first)
+
+
+# --- writing --------------------------------------------------------------------------------------------
 
 TEMP_SUFFIX = ".partial"  # a shard being written: `.shard-000000.tar.partial`, renamed when complete
 # Fixed tar header fields: identical samples give identical shard bytes, whoever writes them and when.
@@ -116,12 +139,128 @@ def shard_id(name: str) -> int | None:
     return int(stem[6:12])
 
 
-def open_tar_writer(fileobj):
-    """A `webdataset.TarWriter` with deterministic headers (fixed mtime, owner and mode; uid/gid 0)."""
-    import webdataset
+class _HashingFile:
+    """File wrapper that hashes and counts what the tar writer writes, so a shard is never read back."""
 
-    return webdataset.TarWriter(fileobj, **TAR_HEADER)
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
 
+    def write(self, data):
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+
+class ShardFile:
+    """Shard j of a run, written block by block under its temporary name; `commit` makes it a finished shard.
+
+    commit: tar closed, fsynced, renamed to shard-j.tar, and only then the completion marker written. A shard
+    that is not committed (`abort`, or a crash) is a temporary file that the next run removes: a reader never
+    sees a tar without a marker that describes exactly its bytes.
+    """
+
+    def __init__(self, run_dir: str | Path, j: int, first: int):
+        import webdataset
+
+        self.run_dir, self.j, self.next, self.count = Path(run_dir), j, first, 0
+        self.first = first
+        (self.run_dir / marker_name(j)).unlink(missing_ok=True)  # never a marker describing another tar
+        self.file = open(self.run_dir / temp_name(j), "wb")
+        self.hashing = _HashingFile(self.file)
+        self.tar = webdataset.TarWriter(self.hashing, **TAR_HEADER)
+
+    def write_block(self, images: np.ndarray) -> None:
+        """Append images next .. next+len-1 as one block (at most BLOCK_SIZE images)."""
+        if len(images) > BLOCK_SIZE:
+            raise ValueError(f"a block holds at most {BLOCK_SIZE} images, got {len(images)}")
+        self.tar.write(pack_block(images, self.next))
+        self.next += len(images)
+        self.count += len(images)
+
+    def commit(self, marker_fields: dict) -> dict:
+        """Finish the shard atomically (see the class docstring); returns its marker."""
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.run_dir / temp_name(self.j), self.run_dir / shard_name(self.j))
+        fsync_dir(self.run_dir)
+        marker = {"shard": self.j, "first": self.first, "count": self.count,
+                  "sha256": self.hashing.sha256.hexdigest(), "filesize": self.hashing.size, **marker_fields}
+        write_json_atomic(self.run_dir / marker_name(self.j), marker)
+        return marker
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (its temporary file)."""
+        try:
+            self.tar.close()
+        except Exception:  # noqa: BLE001 - the tar may be half-written; the file goes anyway
+            pass
+        self.file.close()
+        (self.run_dir / temp_name(self.j)).unlink(missing_ok=True)
+
+
+def write_shard(run_dir: str | Path, j: int, first: int, images: np.ndarray, marker_fields: dict) -> dict:
+    """Shard j holding `images` as samples first .. first+len-1, written and committed in one go."""
+    shard = ShardFile(run_dir, j, first)
+    try:
+        for start in range(0, len(images), BLOCK_SIZE):
+            shard.write_block(images[start:start + BLOCK_SIZE])
+        return shard.commit(marker_fields)
+    except BaseException:
+        shard.abort()
+        raise
+
+
+def write_index(run_dir: str | Path, plan: ShardPlan) -> None:
+    """index.json (wids-style) from the markers of the plan's shards; urls relative to the run directory."""
+    run_dir = Path(run_dir)
+    shardlist = []
+    for j in range(plan.num_shards):
+        marker = read_marker(run_dir, j)
+        shardlist.append({"url": shard_name(j), "nsamples": -(-marker["count"] // BLOCK_SIZE),
+                          "filesize": marker["filesize"], "sha256": marker["sha256"],
+                          "first": marker["first"], "count": marker["count"]})
+    write_json_atomic(run_dir / INDEX_NAME, {"__kind__": INDEX_KIND, "wids_version": 1,
+                                             "n_images": plan.n_samples, "shardlist": shardlist})
+
+
+def write_run(run_dir: str | Path, images: np.ndarray, shard_size: int, generation: dict,
+              marker_fields: dict | None = None) -> Path:
+    """A complete shard run from images already in memory (samples 0..n-1): shards, markers, index.json and
+    generation.json (`generation` plus the fields the trainer checks). For samples made elsewhere, and tests."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = ShardPlan(len(images), shard_size)
+    for j in range(plan.num_shards):
+        first, count = plan.span(j)
+        write_shard(run_dir, j, first, images[first:first + count], marker_fields or {})
+    write_index(run_dir, plan)
+    write_json_atomic(run_dir / GENERATION_NAME, {
+        "channels": int(images.shape[1]), "image_size": int(images.shape[2]), "n_samples": len(images),
+        "shard_size": shard_size, "num_shards": plan.num_shards, "complete": True, **generation})
+    return run_dir
+
+
+def remove_orphans(run_dir: str | Path) -> int:
+    """Delete what an interrupted writer left: temporary shards and JSONs, tars without marker, markers without
+    tar. Only safe while holding the run directory's lock (vaegen.runlock): a live writer's files look alike."""
+    run_dir = Path(run_dir)
+    removed = 0
+    for p in run_dir.iterdir():
+        j = shard_id(p.name)
+        orphan = (
+            p.name.endswith(TEMP_SUFFIX) or ".tmp-" in p.name
+            or (j is not None and p.name == shard_name(j) and not (run_dir / marker_name(j)).exists())
+            or (j is not None and p.name == marker_name(j) and not (run_dir / shard_name(j)).exists())
+        )
+        if orphan and p.is_file():
+            p.unlink()
+            removed += 1
+    return removed
+
+
+# --- checking (the generator on resume, `vaegen shards verify`, the trainer) ------------------------------
 
 def read_marker(run_dir: str | Path, j: int) -> dict | None:
     """The completion marker of shard j, or None if it is missing or unreadable."""
@@ -164,3 +303,39 @@ def shard_problems(run_dir: str | Path, j: int, first: int, count: int, entry: d
         if len(indices) != count or not np.array_equal(indices, np.arange(first, first + count)):
             return [f"{path.name} holds samples other than {first}..{first + count - 1}"]
     return []
+
+
+def shard_is_current(run_dir: str | Path, j: int, plan: ShardPlan, marker_fields: dict) -> bool:
+    """Whether shard j is complete, intact and written with `marker_fields` (a resumed run then skips it)."""
+    marker = read_marker(run_dir, j)
+    if marker is None or any(marker.get(k) != v for k, v in marker_fields.items()):
+        return False
+    return not shard_problems(run_dir, j, *plan.span(j), check_blocks=False)
+
+
+def verify_run(run_dir: str | os.PathLike) -> dict:
+    """Check every shard of a run against its marker and index.json; VaegenError naming each bad shard."""
+    run_dir = Path(run_dir)
+    if not (run_dir / GENERATION_NAME).is_file():
+        raise VaegenError(f"{run_dir} holds no {GENERATION_NAME}; not a vaegen shard run")
+    try:
+        index = read_index(run_dir)
+    except (OSError, ValueError) as e:
+        raise VaegenError(f"{run_dir}: no usable {INDEX_NAME} ({e}); rerun the generate command") from None
+    problems, expected_first, n_images, n_bytes = [], 0, 0, 0
+    for entry in index["shardlist"]:
+        j = shard_id(entry["url"])
+        if entry.get("first") != expected_first:
+            problems.append(f"{entry['url']} starts at sample {entry.get('first')}, expected {expected_first}")
+        problems += shard_problems(run_dir, j, entry.get("first"), entry.get("count"), entry)
+        expected_first = entry.get("first", 0) + entry.get("count", 0)
+        n_images += entry.get("count", 0)
+        n_bytes += entry.get("filesize", 0)
+    if n_images != index.get("n_images"):
+        problems.append(f"index lists {n_images} images, its header says {index.get('n_images')}")
+    if not read_json(run_dir / GENERATION_NAME).get("complete"):
+        problems.append(f"{GENERATION_NAME} says a generate command is running or was interrupted "
+                        "(complete: false); rerun it to finish")
+    if problems:
+        raise VaegenError(f"{run_dir}: {len(problems)} bad shard(s): {'; '.join(problems)}")
+    return {"shards": len(index["shardlist"]), "images": n_images, "bytes": n_bytes}

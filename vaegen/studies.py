@@ -88,7 +88,7 @@ class Study:
 
     def ensure_data(self, subset: int | None = None) -> None:
         subset = self.preset.subset if subset is None else subset
-        self.vaegen("data", self.dataset, "--out-dir", self.data_root, *(["--subset", subset] if subset else []))
+        self.vaegen("data", self.dataset, "--data-root", self.data_root, *(["--subset", subset] if subset else []))
 
     def ensure_dm(self, subset: int | None = None) -> Path:
         dm = self.dm_dir(subset)
@@ -102,7 +102,7 @@ class Study:
     def ensure_dm_score(self, dm: Path) -> None:
         """`dm score` once per DM; its feature classifier trains on the full training split, so that store too."""
         if not (dm / "score.json").exists():
-            self.vaegen("data", self.dataset, "--out-dir", self.data_root)  # the full store
+            self.vaegen("data", self.dataset, "--data-root", self.data_root)  # the full store
             self.vaegen("dm", "score", "--dm", dm, "--sampler", self.preset.sampler,
                         "--steps", self.preset.sampler_steps, "--data-root", self.data_root)
 
