@@ -13,6 +13,7 @@ defaults (`paper_config`); `--quick` shrinks the work for a CPU smoke run (`quic
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from evaluator.attack import AttackConfig
@@ -39,10 +41,17 @@ from trainer.models import MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, load_vae
 from vaegen.data import open_dataset, store_path
 from vaegen.errors import VaegenError
 from vaegen.interrupts import set_resume_hint
-from vaegen.provenance import fsync_dir, read_json, run_record, sha256_file, write_json_atomic
+from vaegen.provenance import (
+    fsync_dir,
+    read_json,
+    run_record,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from vaegen.runlock import run_lock
 from vaegen.seeding import SPLIT, SUBSAMPLE, derive, numpy_rng, torch_generator
-from vaegen.vaerun import CONFIG_NAME, DONE_NAME, EVAL_DIR, GAPS_NAME
+from vaegen.vaerun import CONFIG_NAME, DONE_NAME, EVAL_DIR, GAP_CURVES_NAME, GAPS_NAME, SNAPSHOTS
 
 GAPS = ("generalization", "amortization", "robustness")
 # Written by the trainer (trainer/train.py): the training config, and the completion marker written last.
@@ -152,9 +161,15 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
 
 
 def real_split(run_config: dict, split: str):
-    """D_train / D_test exactly as the run defined them (same dataset, subset and subset seed)."""
-    return open_dataset(run_config["dataset"], split, run_config.get("subset"), run_config.get("subset_seed", 0),
+    """D_train / D_test exactly as the run defined them (same dataset, subset and subset seed); a run that held
+    out a validation split for early stopping trained without those images, so they are not part of D_train."""
+    data = open_dataset(run_config["dataset"], split, run_config.get("subset"), run_config.get("subset_seed", 0),
                         run_config.get("data_root", "data"))
+    held_out = run_config.get("validation", {}).get("indices") if split == "train" else None
+    if held_out:
+        keep = np.setdiff1d(np.arange(len(data.labels)), held_out)
+        data = dataclasses.replace(data, images=data.images[keep], labels=data.labels[keep])
+    return data
 
 
 def _ci(mean: float, se: float | None) -> list[float] | None:
@@ -369,6 +384,7 @@ def evaluate(config: EvalConfig) -> Path:
         for name, measure in measurements(config).items():
             summary[name], new_arrays = measure(inp, config)
             arrays.update(new_arrays)
+        curves = gap_curves(inp, config, run_config) if run_config.get("track_gaps") else None
         summary.update({
             "run_dir": str(run_dir), "dataset": run_config["dataset"], "model": inp.vae.config,
             "units": "nats per image, summed over pixels; x in [0, 1] (densities for gaussian, probabilities for "
@@ -380,11 +396,42 @@ def evaluate(config: EvalConfig) -> Path:
                                              run_config.get("subset_seed", 0), run_config.get("data_root", "data"))),
             }),
         })
-        return write_eval_dir(run_dir, summary, arrays)
+        if curves is not None:
+            summary["gap_curves"] = {"file": GAP_CURVES_NAME, "points": len(curves),
+                                     "settings": tracking_settings(run_config)}
+        return write_eval_dir(run_dir, summary, arrays, curves)
 
 
-def write_eval_dir(run_dir: Path, summary: dict, arrays: dict) -> Path:
-    """Write gaps.json + per_example.zarr under a temporary name, then swap it in for <run>/eval."""
+def tracking_settings(run_config: dict) -> dict:
+    return {k: run_config[f"track_{k}"] for k in ("amortization_every", "robustness_every", "amortization_images",
+                                                   "robustness_images", "robustness_seeds")}
+
+
+def gap_curves(inp: EvalInputs, config: EvalConfig, run_config: dict) -> list[dict]:
+    """G_a and G_r of every snapshot the trainer kept (--track-gaps), by the same measurements as the final
+    gaps, on the run's tracking subsample sizes; the last point is the final model's."""
+    track = tracking_settings(run_config)
+    tracked = dataclasses.replace(config, amortization_images=track["amortization_images"],
+                                  attack_images=track["robustness_images"], attack_seeds=track["robustness_seeds"])
+    epochs = run_config.get("epochs")
+    points = []
+    snapshots = sorted((Path(config.run_dir) / SNAPSHOTS).glob("epoch-*.safetensors"))
+    for path in tqdm(snapshots, desc="gap curves", unit="snapshot"):
+        epoch = int(path.stem.split("-")[1])
+        last = epoch == epochs or path == snapshots[-1]
+        inp.vae.load_state_dict(load_file(str(path), device=str(inp.device)))
+        for gap, every, measure in (("amortization", track["amortization_every"], measure_amortization),
+                                    ("robustness", track["robustness_every"], measure_robustness)):
+            if epoch % every == 0 or last:
+                result, _ = measure(inp, tracked, progress=False)
+                points.append({"epoch": epoch, "gap": gap, "mean": result["gap"], "se": result["se"],
+                               "ci95": result["ci95"], "n_images": result["n_images"]})
+    return points
+
+
+def write_eval_dir(run_dir: Path, summary: dict, arrays: dict, curves: list[dict] | None = None) -> Path:
+    """Write gaps.json + per_example.zarr (+ gap_curves.jsonl) under a temporary name, then swap it in for
+    <run>/eval."""
     import zarr
 
     final = run_dir / EVAL_DIR
@@ -399,6 +446,8 @@ def write_eval_dir(run_dir: Path, summary: dict, arrays: dict) -> Path:
             root.create_array(name, data=data)
         root.attrs.update({"description": "per-image evaluation arrays; */index are rows of the run's real "
                                           "D_train / D_test; see gaps.json for settings"})
+        if curves is not None:
+            write_text_atomic(tmp / GAP_CURVES_NAME, "".join(json.dumps(c) + "\n" for c in curves))
         write_json_atomic(tmp / GAPS_NAME, summary)
         if final.exists():
             os.replace(final, old)

@@ -197,11 +197,14 @@ class ScaleType(click.ParamType):
               help="auto: bf16 on CUDA with bf16 support, else fp32. Part of the run's identity.")
 @click.option("--compile", "compile_", default=GenerateConfig.compile, type=click.Choice(["auto", "on", "off"]),
               help="torch.compile the UNet (auto: on for CUDA).")
+@click.option("--compile-mode", default=GenerateConfig.compile_mode,
+              type=click.Choice(["default", "reduce-overhead", "max-autotune"]),
+              help="torch.compile mode; reduce-overhead replays CUDA graphs (part of the run's identity).")
 @click.option("--channels-last/--no-channels-last", default=GenerateConfig.channels_last,
               help="channels_last memory format for the UNet.")
 @threads_option
 def generate(dm, scale, out, sampler, steps, seed, shard_size, batch_size, chunk, dataset, subset, subset_seed,
-             data_root, precision, compile_, channels_last, threads):
+             data_root, precision, compile_, compile_mode, channels_last, threads):
     """Precompute SCALE x |D_train| samples of the DM into WebDataset shards (resumable, any process count)."""
     from generator.generate import generate_run
 
@@ -209,7 +212,7 @@ def generate(dm, scale, out, sampler, steps, seed, shard_size, batch_size, chunk
     cfg = GenerateConfig(dm=dm, scale=scale, out=out, sampler=sampler, steps=steps, seed=seed,
                          shard_size=shard_size, batch_size=batch_size, chunk=chunk, dataset=dataset, subset=subset,
                          subset_seed=subset_seed, data_root=data_root, precision=precision, compile=compile_,
-                         channels_last=channels_last)
+                         compile_mode=compile_mode, channels_last=channels_last)
     record = generate_run(cfg)
     from accelerate import PartialState
 

@@ -59,6 +59,7 @@ class GenerateConfig:
     data_root: str = "data"
     precision: str = "auto"       # auto | fp32 | bf16 (auto: bf16 on CUDA devices that support it)
     compile: str = "auto"         # auto | on | off (auto: on for CUDA)
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" replays CUDA graphs (GPU)
     channels_last: bool = True
     writer_queue: int = 8         # batches in flight between sampler and writer thread
 
@@ -236,7 +237,8 @@ def _generate(cfg: GenerateConfig, state) -> dict:
     if (dm.image_size, dm.channels) != (data["image_size"], data["channels"]):
         raise VaegenError(f"{cfg.dm} makes {dm.channels}x{dm.image_size}x{dm.image_size} images but "
                           f"{data['dataset']} has {data['channels']}x{data['image_size']}x{data['image_size']}")
-    numerics = {"precision": "bf16" if bf16 else "fp32", "channels_last": cfg.channels_last, "compile": compile_net}
+    numerics = {"precision": "bf16" if bf16 else "fp32", "channels_last": cfg.channels_last,
+                "compile": cfg.compile_mode if compile_net else False}
     identity = identity_of(cfg, data, dm.sha256, dataclasses.asdict(sampler_cfg), numerics)
 
     out = Path(cfg.out)
@@ -266,7 +268,7 @@ def _generate(cfg: GenerateConfig, state) -> dict:
     if cfg.channels_last:
         dm.unet.to(memory_format=torch.channels_last)
     if compile_net:
-        dm.unet = torch.compile(dm.unet)
+        dm.unet = torch.compile(dm.unet, mode=cfg.compile_mode)
 
     n_todo = sum(plan.span(j)[1] for j in todo)
     bar = tqdm(total=n_todo, unit="img", disable=not state.is_main_process, dynamic_ncols=True,

@@ -51,6 +51,35 @@ from vaegen.options import CONTEXT, dataset_options
 @click.option("--checkpoint-every", default=Defaults.checkpoint_every, type=click.IntRange(min=1), help="Epochs between checkpoints.")
 @click.option("--bf16", is_flag=True, help="bf16 autocast (GPU); likelihoods and the ELBO stay float32.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--epoch-size", default=None, type=click.IntRange(min=1),
+              help="--source real: images per effective epoch [default: |D_train|]; a larger D_train then gives "
+                   "fresh images for |D_train|/SIZE epochs at the same compute (real-vs-synthetic control).")
+@click.option("--weight-decay", default=Defaults.weight_decay, type=click.FloatRange(min=0),
+              help="Decoupled weight decay (AdamW) when > 0.")
+@click.option("--mollify", is_flag=True,
+              help="Aug.Mollify (Tran et al. 2023): annealed Gaussian input noise, then clean data.")
+@click.option("--mollify-epochs", default=None, type=click.IntRange(min=1),
+              help="Epochs of mollification [default: half of --epochs].")
+@click.option("--rha", is_flag=True,
+              help="Reverse Half Asleep: from --rha-start-epoch, train only the encoder on the VAE's own samples.")
+@click.option("--rha-start-epoch", default=None, type=click.IntRange(min=0),
+              help="Epoch at which the decoder freezes [default: half of --epochs].")
+@click.option("--early-stopping-split", default=Defaults.early_stopping_split, type=click.FloatRange(0, 1, max_open=True),
+              help="--source real: hold out this fraction of D_train as validation set and keep the best model.")
+@click.option("--early-stopping-patience", default=Defaults.early_stopping_patience, type=click.IntRange(min=1),
+              help="Evaluations (every --eval-every epochs) without a better validation ELBO before stopping.")
+@click.option("--track-gaps", is_flag=True,
+              help="Save model snapshots so that vaegen-eval measures G_a and G_r curves (eval/gap_curves.jsonl).")
+@click.option("--track-amortization-every", default=Defaults.track_amortization_every, type=click.IntRange(min=1),
+              help="Epochs between G_a points (the paper: 100).")
+@click.option("--track-robustness-every", default=Defaults.track_robustness_every, type=click.IntRange(min=1),
+              help="Epochs between G_r points (the paper: 10).")
+@click.option("--track-amortization-images", default=Defaults.track_amortization_images, type=click.IntRange(min=1),
+              help="Test images whose q* is optimized at each G_a point.")
+@click.option("--track-robustness-images", default=Defaults.track_robustness_images, type=click.IntRange(min=1),
+              help="Attacked test images at each G_r point.")
+@click.option("--track-robustness-seeds", default=Defaults.track_robustness_seeds, type=click.IntRange(min=1),
+              help="Attack seeds per image at each G_r point.")
 def train(**options):
     """Train a VAE on diffusion-model samples (DMaaPx), real data, or augmented real data.
 

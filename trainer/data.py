@@ -283,23 +283,46 @@ class BatchSource(abc.ABC):
 
 
 class RealSource(BatchSource):
-    def __init__(self, images: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    """Real images. By default an epoch is all of them, reshuffled. With `epoch_size` n smaller than the pool
+    (a pool of k*n real images trained at the compute of n: `--epoch-size`), epochs walk through seeded
+    permutations of the pool n images at a time, so k consecutive epochs see every image once, like a pool of
+    k*n DM samples."""
+
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 epoch_size: int | None = None):
         super().__init__(batch_size, seed, rank, world_size)
         if len(images) == 0:
             raise VaegenError("the real training split is empty")
+        if epoch_size is not None and not 0 < epoch_size <= len(images):
+            raise VaegenError(f"--epoch-size must be in 1..{len(images)} (|D_train|), got {epoch_size}")
         self.images = images
+        self.epoch_size = epoch_size or len(images)
 
     def share_size(self, epoch: int) -> int:
-        return math.ceil(len(self.images) / self.world_size)
+        return math.ceil(self.epoch_size / self.world_size)
 
     def real_share(self, epoch: int, count: int) -> np.ndarray:
         """This process's part of a fresh random `count` of D_train (sorted indices: contiguous reads)."""
         perm = numpy_rng(self.seed, "real-epoch-sample", epoch).permutation(len(self.images))[:count]
-        chosen = perm[np.arange(math.ceil(count / self.world_size) * self.world_size) % count]
+        return self._share_of(perm)
+
+    def _share_of(self, chosen: np.ndarray) -> np.ndarray:
+        count = len(chosen)
+        chosen = chosen[np.arange(math.ceil(count / self.world_size) * self.world_size) % count]
         return self.images[np.sort(chosen[self.rank::self.world_size])]
 
     def epoch_share(self, epoch: int) -> np.ndarray:
-        return self.real_share(epoch, len(self.images))
+        if self.epoch_size == len(self.images):
+            return self.real_share(epoch, len(self.images))
+        # Positions [e*n, (e+1)*n) of an endless stream of pool permutations, one permutation per pass.
+        positions = np.arange(epoch * self.epoch_size, (epoch + 1) * self.epoch_size)
+        passes = positions // len(self.images)
+        chosen = np.empty(self.epoch_size, dtype=np.int64)
+        for p in np.unique(passes):
+            mask = passes == p
+            perm = numpy_rng(self.seed, "real-pool-pass", int(p)).permutation(len(self.images))
+            chosen[mask] = perm[positions[mask] % len(self.images)]
+        return self._share_of(chosen)
 
 
 class ShardSource(BatchSource):

@@ -35,6 +35,7 @@ import click
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from trainer.augment import Augmenter, augmentation_ops
@@ -47,6 +48,7 @@ from trainer.data import (
     open_shard_pool,
 )
 from trainer.models import VAE, build_vae, save_vae
+from trainer.regularizers import MollifySchedule, mollify, validation_split
 from vaegen.data import get_spec, open_dataset
 from vaegen.errors import VaegenError
 from vaegen.interrupts import StopRequests, set_resume_hint
@@ -60,10 +62,11 @@ from vaegen.provenance import (
 )
 from vaegen.runlock import run_lock
 from vaegen.seeding import SPLIT, derive, numpy_rng, torch_generator
-from vaegen.vaerun import CONFIG_NAME, DONE_NAME, METRICS_NAME
+from vaegen.vaerun import CONFIG_NAME, DONE_NAME, METRICS_NAME, SNAPSHOTS
 
 DEFAULT_LR = {"fc": 1e-3, "conv": 2e-4}
 CHECKPOINT, STATE_NAME = "checkpoint", "trainer_state.json"
+BEST_NAME = "best-model.safetensors"  # early stopping: the weights with the best validation ELBO so far
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,22 @@ class TrainConfig:
     checkpoint_every: int = 10
     bf16: bool = False
     resume: bool = False
+    # --- beyond plain ELBO training on the chosen data (trainer/regularizers.py) ---
+    epoch_size: int | None = None  # images per effective epoch (default |D_train|): k*N real images at N's compute
+    weight_decay: float = 0.0  # > 0: AdamW's decoupled weight decay (Adam when 0)
+    mollify: bool = False  # Aug.Mollify: annealed Gaussian input noise over the first `mollify_epochs`
+    mollify_epochs: int | None = None  # default: half of --epochs (the paper)
+    rha: bool = False  # Reverse Half Asleep: from `rha_start_epoch`, encoder-only training on model samples
+    rha_start_epoch: int | None = None  # default: half of --epochs (the paper)
+    early_stopping_split: float = 0.0  # > 0: hold out this fraction of D_train and stop on its ELBO
+    early_stopping_patience: int = 10  # evaluations (every --eval-every epochs) without a better validation ELBO
+    # --- gap curves: model snapshots the evaluator measures (vaegen-eval -> eval/gap_curves.jsonl) ---
+    track_gaps: bool = False
+    track_amortization_every: int = 100  # the paper's interval for G_a
+    track_robustness_every: int = 10  # the paper's interval for G_r
+    track_amortization_images: int = 100
+    track_robustness_images: int = 50
+    track_robustness_seeds: int = 10
 
 
 # Keys of config.json that may differ between a run and its resumption: the flag itself, and the description
@@ -114,10 +133,25 @@ def resolve_config(cfg: TrainConfig, store_attrs: dict) -> TrainConfig:
         raise VaegenError("--source real trains on D_train only; --shards/--mix-real/--scale need --source shards")
     if cfg.augment and cfg.source != "real" and not cfg.mix_real:
         raise VaegenError("--augment augments real data; use it with --source real or with --mix-real")
+    if cfg.early_stopping_split and cfg.source != "real":
+        raise VaegenError("--early-stopping-split holds out real training images; use it with --source real "
+                          "(a DM trained on D_train has seen them)")
+    if cfg.epoch_size and cfg.source != "real":
+        raise VaegenError("--epoch-size applies to --source real (a shard pool's epoch is always N images)")
+    if not 0 <= cfg.early_stopping_split < 1:
+        raise VaegenError(f"--early-stopping-split must be in [0, 1), got {cfg.early_stopping_split}")
+    half = max(1, cfg.epochs // 2)
+    rha_start = cfg.rha_start_epoch if cfg.rha_start_epoch is not None else half
+    mollify_epochs = cfg.mollify_epochs if cfg.mollify_epochs is not None else half
+    if cfg.rha and not 0 <= rha_start < cfg.epochs:
+        raise VaegenError(f"--rha-start-epoch must be in 0..{cfg.epochs - 1}, got {rha_start}")
+    if cfg.mollify and not 0 < mollify_epochs <= cfg.epochs:
+        raise VaegenError(f"--mollify-epochs must be in 1..{cfg.epochs}, got {mollify_epochs}")
     arch = cfg.arch or ("conv" if store_attrs.get("channels", 1) == 3 else "fc")
     return dataclasses.replace(
         cfg, arch=arch, likelihood=cfg.likelihood or store_attrs.get("likelihood") or get_spec(cfg.dataset).likelihood,
-        lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[arch])
+        lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[arch],
+        rha_start_epoch=rha_start if cfg.rha else None, mollify_epochs=mollify_epochs if cfg.mollify else None)
 
 
 def model_config(cfg: TrainConfig, channels: int) -> dict:
@@ -141,10 +175,11 @@ def build_source(cfg: TrainConfig, train_images: np.ndarray, rank: int, world_si
         augmenter = Augmenter(augmentation_ops(cfg.augment, cfg.dataset, image_shape[0]), cfg.augment_p,
                               image_shape[1], cfg.augment_sigma_reading, cfg.augment_flip_reading)
     if cfg.source == "real":
-        source = RealSource(train_images, cfg.batch_size, cfg.seed, rank, world_size)
+        source = RealSource(train_images, cfg.batch_size, cfg.seed, rank, world_size, cfg.epoch_size)
         if augmenter is None:
-            return source, {"kind": "real"}
+            return source, {"kind": "real", "epoch_size": source.epoch_size}
         return AugmentedSource(source, augmenter, device), {"kind": "real+augment", "augment": cfg.augment,
+                                                            "epoch_size": source.epoch_size,
                                                             "augmentation": augmenter.describe()}
     pool = open_shard_pool(cfg.shards, cfg.dataset, image_shape, n, cfg.scale)
     described = {"kind": "shards", "run_dir": str(pool.run_dir), "pool_size": pool.size, "scale": pool.size // n,
@@ -259,31 +294,44 @@ def _train(cfg: TrainConfig) -> Path:
     if cfg.resume and (out / DONE_NAME).exists():
         click.echo(f"{out} already finished (done.json); nothing to resume", err=True)
         return out
-    n_train, channels = len(train_real.images), train_real.images.shape[1]
+    train_images, validation = train_real.images, None
+    if cfg.early_stopping_split:
+        kept, held_out = validation_split(len(train_images), cfg.early_stopping_split, cfg.seed)
+        train_images, validation = train_images[kept], train_images[held_out]
+        validation_info = {"fraction": cfg.early_stopping_split, "n": len(held_out), "indices": held_out.tolist()}
+    n_train, channels = len(train_images), train_images.shape[1]
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    source, source_info = build_source(cfg, train_real.images, rank, world, device)
+    source, source_info = build_source(cfg, train_images, rank, world, device)
+    steps_per_epoch = source.batches_in_epoch(0)
+    mollifier = MollifySchedule(cfg.mollify_epochs * steps_per_epoch) if cfg.mollify else None
     saved = {**dataclasses.asdict(cfg), "model": model_config(cfg, channels), "n_train": n_train,
-             "n_test": len(test_real.images), "num_processes": world, "data": source_info}
+             "n_test": len(test_real.images), "num_processes": world, "data": source_info,
+             "optimizer": "AdamW" if cfg.weight_decay else "Adam",
+             **({"mollify_schedule": mollifier.describe()} if mollifier else {}),
+             **({"validation": validation_info} if validation is not None else {})}
     start_epoch = prepare_out_dir(cfg, saved)
     accelerator.wait_for_everyone()
 
     # --- model, optimizer, resume -----------------------------------------------------------------------
     torch.manual_seed(derive(cfg.seed, "vae-init"))
     vae = build_vae(saved["model"])
-    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    if cfg.weight_decay:
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     model, optimizer = accelerator.prepare(vae, optimizer)
     vae = accelerator.unwrap_model(model)
-    step = 0
+    state = {"epoch": 0, "step": 0, "best_val_elbo": None, "best_epoch": None, "evals_since_best": 0}
     if start_epoch > 0:
         checkpoint = latest_checkpoint(out)
         accelerator.load_state(str(checkpoint))
-        step = read_json(checkpoint / STATE_NAME)["step"]
+        state.update(read_json(checkpoint / STATE_NAME))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(out / METRICS_NAME, start_epoch)
         write_json_atomic(out / CONFIG_NAME, {**saved, "run_record": run_record()})
-    train_eval = eval_subset(train_real.images, "train", cfg.eval_images, cfg.seed)
+    train_eval = eval_subset(train_images, "train", cfg.eval_images, cfg.seed)
     test_eval = eval_subset(test_real.images, "test", cfg.eval_images, cfg.seed)
     images_per_epoch = [source.share_size(e) * world for e in range(cfg.epochs)]
     bar = tqdm(total=sum(images_per_epoch), initial=sum(images_per_epoch[:start_epoch]), unit="img",
@@ -291,24 +339,46 @@ def _train(cfg: TrainConfig) -> Path:
                desc=f"train {out.name}")
     started = time.monotonic()
     metrics: dict = {}
+    stopped_early = False
 
     # --- the loop ---------------------------------------------------------------------------------------
     stops = StopRequests("this epoch")  # a signal ends the run after the current epoch, with a checkpoint
     with stops:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
+            rha = cfg.rha and epoch >= cfg.rha_start_epoch
+            if rha:  # the decoder is frozen: no gradient steps, and its BatchNorm statistics stay as they are
+                vae.decoder.eval()
+            if rha:  # as many model samples as the epoch's real batches hold, batch by batch
+                share = source.share_size(epoch)
+                batches = [min(cfg.batch_size, share - i) for i in range(0, share, cfg.batch_size)]
+            else:
+                batches = source.batches(epoch)
             elbo_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for b, images in enumerate(source.batches(epoch)):
-                images = images.to(device, non_blocking=True)
-                x = vae.preprocess(images, torch_generator(cfg.seed, "vae-binarize", epoch, rank, b, device=device))
+            for b, images in enumerate(batches):
+                if rha:  # RHA: the encoder learns to infer the model's own samples, z ~ p(z), x ~ p(x|z)
+                    with torch.no_grad():
+                        x = vae.sample(images, torch_generator(cfg.seed, "vae-rha-sample", epoch, rank, b,
+                                                               device=device))
+                else:
+                    images = images.to(device, non_blocking=True)
+                    x = vae.preprocess(images, torch_generator(cfg.seed, "vae-binarize", epoch, rank, b,
+                                                               device=device))
+                    if mollifier is not None:
+                        x = mollify(x, mollifier.variance(state["step"]),
+                                    torch_generator(cfg.seed, "vae-mollify", epoch, rank, b, device=device),
+                                    clamp=vae.likelihood.name != "gaussian")
                 elbo = model(x, 1, torch_generator(cfg.seed, "vae-reparam", epoch, rank, b, device=device))
                 loss = -elbo.float().mean()
                 accelerator.backward(loss)
+                if rha:
+                    for p in vae.decoder.parameters():
+                        p.grad = None  # Adam (and AdamW's decay) skip parameters without a gradient
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
+                state["step"] += 1
                 elbo_sum += elbo.detach().double().sum()
-                bar.update(len(images) * world)
+                bar.update(len(x) * world)
                 if b % 50 == 0:
                     bar.set_postfix(epoch=epoch + 1, elbo=f"{-loss.item():.1f}",
                                     test=f"{metrics.get('test_elbo', float('nan')):.1f}", refresh=False)
@@ -319,31 +389,61 @@ def _train(cfg: TrainConfig) -> Path:
                 raise VaegenError(f"the training loss became {batch_elbo} in epoch {epoch + 1}; stopped, the last "
                                   f"good checkpoint in {out / CHECKPOINT} is kept (try a lower --lr)")
 
-            done = epoch + 1
+            done = state["epoch"] = epoch + 1
             if done % cfg.eval_every == 0 or done == cfg.epochs:
                 model.eval()
                 train_elbo = mean_elbo(vae, train_eval, "train", accelerator, cfg.eval_batch_size, cfg.seed)
                 test_elbo = mean_elbo(vae, test_eval, "test", accelerator, cfg.eval_batch_size, cfg.seed)
-                metrics = {"epoch": done, "step": step, "images": sum(images_per_epoch[:done]),
+                metrics = {"epoch": done, "step": state["step"], "images": sum(images_per_epoch[:done]),
                            "train_elbo": train_elbo, "test_elbo": test_elbo,
                            "generalization_gap": train_elbo - test_elbo, "batch_elbo": batch_elbo,
                            "seconds": round(time.monotonic() - started, 2)}
+                if validation is not None:
+                    metrics["val_elbo"] = mean_elbo(vae, validation, "validation", accelerator,
+                                                    cfg.eval_batch_size, cfg.seed)
+                    stopped_early = early_stopping_step(state, metrics["val_elbo"], cfg.early_stopping_patience)
+                    if state["best_epoch"] == done and accelerator.is_main_process:
+                        save_vae(vae, out, name=BEST_NAME, config_name=None)
                 if accelerator.is_main_process:
                     append_jsonl(out / METRICS_NAME, metrics)
                 bar.set_postfix(epoch=done, elbo=f"{batch_elbo:.1f}", test=f"{test_elbo:.1f}")
-            stopping = stops.agreed(accelerator) and done < cfg.epochs
-            if done % cfg.checkpoint_every == 0 or done == cfg.epochs or stopping:
-                save_checkpoint(accelerator, out, {"epoch": done, "step": step})
+            if cfg.track_gaps and accelerator.is_main_process and (
+                    done % cfg.track_amortization_every == 0 or done % cfg.track_robustness_every == 0
+                    or done == cfg.epochs or stopped_early):
+                save_vae(vae, out / SNAPSHOTS, name=snapshot_name(done), config_name=None)
+            stopping = stops.agreed(accelerator) and done < cfg.epochs and not stopped_early
+            if done % cfg.checkpoint_every == 0 or done == cfg.epochs or stopping or stopped_early:
+                save_checkpoint(accelerator, out, state)
             if stopping:
                 bar.close()
                 source.close()
                 raise stops.interrupted(f"checkpoint saved after epoch {done} of {cfg.epochs}; rerun the same "
                                         "command with --resume to continue")
+            if stopped_early:
+                break
     bar.close()
     source.close()
 
     if accelerator.is_main_process:
+        final = {"epochs": state["epoch"], "steps": state["step"], "final": metrics}
+        if validation is not None:  # the model kept is the one with the best validation ELBO
+            vae.load_state_dict(load_file(str(out / BEST_NAME), device=str(device)))
+            final.update(best_epoch=state["best_epoch"], best_val_elbo=state["best_val_elbo"],
+                         stopped_early=stopped_early)
         save_vae(vae, out)
-        write_json_atomic(out / DONE_NAME, run_record(epochs=cfg.epochs, steps=step, final=metrics))
+        write_json_atomic(out / DONE_NAME, run_record(**final))
     accelerator.wait_for_everyone()
     return out
+
+
+def early_stopping_step(state: dict, val_elbo: float, patience: int) -> bool:
+    """Record one validation evaluation in `state`; True when training should stop (patience spent)."""
+    if state["best_val_elbo"] is None or val_elbo > state["best_val_elbo"]:
+        state.update(best_val_elbo=val_elbo, best_epoch=state["epoch"], evals_since_best=0)
+    else:
+        state["evals_since_best"] += 1
+    return state["evals_since_best"] >= patience
+
+
+def snapshot_name(epoch: int) -> str:
+    return f"epoch-{epoch:06d}.safetensors"

@@ -39,6 +39,10 @@ PURPOSES: dict[str, tuple[int, int]] = {
     "batch-order": (27, 2),            # order of an epoch's images on a process: (epoch, rank)
     "real-epoch-sample": (28, 1),      # which real images an epoch (or its real part) uses: (epoch,)
     "augment": (29, 3),                # augmentation draws of a batch: (epoch, rank, batch)
+    "real-pool-pass": (30, 1),         # --epoch-size: permutation of pass p over the real pool: (pass,)
+    "vae-mollify": (31, 3),            # Aug.Mollify: input noise of a batch (epoch, rank, batch)
+    "vae-rha-sample": (32, 3),         # RHA: z ~ p(z), x ~ p(x|z) for a batch (epoch, rank, batch)
+    "vae-validation-split": (33, 0),   # early stopping: which D_train images are held out
     # evaluator
     "eval-subsample": (40, 1),         # seeded subsets of the evaluated images: (SUBSAMPLE[...],)
     "eval-binarize": (41, 1),          # binary-mnist: one binarization per split for the evaluation: (split,)
@@ -49,7 +53,7 @@ PURPOSES: dict[str, tuple[int, int]] = {
     "eval-probe-split": (46, 0),       # which half of D_test fits the probes
 }
 
-SPLIT = {"train": 0, "test": 1}
+SPLIT = {"train": 0, "test": 1, "validation": 2}
 # What an evaluation subsample is for (the key of "eval-subsample").
 SUBSAMPLE = {"train": 0, "test": 1, "amortization": 2, "robustness": 3, "iwae-train": 4, "iwae-test": 5,
              "probe-train": 6, "smoothness": 7}
