@@ -79,6 +79,11 @@ def _parse_gaps(ctx, param, value: str) -> tuple[str, ...]:
               help="Images per split for IWAE.")
 @click.option("--probe-train-images", type=POSITIVE, default=None, show_default="10000; 1000 with --quick",
               help="--probe-split train-test: training images for the probes (RBF-SVM cost is quadratic).")
+@click.option("--smoothness-pairs", type=click.IntRange(min=0), default=None, show_default="50",
+              help="Latent smoothness (the paper's Fig. 3): seeded pairs of test images along whose latent "
+                   "interpolation log q(z|x~) is measured; 0 skips it.")
+@click.option("--smoothness-alphas", type=click.IntRange(min=3), default=None, show_default="21",
+              help="Interpolation points in [0, 1] per pair, both ends included.")
 @click.option("--batch-size", type=POSITIVE, default=None, show_default="1000; 128 for conv VAEs",
               help="Images per forward pass and per q* optimization batch.")
 @click.option("--max-decode", type=POSITIVE, default=None, show_default="8192; 512 for conv VAEs",
@@ -86,7 +91,8 @@ def _parse_gaps(ctx, param, value: str) -> tuple[str, ...]:
 def evaluate(run_dir, gaps, iwae_k, probes, probe_split, quick, device, threads, seed, elbo_samples,
              train_images, test_images, amortization_images, qstar_lr, qstar_max_iters, qstar_samples, qstar_check_every, qstar_patience,
              qstar_tol, qstar_eval_samples, attack_delta, attack_iters, attack_step_size, attack_update,
-             attack_images, attack_seeds, iwae_images, probe_train_images, batch_size, max_decode):
+             attack_images, attack_seeds, iwae_images, probe_train_images, smoothness_pairs, smoothness_alphas,
+             batch_size, max_decode):
     """Measure a trained VAE's generalization, amortization and robustness gaps (plus IWAE log p(x), PSNR and
     optional probes) and write RUN_DIR/eval/gaps.json and RUN_DIR/eval/per_example.zarr."""
     set_threads(threads)
@@ -105,6 +111,7 @@ def evaluate(run_dir, gaps, iwae_k, probes, probe_split, quick, device, threads,
         "posterior_opt.eval_samples": qstar_eval_samples, "posterior_opt.batch_size": batch_size,
         "attack.delta": attack_delta, "attack.iterations": attack_iters, "attack.step_size": attack_step_size,
         "attack.update": attack_update,
+        "smoothness.pairs": smoothness_pairs, "smoothness.alphas": smoothness_alphas,
     }
     config = (quick_config if quick else paper_config)(run_dir, dataset, arch, **overrides)
     out = run_evaluation(config)

@@ -37,6 +37,7 @@ from evaluator.gaps import (
 from evaluator.likelihood import iwae_log_px
 from evaluator.msssim import MSSSIMConfig
 from evaluator.probes import probe_accuracies, psnr
+from evaluator.smoothness import SmoothnessConfig, latent_smoothness, smoothness_arrays, smoothness_summary
 from trainer.models import MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, load_vae
 from vaegen.data import open_dataset, store_path
 from vaegen.errors import VaegenError
@@ -91,6 +92,7 @@ class EvalConfig:
     probes: bool = False
     probe_split: str = "test-halves"  # the paper's: fit on one seeded half of D_test, score on the other
     probe_train_images: int | None = 10000  # train-test split only: RBF-SVM training is quadratic in this
+    smoothness: SmoothnessConfig = field(default_factory=SmoothnessConfig)  # the paper's Fig. 3; pairs=0 skips
     batch_size: int = 1000  # images per forward pass / per q* optimization batch
     max_decode: int = 8192  # at most this many latents decoded at once (bounds memory)
 
@@ -354,6 +356,14 @@ def measure_probes(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
             "features": "posterior means of the encoder"}, arrays
 
 
+def measure_smoothness(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
+    """Latent smoothness (the paper's §5.3, Fig. 3): log q(z_a | x~_a) along lines between the posterior means
+    of seeded pairs of test images."""
+    result = latent_smoothness(inp.vae, inp.x_test, config.smoothness, config.seed, config.max_decode,
+                               progress=True)
+    return smoothness_summary(result), smoothness_arrays(result, inp.test_idx)
+
+
 # --- the run -----------------------------------------------------------------------------------------------
 
 def measurements(config: EvalConfig) -> dict:
@@ -366,6 +376,8 @@ def measurements(config: EvalConfig) -> dict:
     plan["psnr"] = measure_psnr
     if config.probes:
         plan["probes"] = measure_probes
+    if config.smoothness.pairs > 0:
+        plan["smoothness"] = measure_smoothness
     return plan
 
 
@@ -388,7 +400,8 @@ def evaluate(config: EvalConfig) -> Path:
         summary.update({
             "run_dir": str(run_dir), "dataset": run_config["dataset"], "model": inp.vae.config,
             "units": "nats per image, summed over pixels; x in [0, 1] (densities for gaussian, probabilities for "
-                     "bernoulli/dmol); MS-SSIM in [0, 1]; PSNR in dB",
+                     "bernoulli/dmol); MS-SSIM in [0, 1]; PSNR in dB; smoothness log q: nats of the "
+                     "d_z-dimensional latent density",
             "n_train": len(inp.train_idx), "n_test": len(inp.test_idx),
             "provenance": run_record(config, inputs={
                 "model_sha256": sha256_file(run_dir / MODEL_WEIGHTS_NAME),

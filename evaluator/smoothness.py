@@ -116,7 +116,7 @@ def latent_smoothness(vae, x: Tensor, config: SmoothnessConfig, seed: int = 0, m
     pairs = draw_pairs(len(x), config.pairs, seed)
     rows = torch.as_tensor(pairs.T.reshape(-1), device=x.device)  # every x0, then every x1
     means = torch.cat([vae.encode(x[rows[sl]])[0] for sl in batches(len(rows), max_decode)])
-    z0, z1 = means.view(len(pairs), 2, -1).transpose(0, 1)
+    z0, z1 = means.view(2, len(pairs), -1)
     alphas = alpha_grid(config.alphas)
     z = interpolate(z0, z1, alphas).reshape(len(pairs) * config.alphas, -1)
     desc = "smoothness" if progress else None

@@ -281,6 +281,7 @@ def _generate(cfg: GenerateConfig, state) -> dict:
 
     writer = BackgroundShardWriter(out, plan, marker_fields, cfg.writer_queue, on_shard_done)
     t_loop = time.perf_counter()
+    first_batch_s = None  # includes one-off costs (torch.compile, CUDA context): the steady rate excludes it
     try:
         with torch.inference_mode():
             for j in todo:
@@ -290,6 +291,8 @@ def _generate(cfg: GenerateConfig, state) -> dict:
                     images = sample(dm, indices, cfg.seed, sampler_cfg, device=device, dtype=dtype)
                     writer.put(j, images.numpy())
                     bar.update(len(indices))
+                    if first_batch_s is None:
+                        first_batch_s, first_batch_n = time.perf_counter() - t_loop, len(indices)
     finally:
         bar.close()
         writer.close()
@@ -310,6 +313,9 @@ def _generate(cfg: GenerateConfig, state) -> dict:
                "batch_size": cfg.batch_size, "shards_generated_rank0": len(todo), "images_generated_rank0": n_todo,
                "wall_s": round(time.time() - t_start, 3), "loop_s_rank0": round(loop_s, 3),
                "images_per_s_rank0": round(n_todo / loop_s, 3) if loop_s > 0 and n_todo else None,
+               "first_batch_s_rank0": round(first_batch_s, 3) if first_batch_s is not None else None,
+               "steady_images_per_s_rank0": round((n_todo - first_batch_n) / (loop_s - first_batch_s), 3)
+               if first_batch_s is not None and n_todo > first_batch_n and loop_s > first_batch_s else None,
                "writer_busy_s_rank0": round(writer.busy_s, 3),
                "writer_blocked_s_rank0": round(writer.blocked_s, 3)}
         record.update(scale=scale, complete=True, runs=[*record.get("runs", []), run])

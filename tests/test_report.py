@@ -10,23 +10,28 @@ from evaluator.report import build_report, method_of
 from vaegen.cli import main
 
 
-def write_run(root, name, seed, test_elbo, gap, source="real", augment=None, scale=None, finished=True):
+def write_run(root, name, seed, test_elbo, gap, source="real", augment=None, scale=None, finished=True,
+              config=None, gaps=None, curves=None, parameters=None):
     run = root / "runs" / name
     run.mkdir(parents=True)
     config = {"dataset": "fmnist", "source": source, "augment": augment, "scale": scale, "seed": seed,
-              "mix_real": 0.0, "model": {"arch": "fc"}}
+              "mix_real": 0.0, "model": {"arch": "fc"}, **(config or {})}
     (run / "config.json").write_text(json.dumps(config))
+    if parameters:
+        (run / "model.json").write_text(json.dumps({"arch": "conv", "parameters": parameters}))
     with open(run / "metrics.jsonl", "w") as f:
         for epoch in (5, 10, 15):
-            f.write(json.dumps({"epoch": epoch, "train_elbo": test_elbo + gap * epoch / 15,
-                                "test_elbo": test_elbo, "batch_elbo": 1000.0 + epoch}) + "\n")
+            f.write(json.dumps({"epoch": epoch, "train_elbo": test_elbo + gap * epoch / 15, "test_elbo": test_elbo,
+                                "generalization_gap": gap * epoch / 15, "batch_elbo": 1000.0 + epoch}) + "\n")
     if finished:
         (run / "eval").mkdir()
-        gaps = {"generalization": {"gap": gap, "elbo_train": {"mean": test_elbo + gap},
-                                   "elbo_test": {"mean": test_elbo}},
-                "amortization": {"gap": gap / 10}, "robustness": {"gap": 0.01 * seed},
-                "psnr": {"test": {"mean": 20.0}}}
-        (run / "eval" / "gaps.json").write_text(json.dumps(gaps))
+        summary = {"generalization": {"gap": gap, "elbo_train": {"mean": test_elbo + gap},
+                                      "elbo_test": {"mean": test_elbo}},
+                   "amortization": {"gap": gap / 10}, "robustness": {"gap": 0.01 * seed},
+                   "psnr": {"test": {"mean": 20.0}}, **(gaps or {})}
+        (run / "eval" / "gaps.json").write_text(json.dumps(summary))
+        if curves:
+            (run / "eval" / "gap_curves.jsonl").write_text("".join(json.dumps(c) + "\n" for c in curves))
 
 
 @pytest.fixture
@@ -66,6 +71,13 @@ def test_method_labels_follow_the_training_config():
     assert method_of({"source": "real", "augment": "tuned"}) == "Aug.Tuned"
     assert method_of({"source": "shards", "mix_real": 0.0}) == "DMaaPx"
     assert method_of({"source": "shards", "mix_real": 0.25}) == "Mix 25% real"
+    assert method_of({"source": "shards", "mix_real": 0.2, "augment": "tuned"}) == \
+        "Mix 20% real + Aug.Tuned (real part)"
+    assert method_of({"source": "real", "mollify": True}) == "Aug.Mollify"
+    assert method_of({"source": "shards", "mollify": True}) == "DMaaPx + Mollify"
+    assert method_of({"source": "shards", "rha": True}) == "DMaaPx + RHA"
+    assert method_of({"source": "real", "early_stopping_split": 0.1}) == "Normal + early stopping"
+    assert method_of({"source": "real", "weight_decay": 0.001}) == "Normal + weight decay 0.001"
 
 
 def test_report_on_a_directory_without_runs_is_a_one_line_error(tmp_path):
@@ -96,3 +108,73 @@ def test_dm_subset_runs_get_their_own_groups_and_the_dm_scores_are_shown(tmp_pat
     assert set(rows) == {"DMaaPx k=10, DM on 250 images", "DMaaPx k=10"}  # the full-D_train DM needs no suffix
     assert float(rows["DMaaPx k=10, DM on 250 images"]["test_elbo_mean"]) == pytest.approx(725.0)
     assert "| `runs/dm/fmnist-n250-s0-small` | 40 (0.4) | 0.8 (0.9) | 0.179 (0.9) | 0.8 (0.5) |" in text
+
+
+def test_probes_smoothness_and_gap_curves_get_their_sections(tmp_path):
+    for seed in (0, 1):
+        for name, rha in (("normal", False), ("normal-rha", True)):
+            curves = [{"epoch": e, "gap": g, "mean": 10.0 + e + seed, "se": 1.0, "ci95": [0, 1], "n_images": 5}
+                      for e in (5, 10, 15) for g in ("amortization", "robustness")]
+            smooth = {"mean_log_q": {"mean": 3.0 + rha}, "deepest_dip": {"mean": -1.0}, "roughness": {"mean": 0.5},
+                      "alphas": [0, 0.5, 1], "mean_curve": [3.0, 2.0 + rha, 3.0]}
+            probes = {"accuracy": {k: 0.8 + 0.01 * seed for k in ("logistic_regression", "linear_svm", "rbf_svm",
+                                                                    "knn5")},
+                      "split": {"kind": "test-halves", "fit_images": 50, "score_images": 50}}
+            write_run(tmp_path, f"{name}-seed{seed}", seed, 500.0, 10.0, config={"rha": rha}, curves=curves,
+                      gaps={"smoothness": smooth, "probes": probes})
+    text = build_report(tmp_path).read_text()
+    assert "## Downstream probes" in text and "| Normal + RHA | 0.805 ± 0.007 |" in text
+    assert "fit on a seeded half of D_test (50 images)" in text
+    assert "## Latent smoothness" in text and "| Normal + RHA | 4.0 | -1.0 | 0.50 |" in text
+    for png in ("gap_curves.png", "smoothness.png"):
+        assert (tmp_path / png).stat().st_size > 10_000 and f"({png})" in text
+
+
+def test_model_size_sweeps_plot_against_m_z_n_c_and_the_parameter_count(tmp_path):
+    for mz, nc in ((1, 8), (2, 8), (4, 8), (1, 4), (1, 16), (4, 4), (4, 16)):
+        params = {"total": 88 * nc * nc + 43 * nc + mz * (3 * nc + 2), "z": mz * (3 * nc + 2), "not_z": 88 * nc * nc}
+        write_run(tmp_path, f"normal-mz{mz}-nc{nc}-seed0", 0, 400.0 + mz + nc, 50.0,
+                  config={"model": {"arch": "conv", "m_z": mz, "n_c": nc}}, parameters=params)
+    text = build_report(tmp_path).read_text()
+    for png in ("mz.png", "nc.png", "trajectory.png"):
+        assert (tmp_path / png).stat().st_size > 10_000 and f"({png})" in text
+    assert "| 2 | 8 | 6,028 | 52 | 5,632 |" in text
+    with open(tmp_path / "runs.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert rows["normal-mz2-nc8-seed0"]["parameters_z"] == "52"
+
+
+def test_dm_quality_correlates_each_score_with_each_outcome(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i, steps in enumerate((100, 300, 1000)):
+        dm = f"runs/dm/fmnist-steps{steps}"
+        (tmp_path / dm).mkdir(parents=True)
+        (tmp_path / dm / "score.json").write_text(json.dumps({
+            "samples": {"fd": 10.0 - 3 * i, "precision": 0.7 + 0.05 * i, "recall": 0.3 + 0.2 * i,
+                        "c2st_accuracy": 0.9 - 0.1 * i, "nn_distance_ratio_to_test": 1.5 - 0.2 * i},
+            "floor_real_test_vs_train": {"fd": 0.4, "precision": 0.9, "recall": 0.9, "c2st_accuracy": 0.5}}))
+        for seed in (0, 1):
+            write_run(tmp_path, f"dm-steps{steps}-seed{seed}", seed, 600.0 + 50 * i + seed, 1.0, source="shards",
+                      scale=10, config={"data": {"pool_size": 10000, "scale": 10,
+                                                 "generation": {"n_train": 1000, "dm": {"path": dm}}}})
+    text = build_report(tmp_path).read_text()
+    assert "## How much the DM's quality matters" in text and "(n = 3)" in text
+    assert "| fd | -1.00 (p=0) |" in text and "| recall | +1.00 (p=0) |" in text  # monotone in both
+    assert (tmp_path / "dm_quality.png").stat().st_size > 10_000
+    assert "| `runs/dm/fmnist-steps100` | 10 | 0.3 | 600.5 ± 0.7 | +50.0 | 0.7 |" in text
+
+
+def test_real_vs_synthetic_reports_the_real_data_equivalent_of_a_synthetic_pool(tmp_path):
+    for seed in (0, 1):
+        for k, elbo in ((1, 400.0), (2, 500.0), (5, 600.0), (10, 700.0)):
+            config = {"n_train": 1000 * k, "data": {"epoch_size": 1000}} if k > 1 else {}
+            write_run(tmp_path, f"real-k{k}-seed{seed}", seed, elbo + seed, 50.0, config=config)
+        for k, elbo in ((1, 300.0), (5, 550.0), (10, 800.0)):
+            write_run(tmp_path, f"dmaapx-k{k}-seed{seed}", seed, elbo + seed, 1.0, source="shards", scale=k)
+    text = build_report(tmp_path).read_text()
+    assert "## A synthetic sample's worth in real images" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 5 |"))
+    # 550 lies halfway between the real curve's 500 (k=2) and 600 (k=5) in ELBO: k = exp of the log midpoint
+    assert row.startswith("| 5 | 600.5 ± 0.7 | 550.5 ± 0.7 | 3.2 [")
+    assert next(line for line in text.splitlines() if line.startswith("| 10 |")).endswith("> 10 [> 10, > 10] |")
+    assert (tmp_path / "real_vs_synthetic.png").stat().st_size > 10_000

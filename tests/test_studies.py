@@ -80,7 +80,7 @@ def test_budget_minutes_overrides_the_preset(tmp_path, monkeypatch):
 
     chosen = {}
 
-    def record_preset(kind, dataset, preset, out, data_root):  # the CLI's job ends at choosing the preset
+    def record_preset(kind, dataset, preset, out, data_root, jobs):  # the CLI's job ends at choosing the preset
         chosen["preset"] = preset
         return tmp_path
 
@@ -106,3 +106,92 @@ def test_dm_subsets_scores_each_dm_once_and_reports_it(tmp_path):
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "$ vaegen dm score" not in second.stderr and "$ vaegen train" not in second.stderr
+
+
+def test_jobs_run_side_by_side_prefix_their_lines_and_a_failure_stops_new_starts_naming_its_command(capfd):
+    from vaegen.studies import JobRunner
+
+    runner = JobRunner(jobs=2)
+    assert runner.submit("good", [["--version"]])
+    assert runner.submit("bad", [["data", "svhn"], ["--version"]])  # the second command never runs
+    with pytest.raises(VaegenError, match="`vaegen data svhn` failed"):
+        runner.wait()
+    assert not runner.submit("late", [["--version"]])  # no new starts after a failure
+    err = capfd.readouterr().err
+    assert "[good] vaegen, version" in err and "[bad] Error: unknown dataset 'svhn'" in err
+    assert err.count("[bad] $ vaegen") == 1
+
+
+def test_the_study_plans_hold_the_papers_protocols():
+    from vaegen.presets import PAPER_MZ, PAPER_NC
+    from vaegen.studies import overparam_sizes
+
+    paper = get_preset("paper")
+    assert len(PAPER_MZ) == 25 and PAPER_MZ[:4] == (1, 2, 4, 6) and PAPER_MZ[-2:] == (60, 64)
+    assert len(PAPER_NC) == 16 and PAPER_NC[0] == 1 and PAPER_NC[-1] == 512
+    assert paper.scales == (1, 2, 5, 10, 20, 50, 100, 250, 500, 750, 1000)
+    assert paper.dm_subset_fractions == (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+    assert paper.mix_fractions == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    sizes = set(overparam_sizes(paper))
+    assert {(mz, 256) for mz in PAPER_MZ} <= sizes
+    assert {(mz, nc) for mz in (1, 2, 8, 64) for nc in PAPER_NC} <= sizes
+    trajectory = [(1, nc) for nc in PAPER_NC if nc <= 256] + [(mz, 256) for mz in PAPER_MZ] + \
+        [(64, nc) for nc in PAPER_NC if nc >= 256]
+    assert set(trajectory) <= sizes  # the double-descent path of figure 8
+
+
+def plan(kind, tmp_path, monkeypatch, **overrides):
+    """The VAE runs a study would start (nothing is run)."""
+    import vaegen.studies as studies
+
+    study = Study(kind, "fmnist", get_preset("demo", **overrides), tmp_path)
+    started = []
+    monkeypatch.setattr(Study, "vaegen", lambda self, *args: None)
+    monkeypatch.setattr(Study, "ensure_dm", lambda self, subset=None, max_steps=None: self.dm_dir(subset, max_steps))
+    monkeypatch.setattr(Study, "ensure_shards", lambda self, dm, scale: Path("shards") / dm.name)
+    monkeypatch.setattr(Study, "ensure_vaes", lambda self, runs, shards, **kw: started.extend(
+        (r, self.vae_commands(r, shards.get(r.name) if isinstance(shards, dict) else shards, **kw)) for r in runs))
+    studies.STUDIES[kind](study)
+    return started
+
+
+def test_mixtures_run_each_fraction_without_and_with_aug_tuned_on_the_real_part(tmp_path, monkeypatch):
+    runs = {r.name: c[0] for r, c in plan("mix", tmp_path, monkeypatch)}
+    assert set(runs) == {"mix000-seed0", "mix050-seed0", "mix050-tuned-seed0", "mix100-seed0", "mix100-tuned-seed0"}
+    assert runs["mix050-tuned-seed0"][runs["mix050-tuned-seed0"].index("--augment") + 1] == "tuned"
+    assert "--mix-real" in runs["mix050-tuned-seed0"] and "--source" in runs["mix100-tuned-seed0"]
+
+
+def test_regularizers_track_gaps_for_the_six_methods(tmp_path, monkeypatch):
+    runs = {r.name: c[0] for r, c in plan("regularizers", tmp_path, monkeypatch)}
+    assert set(runs) == {"normal-seed0", "normal-rha-seed0", "mollify-seed0", "dmaapx-k5-seed0",
+                         "dmaapx-k5-rha-seed0", "dmaapx-k5-mollify-seed0"}
+    assert all("--track-gaps" in c for c in runs.values())
+    assert "--rha" in runs["dmaapx-k5-rha-seed0"] and "--mollify" in runs["mollify-seed0"]
+
+
+def test_controls_and_dm_quality_plan_their_runs(tmp_path, monkeypatch):
+    runs = {r.name: c[0] for r, c in plan("controls", tmp_path, monkeypatch)}
+    assert "--early-stopping-split" in runs["early-stopping-seed0"]
+    assert runs["weight-decay0.01-seed0"][runs["weight-decay0.01-seed0"].index("--weight-decay") + 1] == "0.01"
+    quality = {r.name: r.dm for r, _ in plan("dm-quality", tmp_path / "q", monkeypatch)}
+    assert quality == {"dm-steps50-seed0": "runs/dm/fmnist-n200-s0-tiny-steps50",
+                       "dm-steps150-seed0": "runs/dm/fmnist-n200-s0-tiny"}  # 150 steps is the tiny preset's own
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(DEBIAN_FMNIST_DIR).is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_two_jobs_give_bit_identical_runs_to_one(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    base = [sys.executable, "-m", "vaegen", "study", "compare", "--preset", "demo", "--subset", "50",
+            "--epochs", "3", "--dm-max-steps", "5"]
+    for jobs in (1, 2):
+        done = subprocess.run([*base, "--jobs", str(jobs), "--out", f"runs/studies/jobs{jobs}"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "[normal-seed0] $ vaegen train" in done.stderr  # the 2-job run prefixed its lines
+    for run in ("normal-seed0", "dmaapx-k5-seed0", "aug-naive-seed0", "aug-tuned-seed0"):
+        one, two = (tmp_path / f"runs/studies/jobs{j}/runs/{run}" for j in (1, 2))
+        assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes(), run
+        gaps = [json.loads((d / "eval/gaps.json").read_text()) for d in (one, two)]
+        assert [g["generalization"]["gap"] for g in gaps][0] == [g["generalization"]["gap"] for g in gaps][1]
