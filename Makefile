@@ -15,13 +15,15 @@ SCALE ?= 10
 PRESET ?= small
 SEED ?= 0
 EPOCHS ?= 1000
+SAMPLER_ARGS ?=
 DM ?= runs/dm/$(DATASET)$(if $(SUBSET),-n$(SUBSET)-s$(SUBSET_SEED))-$(PRESET)
 SHARDS ?= shards/$(DATASET)$(if $(SUBSET),-n$(SUBSET)-s$(SUBSET_SEED))/$(notdir $(DM))-seed$(SEED)
 VAE ?= runs/vae/$(DATASET)$(if $(SUBSET),-n$(SUBSET)-s$(SUBSET_SEED))-dmaapx-k$(SCALE)-seed$(SEED)
 SUBSET_ARGS := $(if $(SUBSET),--subset $(SUBSET) --subset-seed $(SUBSET_SEED))
 LAST_VAE = $(if $(filter command line,$(origin VAE)),,$(shell ls -td runs/vae/*/ 2>/dev/null | head -n 1))
 
-.PHONY: help setup test test-slow lint data dm shards train eval demo compare ablation overparam mix dm-subsets
+.PHONY: help setup test test-slow lint data dm shards train eval frontier demo compare ablation overparam mix \
+	dm-subsets regularizers dm-quality real-vs-synthetic controls
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -57,7 +59,7 @@ dm: data ## train the diffusion model p_DM (PRESET=tiny|small|paper) into $(DM)
 
 shards: ## SCALE x |D_train| DM samples into $(SHARDS); trains the DM first if there is none
 	@if [ ! -f $(DM)/dm.json ]; then $(MAKE) dm; fi
-	$(BIN)/vaegen generate --dm $(DM) --scale $(SCALE) --seed $(SEED) --out $(SHARDS)
+	$(BIN)/vaegen generate --dm $(DM) --scale $(SCALE) --seed $(SEED) --out $(SHARDS) $(SAMPLER_ARGS)
 
 train: data ## a VAE on the first SCALE x |D_train| shard samples (DMaaPx) into $(VAE)
 	$(BIN)/vaegen train --dataset $(DATASET) $(SUBSET_ARGS) --shards $(SHARDS) --scale $(SCALE) --epochs $(EPOCHS) --seed $(SEED) --out $(VAE)
@@ -65,12 +67,17 @@ train: data ## a VAE on the first SCALE x |D_train| shard samples (DMaaPx) into 
 eval: ## the gaps of the most recently trained VAE (or VAE=runs/vae/NAME)
 	$(BIN)/vaegen eval $(or $(LAST_VAE),$(VAE))
 
+frontier: ## sample quality per network evaluation of every sampler, for $(DM) (trains it first if missing)
+	@if [ ! -f $(DM)/dm.json ]; then $(MAKE) dm; fi
+	$(BIN)/vaegen dm frontier --dm $(DM) --data-root data
+
 # --- studies (STUDY_PRESET=demo|cpu|paper); each is resumable: rerunning skips finished runs ---------------
 STUDY_PRESET ?= cpu
 SCALES ?=
 BUDGET ?=
+JOBS ?=
 STUDY_ARGS = --dataset $(DATASET) --preset $(STUDY_PRESET) $(if $(SCALES),--scales "$(SCALES)") \
-	$(if $(BUDGET),--budget-minutes $(BUDGET))
+	$(if $(BUDGET),--budget-minutes $(BUDGET)) $(if $(JOBS),--jobs $(JOBS))
 
 demo: ## the whole pipeline at tiny scale (minutes on a CPU); prints the report's path
 	$(BIN)/vaegen study demo --preset demo --dataset fmnist
@@ -89,3 +96,15 @@ mix: ## real/synthetic mixtures (appendix B.7)
 
 dm-subsets: ## DMs trained on subsets of D_train (appendix B.8)
 	$(BIN)/vaegen study dm-subsets $(STUDY_ARGS)
+
+regularizers: ## Normal, Normal+RHA, Aug.Mollify, DMaaPx, DMaaPx+RHA, DMaaPx+Mollify, with gap curves
+	$(BIN)/vaegen study regularizers $(STUDY_ARGS)
+
+dm-quality: ## DMaaPx on DMs of graded quality: how much the DM matters
+	$(BIN)/vaegen study dm-quality $(STUDY_ARGS)
+
+real-vs-synthetic: ## Normal training on k x N real images vs DMaaPx on k x N samples, same compute
+	$(BIN)/vaegen study real-vs-synthetic $(STUDY_ARGS)
+
+controls: ## early stopping and weight decay for Normal training, beside DMaaPx
+	$(BIN)/vaegen study controls $(STUDY_ARGS)

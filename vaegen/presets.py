@@ -53,7 +53,7 @@ class StudyPreset:
     # beyond the paper
     dm_quality_steps: tuple[int, ...] = ()    # DM training budgets (steps) of graded quality; () = the preset's
     real_scales: tuple[int, ...] = (1, 2, 5, 10, 20, 60)  # k*N real images (FashionMNIST has 60k)
-    weight_decays: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    weight_decays: tuple[float, ...] = (0.01, 0.1, 1.0)  # AdamW: per-step shrink lr * wd
     early_stopping_split: float = 0.1
     early_stopping_patience: int = 10
 

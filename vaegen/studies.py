@@ -548,12 +548,9 @@ def run_real_vs_synthetic(study: Study) -> None:
         raise VaegenError("real-vs-synthetic needs a preset with a D_train subset (N), to draw k*N real images")
     from vaegen.data import open_dataset
 
-    full = len(open_dataset(study.dataset, "train", root=study.data_root).labels) \
-        if (Path(study.data_root) / f"{study.dataset}.zarr").exists() else None
-    study.ensure_data(None if full is None else n)
-    if full is None:
-        study.vaegen("data", study.dataset, "--data-root", study.data_root)
-        full = len(open_dataset(study.dataset, "train", root=study.data_root).labels)
+    study.ensure_data()
+    study.vaegen("data", study.dataset, "--data-root", study.data_root)  # the full training split: k*N <= it
+    full = len(open_dataset(study.dataset, "train", root=study.data_root).labels)
     ks = [k for k in p.real_scales if k * n <= full]
     runs, shards = [], None
     for k in ks:
