@@ -114,6 +114,11 @@ def test_early_stopping_never_trains_on_validation_images_keeps_the_best_model_a
     assert saved["validation"]["indices"] == held_out.tolist() and saved["n_train"] == 30
     assert [m["val_elbo"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == \
         [5.0, 7.0, 6.0, 6.5]
+    monkeypatch.setattr(train_module, "mean_elbo", real_elbo)
+    result = CliRunner().invoke(main, ["eval", str(run), "--quick", "--gaps", "generalization", "--iwae-k", "0",
+                                       "--smoothness-pairs", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "eval" / "gaps.json").read_text())["n_train"] == 30  # D_train without the held-out
 
 
 def test_weight_decay_uses_adamw_and_shrinks_the_weights(tmp_path, support):

@@ -97,9 +97,10 @@ class JobRunner:
         except ImportError:
             return []
 
-    def env(self, gpu: int | None) -> dict:
+    def env(self, gpu: int | None, parallel: bool) -> dict:
+        """A job's environment: its share of the CPU threads and its own GPU; prerequisites get the machine."""
         env = dict(os.environ)
-        if self.jobs > 1:
+        if parallel and self.jobs > 1:
             threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TQDM_MININTERVAL="30")
         if gpu is not None:
@@ -141,7 +142,7 @@ class JobRunner:
         if self.failed is not None:
             return False
         # The stage's own output goes to stderr: a study's stdout is only the report's path.
-        proc = subprocess.Popen([sys.executable, "-m", "vaegen", *args], env=self.env(gpu),
+        proc = subprocess.Popen([sys.executable, "-m", "vaegen", *args], env=self.env(gpu, parallel=prefix),
                                 stdout=subprocess.PIPE if prefix else sys.stderr,
                                 stderr=subprocess.STDOUT if prefix else None)
         with self.lock:
