@@ -52,10 +52,11 @@ def test_same_seed_gives_bit_identical_runs(tmp_path, support):
     assert metrics(a) == metrics(b)
 
 
-@pytest.mark.parametrize("source", ["real", "shards"])
-def test_interrupted_run_resumes_to_the_uninterrupted_runs_exact_metrics_and_weights(tmp_path, monkeypatch, source, support):
+@pytest.mark.parametrize("source", ["real", "shards", "augmented"])
+def test_interrupted_run_resumes_to_the_uninterrupted_runs_exact_metrics_and_weights(tmp_path, monkeypatch, source,
+                                                                                     support):
     support.store(tmp_path / "data")
-    extra = {}
+    extra = {"augment": "naive", "augment_p": 0.5} if source == "augmented" else {}
     if source == "shards":
         support.shard_run(tmp_path / "shards", 48 * 3, 40, n_train=48)
         extra = dict(source="shards", shards=str(tmp_path / "shards"), scale=3)
