@@ -218,6 +218,7 @@ class Study:
         self.started = time.monotonic()
         self.stopped_at: str | None = None
         self.runner = JobRunner(jobs)
+        self.vae_seconds = 0.0  # wall time of this invocation's VAE phases (train + eval), prerequisites excluded
 
     # --- names ------------------------------------------------------------------------------------------
     def subset_tag(self, subset: int | None = None) -> str:
@@ -311,6 +312,7 @@ class Study:
     def ensure_vaes(self, runs: list[VaeRun], shards: Path | dict | None, **kwargs) -> None:
         """Train and evaluate `runs`, `jobs` at a time, until the budget stops the study (then wait for them).
         `shards` is one shard run for all, or {run name: shard run}."""
+        started = time.monotonic()
         for run in runs:
             commands = self.vae_commands(run, shards.get(run.name) if isinstance(shards, dict) else shards,
                                          **kwargs)
@@ -319,6 +321,7 @@ class Study:
             if (commands[0][0] == "train" and self.over_budget(run.name)) or not self.runner.submit(run.name, commands):
                 break
         self.runner.wait()
+        self.vae_seconds += time.monotonic() - started
 
     def tracking_args(self) -> tuple[str, ...]:
         p = self.preset
@@ -334,7 +337,8 @@ class Study:
         write_json_atomic(self.dir / "study.json", run_record(
             study=self.kind, dataset=self.dataset, preset=dataclasses.asdict(self.preset),
             jobs=self.runner.jobs, runs=[dataclasses.asdict(r) for r in runs], stopped_at=self.stopped_at,
-            minutes=round((time.monotonic() - self.started) / 60, 2), **extra))
+            minutes=round((time.monotonic() - self.started) / 60, 2), vae_minutes=round(self.vae_seconds / 60, 2),
+            **extra))
 
     def check_resumable(self) -> None:
         """A study directory belongs to one study kind, dataset and preset (seeds, grids and the budget may
