@@ -35,6 +35,14 @@ def study(args: argparse.Namespace, jobs: int, out: Path, *extra: str) -> float:
     return time.perf_counter() - start
 
 
+def measured(path: Path) -> dict | None:
+    """gaps.json without what names the run (its directory, command and time), which differs by design."""
+    if not path.exists():
+        return None
+    gaps = json.loads(path.read_text())
+    return {k: v for k, v in gaps.items() if k not in ("provenance", "run_dir")}
+
+
 def same_results(one: Path, two: Path) -> tuple[int, list[str]]:
     """(runs compared, runs whose weights or gaps differ) over the runs both study directories finished."""
     names = sorted(p.parent.name for p in (one / "runs").glob("*/model.safetensors"))
@@ -43,8 +51,7 @@ def same_results(one: Path, two: Path) -> tuple[int, list[str]]:
         a, b = one / "runs" / name, two / "runs" / name
         if not (b / "model.safetensors").exists():
             continue
-        gaps = [json.loads((d / "eval" / "gaps.json").read_text()) if (d / "eval" / "gaps.json").exists() else None
-                for d in (a, b)]
+        gaps = [measured(d / "eval" / "gaps.json") for d in (a, b)]
         if (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes() or gaps[0] != gaps[1]:
             differ.append(name)
     return len(names), differ

@@ -14,6 +14,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 
@@ -28,11 +29,15 @@ def make_probes(seed: int) -> dict:
 
 def probe_accuracies(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
                      test_labels: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Test accuracy of each probe trained on (train_features, train_labels)."""
+    """Test accuracy of each probe trained on (train_features, train_labels). The fits run on one BLAS/OpenMP
+    thread: a multi-threaded BLAS sums in another order, and the logistic regression turned that into 2 of 5000
+    images between evaluations of the same VAE with 1 and 2 threads (a --jobs study gives each job fewer). On one
+    thread the accuracies are the same however many threads the evaluation has."""
     scores = {}
-    for name, probe in tqdm(make_probes(seed).items(), desc="probes", unit="probe", leave=False):
-        probe.fit(train_features, train_labels)
-        scores[name] = float((probe.predict(test_features) == test_labels).mean())
+    with threadpool_limits(limits=1):
+        for name, probe in tqdm(make_probes(seed).items(), desc="probes", unit="probe", leave=False):
+            probe.fit(train_features, train_labels)
+            scores[name] = float((probe.predict(test_features) == test_labels).mean())
     return scores
 
 

@@ -161,29 +161,36 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def plot(summary: list[dict], recommendation: dict, path: Path) -> None:
-    """One panel per metric against NFE, one line per sampler, the reference's mean +- 2 sd shaded."""
+    """One panel per metric against NFE, one line per sampler; the reference's mean as a line and, for the
+    metrics the rule uses, the band it accepts (its mean +- 2 sd) shaded; the recommended point ringed."""
     from matplotlib.figure import Figure
 
     ref = next(g for g in summary if (g["sampler"], g["steps"]) == (REFERENCE.name, REFERENCE.steps))
+    band = recommendation.get("band") or {}
+    best = recommendation.get("point")
     fig = Figure(figsize=(15, 8.5))
     for ax, metric in zip(fig.subplots(2, 3).flat, METRICS):
-        mean, sd = ref["mean"][metric], ref["sd"][metric]
-        if sd is not None:
-            ax.axhspan(mean - 2 * sd, mean + 2 * sd, color="0.85", label="edm-heun 18 steps ± 2 sd")
-        ax.axhline(mean, color="0.5", lw=0.8)
+        if metric in band:
+            ax.axhspan(*band[metric], color="0.85", label="accepted: Heun-18 mean ± 2 sd (see rule)")
+        ax.axhline(ref["mean"][metric], color="0.5", lw=0.8)
         for i, name in enumerate(sorted({g["sampler"] for g in summary}, key=SAMPLERS.index)):
             line = [g for g in summary if g["sampler"] == name]
             ax.errorbar([g["nfe"] for g in line], [g["mean"][metric] for g in line],
                         yerr=[g["sd"][metric] or 0.0 for g in line], marker="o", ms=4, capsize=3,
                         color=f"C{i}", label=name)
+        if best:
+            point = next(g for g in summary if (g["sampler"], g["steps"]) == (best["sampler"], best["steps"]))
+            ax.plot(point["nfe"], point["mean"][metric], "o", ms=13, mfc="none", mec="k", label="recommended")
+        if metric == "fd":
+            ax.set_yscale("log")  # bad samplers reach ~100, the good ones differ by ~1
         ax.set_xscale("log")
         ticks = sorted({g["nfe"] for g in summary})
-        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
         ax.minorticks_off()
         ax.set(xlabel="network evaluations per image (NFE)", title=metric)
         ax.grid(alpha=0.3)
+    fig.axes[-1].set_ylim(bottom=0, top=max(0.05, fig.axes[-1].get_ylim()[1]))  # near-copy share: 0 is common
     fig.axes[0].legend(fontsize=8)
-    best = recommendation.get("point")
     fig.suptitle("Sample quality per NFE (mean, error bars: sd over seeds)"
                  + (f"; recommended: {best['sampler']} at NFE {best['nfe']}" if best else ""))
     fig.tight_layout()

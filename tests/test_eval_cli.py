@@ -160,3 +160,25 @@ def test_eval_runs_on_a_vae_trained_by_vaegen_train(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((run / "eval" / "gaps.json").read_text())
     assert summary["model"]["arch"] == "fc" and summary["n_train"] == 80
+
+
+def test_probes_fit_on_one_thread_so_their_accuracy_does_not_depend_on_the_thread_count(monkeypatch):
+    import threadpoolctl
+
+    import evaluator.probes as probes
+
+    seen = []
+
+    class Recorder:
+        def fit(self, x, y):
+            seen.append({lib["internal_api"]: lib["num_threads"] for lib in threadpoolctl.threadpool_info()})
+            return self
+
+        def predict(self, x):
+            return np.zeros(len(x), dtype=int)
+
+    monkeypatch.setattr(probes, "make_probes", lambda seed: {"a": Recorder(), "b": Recorder()})
+    x, y = np.zeros((6, 2)), np.zeros(6, dtype=int)
+    with threadpoolctl.threadpool_limits(limits=2):
+        assert probes.probe_accuracies(x, y, x, y) == {"a": 1.0, "b": 1.0}
+    assert len(seen) == 2 and seen[0] and all(n == 1 for fit in seen for n in fit.values()), seen
