@@ -104,6 +104,7 @@ def test_one_scorer_scores_every_seed_as_a_fresh_score_would(tmp_path, monkeypat
         assert record == fresh
 
 
+@pytest.mark.slow  # ~22 s: trains the score classifier on all of FashionMNIST
 @needs_fmnist
 def test_score_json_reports_every_metric_and_the_real_vs_real_floor(data_root, isolated_cache, tmp_path):
     dm = train_tiny(tmp_path / "dm", data_root, steps=2)
