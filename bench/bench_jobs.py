@@ -26,12 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def study(args: argparse.Namespace, jobs: int, out: Path, *extra: str) -> float:
+def study(args: argparse.Namespace, jobs: int, out: Path) -> float:
     cmd = [sys.executable, "-m", "vaegen", "study", args.study, "--dataset", args.dataset, "--preset", args.preset,
-           "--seeds", args.seeds, "--jobs", str(jobs), "--out", str(out), *extra]
+           "--seeds", args.seeds, "--jobs", str(jobs), "--out", str(out)]
     print("$", " ".join(cmd[2:]), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}).returncode:
+        sys.exit(f"the --jobs {jobs} study failed (its error is above); nothing was measured")
     return time.perf_counter() - start
 
 
@@ -45,12 +46,11 @@ def measured(path: Path) -> dict | None:
 
 def same_results(one: Path, two: Path) -> tuple[int, list[str]]:
     """(runs compared, runs whose weights or gaps differ) over the runs both study directories finished."""
-    names = sorted(p.parent.name for p in (one / "runs").glob("*/model.safetensors"))
+    names = sorted(p.parent.name for p in (one / "runs").glob("*/model.safetensors")
+                   if (two / "runs" / p.parent.name / "model.safetensors").exists())
     differ = []
     for name in names:
         a, b = one / "runs" / name, two / "runs" / name
-        if not (b / "model.safetensors").exists():
-            continue
         gaps = [measured(d / "eval" / "gaps.json") for d in (a, b)]
         if (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes() or gaps[0] != gaps[1]:
             differ.append(name)

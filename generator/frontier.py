@@ -183,13 +183,14 @@ def plot(summary: list[dict], recommendation: dict, path: Path) -> None:
             ax.plot(point["nfe"], point["mean"][metric], "o", ms=13, mfc="none", mec="k", label="recommended")
         if metric == "fd":
             ax.set_yscale("log")  # bad samplers reach ~100, the good ones differ by ~1
+        if metric == "near_copy_share":
+            ax.set_ylim(bottom=0, top=max(0.05, ax.get_ylim()[1]))  # 0 is common: keep the axis readable
         ax.set_xscale("log")
         ticks = sorted({g["nfe"] for g in summary})
         ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
         ax.minorticks_off()
         ax.set(xlabel="network evaluations per image (NFE)", title=metric)
         ax.grid(alpha=0.3)
-    fig.axes[-1].set_ylim(bottom=0, top=max(0.05, fig.axes[-1].get_ylim()[1]))  # near-copy share: 0 is common
     fig.axes[0].legend(fontsize=8)
     fig.suptitle("Sample quality per NFE (mean, error bars: sd over seeds)"
                  + (f"; recommended: {best['sampler']} at NFE {best['nfe']}" if best else ""))
