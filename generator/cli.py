@@ -67,9 +67,12 @@ dm.add_command(frontier_command)  # `vaegen dm frontier`: defined with its loop 
 @click.option("--mixed-precision", default="auto", type=click.Choice(["auto", "no", "bf16", "fp16"]),
               help="auto: bf16 on GPUs that support it, else none.")
 @click.option("--grid-samples", default=64, type=click.IntRange(min=1), help="Images in samples.png.")
+@click.option("--snapshot-steps", default="", metavar="S1,S2,...",
+              help="Also export the EMA model at these steps to <out>/snapshots/step-NNNNNNNN/ (graded DMs "
+                   "from one run; training is unchanged).")
 @threads_option
 def train(dataset, subset, subset_seed, data_root, preset, out, max_steps, max_minutes, batch_size, lr, seed,
-          checkpoint_every, resume, mixed_precision, grid_samples, threads):
+          checkpoint_every, resume, mixed_precision, grid_samples, snapshot_steps, threads):
     """Train an EDM diffusion model on D_train (resumable; output in diffusers format)."""
     from generator.train_dm import TrainConfig
     from generator.train_dm import train as train_dm
@@ -83,8 +86,20 @@ def train(dataset, subset, subset_seed, data_root, preset, out, max_steps, max_m
     config = TrainConfig(dataset=dataset, out=out, preset=preset, subset=subset, subset_seed=subset_seed,
                          data_root=data_root, max_steps=max_steps, max_minutes=max_minutes,
                          batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
-                         resume=resume, mixed_precision=mixed_precision, grid_samples=grid_samples)
+                         resume=resume, mixed_precision=mixed_precision, grid_samples=grid_samples,
+                         snapshot_steps=parse_steps(snapshot_steps))
     click.echo(str(train_dm(config)))
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    """'200,400' -> (200, 400): positive step numbers, sorted, without repeats."""
+    try:
+        steps = sorted({int(s) for s in text.replace(" ", "").split(",") if s})
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of steps", param_hint="--snapshot-steps") from None
+    if any(s < 1 for s in steps):
+        raise click.BadParameter("steps start at 1", param_hint="--snapshot-steps")
+    return tuple(steps)
 
 
 @dataclass(frozen=True)

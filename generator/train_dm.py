@@ -11,6 +11,8 @@ Output directory (runs/dm/NAME):
     train_log.jsonl                                    loss, lr, images/s every `log_every` steps
     train_run.json                                     resolved config; command line of every (re)start
     checkpoints/step-NNNNNNN/                          Accelerate state: weights, EMA, optimizer, lr, RNG
+    snapshots/step-NNNNNNNN/                           with --snapshot-steps: the EMA model at that step, a DM
+                                                       directory of its own (graded DMs from one run)
 
 Resuming is exact: everything random is either a pure function of (seed, step, rank) -- the data order and
 the training noise (`vaegen.seeding`) -- or in the checkpoint (dropout RNG, via Accelerate), so killing a run and
@@ -70,6 +72,7 @@ class TrainConfig:
     resume: bool = False
     mixed_precision: str = "auto"       # auto = bf16 on GPUs that have it, else full precision
     grid_samples: int = 64              # images in samples.png (Heun-18, seed 0)
+    snapshot_steps: tuple[int, ...] = ()  # also export the EMA model at these steps, to snapshots/step-NNNNNNNN/
 
     def resolved(self) -> TrainConfig:
         """The config with every preset-dependent None filled in (what gets recorded)."""
@@ -81,7 +84,8 @@ class TrainConfig:
 
 # Settings that may change between a run and its resumption without changing what the run computes
 # (max_steps may grow: the cosine schedule is then re-stretched, which the log records).
-RESUMABLE_CHANGES = {"max_minutes", "max_steps", "resume", "checkpoint_every", "grid_samples"}
+# Snapshots only add files (the loop never reads them), so their steps may change too.
+RESUMABLE_CHANGES = {"max_minutes", "max_steps", "resume", "checkpoint_every", "grid_samples", "snapshot_steps"}
 
 
 @dataclass
@@ -225,6 +229,38 @@ def export_model(unet: UNet2DModel, out: Path, record: dict, grid_samples: int) 
     return sha256
 
 
+def snapshot_dir(out: str | Path, step: int) -> Path:
+    """Where `--snapshot-steps` puts the EMA model of `step` (a DM directory `load_dm` reads)."""
+    return Path(out) / "snapshots" / f"step-{step:08d}"
+
+
+def save_snapshot(ema: torch.nn.Module, out: Path, record: dict, grid_samples: int) -> None:
+    """Export the EMA model of this step as its own DM directory, leaving training untouched.
+
+    The sample grid runs under a forked RNG, so a run with snapshots trains exactly like one without: the
+    snapshot at the last step holds the same bytes as the run's final export.
+    """
+    directory = snapshot_dir(out, record["steps"])
+    directory.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        export_model(copy.deepcopy(ema).eval(), directory, {**record, "snapshot_of": str(out)}, grid_samples)
+
+
+def dm_record(config: TrainConfig, preset: DMPreset, state: TrainState, ema: torch.nn.Module,
+              images: torch.Tensor, data_attrs: dict, seconds_this_run: float, steps_this_run: int) -> dict:
+    """dm.json's contents for the EMA model at the current step."""
+    return run_record(
+        config, dataset=config.dataset, subset=config.subset,
+        subset_seed=config.subset_seed if config.subset else None, preset=preset.name,
+        preset_config=preset.to_dict(), steps=state.step, images_seen=state.images_seen,
+        finished=state.step >= config.max_steps, train_images=len(images),
+        image_shape=list(images.shape[1:]), data_sources=data_attrs.get("sources"),
+        data_subset=data_attrs.get("subset"), train_seconds_this_run=seconds_this_run,
+        steps_this_run=steps_this_run, weights="EMA", parameters=sum(p.numel() for p in ema.parameters()),
+        preconditioning="EDM (Karras et al. 2022), sigma_data 0.5, c_noise = ln(sigma)/4",
+    )
+
+
 def train(config: TrainConfig) -> Path:
     """Train (or resume) a DM as configured; returns the output directory."""
     from accelerate import PartialState
@@ -308,6 +344,10 @@ def _train(config: TrainConfig) -> Path:
             state.step += 1
             state.images_seen += config.batch_size
             update_ema(ema, accelerator.unwrap_model(unet), state.images_seen, config.batch_size, preset)
+            if state.step in config.snapshot_steps and accelerator.is_main_process:
+                save_snapshot(ema, out, dm_record(config, preset, state, ema, images, data_attrs,
+                                                  time.time() - start_time, state.step - start_step),
+                              config.grid_samples)
 
             interval_loss += loss.item()
             interval_steps += 1
@@ -332,18 +372,9 @@ def _train(config: TrainConfig) -> Path:
                                 "rerun the same command with --resume to continue")
 
     if accelerator.is_main_process:
-        ema_final = copy.deepcopy(ema).eval()  # fp32 master copy, on the device for the sample grid
-        record = run_record(
-            config, dataset=config.dataset, subset=config.subset,
-            subset_seed=config.subset_seed if config.subset else None, preset=preset.name,
-            preset_config=preset.to_dict(), steps=state.step, images_seen=state.images_seen,
-            finished=state.step >= config.max_steps, train_images=len(images),
-            image_shape=list(images.shape[1:]), data_sources=data_attrs.get("sources"),
-            data_subset=data_attrs.get("subset"), train_seconds_this_run=time.time() - start_time,
-            steps_this_run=state.step - start_step, weights="EMA", parameters=sum(p.numel() for p in ema.parameters()),
-            preconditioning="EDM (Karras et al. 2022), sigma_data 0.5, c_noise = ln(sigma)/4",
-        )
-        export_model(ema_final, out, record, config.grid_samples)
+        record = dm_record(config, preset, state, ema, images, data_attrs, time.time() - start_time,
+                           state.step - start_step)
+        export_model(copy.deepcopy(ema).eval(), out, record, config.grid_samples)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

@@ -41,6 +41,20 @@ def finished_run(data_root, tmp_path_factory):
     return out
 
 
+def test_snapshots_are_loadable_dms_and_the_last_one_is_the_plain_run(finished_run, data_root, tmp_path):
+    out = tmp_path / "snapshots"
+    train(TrainConfig(out=str(out), data_root=str(data_root), snapshot_steps=(8, 24), **RUN))
+    weights = "diffusion_pytorch_model.safetensors"
+    # Snapshotting leaves training untouched, and the last snapshot is the plain run's model byte for byte.
+    assert (out / weights).read_bytes() == (finished_run / weights).read_bytes()
+    assert (out / "snapshots/step-00000024" / weights).read_bytes() == (finished_run / weights).read_bytes()
+    early = load_dm(str(out / "snapshots/step-00000008"))
+    record = json.loads((out / "snapshots/step-00000008/dm.json").read_text())
+    assert record["steps"] == 8 and not record["finished"] and early.sha256 == record["weights_sha256"]
+    assert early.sha256 != load_dm(str(out)).sha256
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-00000008", "step-00000024"]
+
+
 def test_output_loads_with_plain_diffusers_and_records_what_made_it(finished_run):
     unet = UNet2DModel.from_pretrained(finished_run)
     assert unet.config.in_channels == 1 and unet.config.sample_size == 32
