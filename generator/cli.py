@@ -67,7 +67,7 @@ dm.add_command(frontier_command)  # `vaegen dm frontier`: defined with its loop 
 @click.option("--mixed-precision", default="auto", type=click.Choice(["auto", "no", "bf16", "fp16"]),
               help="auto: bf16 on GPUs that support it, else none.")
 @click.option("--grid-samples", default=64, type=click.IntRange(min=1), help="Images in samples.png.")
-@click.option("--snapshot-steps", default="", metavar="S1,S2,...",
+@click.option("--snapshot-steps", default=None, metavar="S1,S2,...",
               help="Also export the EMA model at these steps to <out>/snapshots/step-NNNNNNNN/ (graded DMs "
                    "from one run; training is unchanged).")
 @threads_option
@@ -87,7 +87,7 @@ def train(dataset, subset, subset_seed, data_root, preset, out, max_steps, max_m
                          data_root=data_root, max_steps=max_steps, max_minutes=max_minutes,
                          batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
                          resume=resume, mixed_precision=mixed_precision, grid_samples=grid_samples,
-                         snapshot_steps=parse_steps(snapshot_steps))
+                         snapshot_steps=parse_steps(snapshot_steps or ""))
     click.echo(str(train_dm(config)))
 
 
