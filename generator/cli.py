@@ -18,6 +18,7 @@ from generator.generate import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, GenerateC
 from generator.presets import PRESETS
 from generator.sampling import SAMPLERS, SamplerConfig
 from vaegen.errors import VaegenError
+from vaegen.launch import is_main_process
 from vaegen.options import (
     CONTEXT,
     dataset_options,
@@ -229,9 +230,7 @@ def generate(dm, scale, out, sampler, steps, seed, shard_size, batch_size, chunk
                          subset_seed=subset_seed, data_root=data_root, precision=precision, compile=compile_,
                          compile_mode=compile_mode, channels_last=channels_last)
     record = generate_run(cfg)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if is_main_process():
         click.echo(f"{out}: {record['n_samples']} samples (K={record['scale']} x N={record['n_train']}) "
                    f"in {record['num_shards']} shards")
 

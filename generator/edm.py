@@ -37,8 +37,9 @@ def edm_denoise(unet: UNet2DModel, scheduler: EDMEulerScheduler, x: torch.Tensor
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
     c_noise = scheduler.precondition_noise(sigma.reshape(-1))
     sigma = sigma.reshape(-1, 1, 1, 1) if sigma.ndim else sigma
-    x_in = scheduler.precondition_inputs(x, sigma).to(unet.dtype)
-    F = unet(x_in, c_noise.to(unet.dtype)).sample.float()
+    dtype = getattr(unet, "module", unet).dtype  # under several processes `unet` is DDP's wrapper
+    x_in = scheduler.precondition_inputs(x, sigma).to(dtype)
+    F = unet(x_in, c_noise.to(dtype)).sample.float()
     return scheduler.precondition_outputs(x, F, sigma)
 
 

@@ -18,7 +18,6 @@ every verified shard and redoes the rest (resume after a crash, a kill, a signal
 from __future__ import annotations
 
 import dataclasses
-import os
 import queue
 import shutil
 import threading
@@ -33,6 +32,7 @@ from vaegen import shardformat as sf
 from vaegen.data import IMAGE_SIZE, get_spec, store_path
 from vaegen.errors import VaegenError
 from vaegen.interrupts import set_resume_hint
+from vaegen.launch import launch_state
 from vaegen.provenance import read_json, run_record, write_json_atomic
 from vaegen.runlock import run_lock
 
@@ -208,9 +208,7 @@ class BackgroundShardWriter:
 
 def generate_run(cfg: GenerateConfig) -> dict:
     """Generate (or complete) the run directory `cfg.out`; returns its generation.json record."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=_cpu_processes())  # accelerate's launch environment, or a single process
+    state = launch_state()
     set_resume_hint("rerun the same command to resume: finished shards are kept")
     with run_lock(cfg.out, main_process=state.is_main_process):
         return _generate(cfg, state)
@@ -323,12 +321,3 @@ def _generate(cfg: GenerateConfig, state) -> dict:
     state.wait_for_everyone()
     return record if record is not None else read_json(out / sf.GENERATION_NAME)
 
-
-def _cpu_processes() -> bool:
-    """Whether to run distributed on CPU (gloo): `accelerate launch --cpu`, or a torchrun-style launch
-    (`accelerate launch --multi_gpu`, the only CPU multi-process launcher without MPI) on a machine without CUDA.
-    """
-    import torch
-    from accelerate.utils import parse_flag_from_env
-
-    return parse_flag_from_env("ACCELERATE_USE_CPU") or ("LOCAL_RANK" in os.environ and not torch.cuda.is_available())

@@ -41,6 +41,7 @@ from generator.presets import DMPreset, get_preset
 from vaegen.data import open_dataset
 from vaegen.errors import VaegenError
 from vaegen.interrupts import StopRequests
+from vaegen.launch import launch_state
 from vaegen.provenance import (
     append_jsonl,
     fsync_dir,
@@ -263,9 +264,7 @@ def dm_record(config: TrainConfig, preset: DMPreset, state: TrainState, ema: tor
 
 def train(config: TrainConfig) -> Path:
     """Train (or resume) a DM as configured; returns the output directory."""
-    from accelerate import PartialState
-
-    with run_lock(config.out, main_process=PartialState().is_main_process):
+    with run_lock(config.out, main_process=launch_state().is_main_process):
         return _train(config.resolved())
 
 
@@ -314,7 +313,7 @@ def _train(config: TrainConfig) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         starts = read_json(out / "train_run.json").get("starts", []) if config.resume else []
-        starts.append(run_record(resumed_from_step=state.step if config.resume else None))
+        starts.append(run_record(resumed_from_step=state.step if config.resume else None, num_processes=world))
         write_json_atomic(out / "train_run.json",
                           {"config": asdict(config), "preset": preset.to_dict(), "starts": starts})
         truncate_log(out / "train_log.jsonl", state.step)

@@ -52,6 +52,7 @@ from trainer.regularizers import MollifySchedule, mollify, validation_split
 from vaegen.data import get_spec, open_dataset
 from vaegen.errors import VaegenError
 from vaegen.interrupts import StopRequests, set_resume_hint
+from vaegen.launch import launch_state
 from vaegen.provenance import (
     append_jsonl,
     read_json,
@@ -278,10 +279,8 @@ def truncate_metrics(path: Path, epoch: int) -> None:
 
 def train(cfg: TrainConfig) -> Path:
     """Train one VAE; returns the run directory. All input checks happen before the first step."""
-    from accelerate import PartialState
-
     set_resume_hint("rerun the same command with --resume to continue from the last checkpoint")
-    with run_lock(cfg.out, main_process=PartialState().is_main_process):
+    with run_lock(cfg.out, main_process=launch_state().is_main_process):
         return _train(cfg)
 
 

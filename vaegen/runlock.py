@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from vaegen.errors import VaegenError
@@ -57,8 +58,18 @@ def _check_holder_alive(path: Path, directory) -> None:
 
 
 def _describe(info: dict) -> str:
-    return (f"{info.get('command', '?')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, "
-            f"since {info.get('since', '?')})")
+    if not {"command", "pid", "host", "since"} <= info.keys():
+        return "another process"
+    return f"{info['command']} (pid {info['pid']} on {info['host']}, since {info['since']})"
+
+
+def _wait_for_holder(path: Path, seconds: float = 2.0) -> dict:
+    """The holder's name: it writes it right after taking the lock, so a reader that came in between waits a
+    moment for it rather than naming nobody."""
+    deadline = time.monotonic() + seconds
+    while not (holder := _read_holder(path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return holder
 
 
 @contextlib.contextmanager
@@ -80,7 +91,7 @@ def run_lock(directory: str | os.PathLike, main_process: bool = True):
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise VaegenError(f"{directory} is being written by {_describe(_read_holder(path))}; wait for it to "
+            raise VaegenError(f"{directory} is being written by {_describe(_wait_for_holder(path))}; wait for it to "
                               "finish or stop it (a dead holder releases the lock by itself)") from None
         # The previous holder may have unlinked the file between our open and our flock: then we locked an
         # orphaned inode and must try again on the current file.
