@@ -17,10 +17,13 @@ from generator.frontier import frontier_command
 from generator.generate import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, GenerateConfig
 from generator.presets import PRESETS
 from generator.sampling import SAMPLERS, SamplerConfig
+from vaegen.dmrun import DM_ROOT
 from vaegen.errors import VaegenError
 from vaegen.launch import is_main_process
 from vaegen.options import (
     CONTEXT,
+    DATASET_NAMES,
+    data_root_option,
     dataset_options,
     device_option,
     resolve_device,
@@ -75,16 +78,14 @@ dm.add_command(frontier_command)  # `vaegen dm frontier`: defined with its loop 
 def train(dataset, subset, subset_seed, data_root, preset, out, max_steps, max_minutes, batch_size, lr, seed,
           checkpoint_every, resume, mixed_precision, grid_samples, snapshot_steps, threads):
     """Train an EDM diffusion model on D_train (resumable; output in diffusers format)."""
-    from generator.train_dm import TrainConfig
-    from generator.train_dm import train as train_dm
+    from generator.train_dm import DMTrainConfig, train_dm
+    from vaegen.dmrun import dm_name
     from vaegen.interrupts import set_resume_hint
 
     set_threads(threads)
     set_resume_hint("rerun the same command with --resume to continue from the last checkpoint")
-    if out is None:
-        name = dataset + (f"-n{subset}-s{subset_seed}" if subset else "")
-        out = os.path.join("runs", "dm", f"{name}-{preset}")
-    config = TrainConfig(dataset=dataset, out=out, preset=preset, subset=subset, subset_seed=subset_seed,
+    out = out or str(DM_ROOT / dm_name(dataset, subset, subset_seed, preset))
+    config = DMTrainConfig(dataset=dataset, out=out, preset=preset, subset=subset, subset_seed=subset_seed,
                          data_root=data_root, max_steps=max_steps, max_minutes=max_minutes,
                          batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
                          resume=resume, mixed_precision=mixed_precision, grid_samples=grid_samples,
@@ -113,7 +114,7 @@ class SampleGridConfig:
     device: str = "cpu"
 
 
-def sample_grid(config: SampleGridConfig) -> Path:
+def write_sample_grid(config: SampleGridConfig) -> Path:
     """Sample images 0..n-1 and write them as one grid PNG (plus <out>.json saying how)."""
     from PIL import Image
 
@@ -145,15 +146,15 @@ def sample(dm_path, n, out, sampler, steps, seed, chunk, device, threads):
     set_threads(threads)
     config = SampleGridConfig(dm=dm_path, out=out, n=n, seed=seed, device=str(resolve_device(device)),
                               sampler=SamplerConfig(name=sampler, steps=steps, chunk=chunk))
-    path = sample_grid(config)
+    path = write_sample_grid(config)
     click.echo(str(path))
 
 
 @dm.command(context_settings=CONTEXT)
 @click.option("--dm", "dm_path", required=True, help="DM directory (ours, a diffusers UNet or pipeline dir).")
-@click.option("--dataset", default=None, type=click.Choice(["fmnist", "mnist", "binary-mnist", "cifar10"]),
+@click.option("--dataset", default=None, type=click.Choice(DATASET_NAMES),
               help="Real data to compare with [default: the DM's dm.json].")
-@click.option("--data-root", default="data", type=click.Path(file_okay=False), help="Where the stores are.")
+@data_root_option
 @click.option("--n", default=1000, type=click.IntRange(min=20), help="Samples to score (and real images used).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Where to write the scores [default: <dm>/score.json].")
@@ -164,8 +165,7 @@ def sample(dm_path, n, out, sampler, steps, seed, chunk, device, threads):
 @threads_option
 def score(dm_path, dataset, data_root, n, out, classifier_steps, sampler, steps, seed, chunk, device, threads):
     """How good is p_DM: Frechet distance, precision/recall, memorization, two-sample test."""
-    from generator.score import ScoreConfig
-    from generator.score import score as score_dm
+    from generator.score import ScoreConfig, score_dm
 
     set_threads(threads)
     config = ScoreConfig(dm=dm_path, dataset=dataset, data_root=data_root, n=n, out=out, seed=seed,

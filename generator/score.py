@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,12 +34,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from generator.sampling import SamplerConfig, load_dm, sample, sampler_record
+from vaegen import dmrun
 from vaegen.data import cache_dir, open_dataset
 from vaegen.errors import VaegenError
-from vaegen.provenance import read_json, run_record, write_json_atomic
+from vaegen.provenance import run_record, write_json_atomic
 from vaegen.seeding import SPLIT, derive, numpy_rng, torch_generator
 
-CLASSIFIER_VERSION = 2  # bump when FeatureNet or its training changes: invalidates the cache
+CLASSIFIER_VERSION = 3  # bump when FeatureNet or its training changes: invalidates the cache (3: seeded init)
 
 
 @dataclass(frozen=True)
@@ -91,15 +91,18 @@ def feature_classifier(dataset: str, data_root: str, steps: int, device: str = "
                          sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = cache_dir() / "score-classifier" / f"{dataset}-{key}.safetensors"
-    net = FeatureNet(train.images.shape[1])
     if path.exists():
+        net = FeatureNet(train.images.shape[1])
         net.load_state_dict(load_file(path))
         info = json.loads(path.with_suffix(".json").read_text())
         info.pop("path", None)  # older caches recorded this machine's absolute path
         return net.to(device).eval(), {**info, "cache_file": str(path.relative_to(cache_dir()))}
 
-    generator = torch_generator(0, "score-classifier")  # one classifier per dataset: seed 0
+    # One classifier per dataset, seed 0: the initial weights too (the cache is keyed by the training data and
+    # steps alone, so two machines must build the same network).
     torch.manual_seed(derive(0, "score-classifier"))
+    net = FeatureNet(train.images.shape[1])
+    generator = torch_generator(0, "score-classifier")
     images, labels = to_float(train.images), torch.as_tensor(train.labels.astype(np.int64))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
@@ -188,19 +191,6 @@ def two_sample_accuracy(real: np.ndarray, fake: np.ndarray, seed: int) -> float:
     return float(clf.score(scaler.transform(x_test), y_test))
 
 
-def dm_training_data(config: ScoreConfig) -> tuple[str, int | None, int]:
-    """(dataset, subset, subset seed) of D_train: the DM's dm.json, else --dataset (full training split)."""
-    record_path = Path(config.dm) / "dm.json"
-    record = read_json(record_path) if record_path.is_file() else {}
-    dataset = config.dataset or record.get("dataset")
-    if dataset is None:
-        raise VaegenError(f"{config.dm} has no dm.json saying what it was trained on; pass --dataset")
-    if record and dataset != record.get("dataset"):
-        raise VaegenError(f"--dataset {dataset} but {record_path} says the DM was trained on {record['dataset']}")
-    subset = record.get("subset") if record else None
-    return dataset, subset, record.get("subset_seed") or 0
-
-
 @dataclass(frozen=True)
 class Reference:
     """What one seed's scores compare with: everything about its n real images that samples never change."""
@@ -220,7 +210,8 @@ class Scorer:
 
     def __init__(self, config: ScoreConfig):
         self.config = config
-        self.dataset, self.subset, self.subset_seed = dm_training_data(config)
+        data = dmrun.training_data(config.dm, config.dataset)
+        self.dataset, self.subset, self.subset_seed = data.dataset, data.subset, data.subset_seed or 0
         self.train = open_dataset(self.dataset, "train", self.subset, self.subset_seed, config.data_root)
         self.test = open_dataset(self.dataset, "test", self.subset, self.subset_seed, config.data_root)
         self.dm = load_dm(config.dm, config.device)
@@ -281,10 +272,10 @@ class Scorer:
         )
 
 
-def score(config: ScoreConfig) -> dict:
+def score_dm(config: ScoreConfig) -> dict:
     """Score a DM (see the module docstring); writes score.json and returns its content."""
     scorer = Scorer(config)
     samples = sample(scorer.dm, range(scorer.n), config.seed, config.sampler, config.device, progress=True)
     result = scorer.record(config, samples.numpy())
-    write_json_atomic(Path(config.out) if config.out else Path(config.dm) / "score.json", result)
+    dmrun.write_score(config.dm, result, config.out)
     return result

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from generator.edm import EDMLoss, edm_scheduler
 from generator.presets import DMPreset, get_preset
+from vaegen import dmrun
 from vaegen.data import open_dataset
 from vaegen.errors import VaegenError
 from vaegen.interrupts import StopRequests
@@ -57,7 +58,7 @@ from vaegen.seeding import derive, numpy_rng, torch_generator
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class DMTrainConfig:
     dataset: str = "fmnist"
     out: str = "runs/dm/fmnist-tiny"
     preset: str = "tiny"
@@ -75,7 +76,7 @@ class TrainConfig:
     grid_samples: int = 64              # images in samples.png (Heun-18, seed 0)
     snapshot_steps: tuple[int, ...] = ()  # also export the EMA model at these steps, to snapshots/step-NNNNNNNN/
 
-    def resolved(self) -> TrainConfig:
+    def resolved(self) -> DMTrainConfig:
         """The config with every preset-dependent None filled in (what gets recorded)."""
         preset = get_preset(self.preset)
         return replace(self, max_steps=self.max_steps or preset.max_steps,
@@ -103,7 +104,7 @@ class TrainState:
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
 
 
-def load_train_images(config: TrainConfig) -> tuple[torch.Tensor, dict]:
+def load_train_images(config: DMTrainConfig) -> tuple[torch.Tensor, dict]:
     """D_train as floats in [-1, 1] (x = u8 / 127.5 - 1) and the store's provenance attributes."""
     real = open_dataset(config.dataset, "train", config.subset, config.subset_seed, config.data_root)
     images = torch.from_numpy(real.images).float() / 127.5 - 1
@@ -146,14 +147,14 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, images_seen: int, bat
 
 def checkpoints(out: Path) -> list[Path]:
     """Complete checkpoints (only renamed-into-place ones count), oldest first."""
-    directory = out / "checkpoints"
+    directory = dmrun.checkpoint_dir(out)
     return sorted(directory.glob("step-*")) if directory.is_dir() else []
 
 
 def save_checkpoint(accelerator, out: Path, step: int, keep: int = 2) -> None:
     """Accelerate state to a temporary name, then rename: a kill mid-save never leaves a bad checkpoint."""
-    final = out / "checkpoints" / f"step-{step:08d}"
-    tmp = out / "checkpoints" / f".tmp-step-{step:08d}"
+    final = dmrun.checkpoint_dir(out) / f"step-{step:08d}"
+    tmp = dmrun.checkpoint_dir(out) / f".tmp-step-{step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -169,9 +170,9 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int = 2) -> None:
     accelerator.wait_for_everyone()
 
 
-def check_resumable(out: Path, config: TrainConfig) -> None:
+def check_resumable(out: Path, config: DMTrainConfig) -> None:
     """Refuse to resume with settings that would make the continuation a different run."""
-    previous = read_json(out / "train_run.json")["config"]
+    previous = read_json(out / dmrun.TRAIN_RUN_NAME)["config"]
     changed = {k for k, v in asdict(config).items() if previous.get(k) != v} - RESUMABLE_CHANGES
     if changed:
         diff = ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(config, k)!r}" for k in sorted(changed))
@@ -219,20 +220,14 @@ def export_model(unet: UNet2DModel, out: Path, record: dict, grid_samples: int) 
     unet.save_pretrained(tmp)
     scheduler = edm_scheduler()
     scheduler.save_pretrained(tmp)
-    sha256 = sha256_file(tmp / "diffusion_pytorch_model.safetensors")
-    save_samples_grid(unet, dict(scheduler.config), tmp / "samples.png", grid_samples)
-    write_json_atomic(tmp / "dm.json", {**record, "weights_sha256": sha256})
-    for name in ("samples.png", "scheduler_config.json", "config.json", "dm.json",
-                 "diffusion_pytorch_model.safetensors"):
+    sha256 = sha256_file(tmp / dmrun.WEIGHTS_NAME)
+    save_samples_grid(unet, dict(scheduler.config), tmp / dmrun.SAMPLES_NAME, grid_samples)
+    dmrun.write_record(tmp, {**record, "weights_sha256": sha256})
+    for name in (dmrun.SAMPLES_NAME, "scheduler_config.json", "config.json", dmrun.RECORD_NAME, dmrun.WEIGHTS_NAME):
         os.replace(tmp / name, out / name)
     fsync_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     return sha256
-
-
-def snapshot_dir(out: str | Path, step: int) -> Path:
-    """Where `--snapshot-steps` puts the EMA model of `step` (a DM directory `load_dm` reads)."""
-    return Path(out) / "snapshots" / f"step-{step:08d}"
 
 
 def save_snapshot(ema: torch.nn.Module, out: Path, record: dict, grid_samples: int) -> None:
@@ -241,13 +236,13 @@ def save_snapshot(ema: torch.nn.Module, out: Path, record: dict, grid_samples: i
     The sample grid runs under a forked RNG, so a run with snapshots trains exactly like one without: the
     snapshot at the last step holds the same bytes as the run's final export.
     """
-    directory = snapshot_dir(out, record["steps"])
+    directory = dmrun.snapshot_dir(out, record["steps"])
     directory.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         export_model(copy.deepcopy(ema).eval(), directory, {**record, "snapshot_of": str(out)}, grid_samples)
 
 
-def dm_record(config: TrainConfig, preset: DMPreset, state: TrainState, ema: torch.nn.Module,
+def dm_record(config: DMTrainConfig, preset: DMPreset, state: TrainState, ema: torch.nn.Module,
               images: torch.Tensor, data_attrs: dict, seconds_this_run: float, steps_this_run: int) -> dict:
     """dm.json's contents for the EMA model at the current step."""
     return run_record(
@@ -262,13 +257,13 @@ def dm_record(config: TrainConfig, preset: DMPreset, state: TrainState, ema: tor
     )
 
 
-def train(config: TrainConfig) -> Path:
+def train_dm(config: DMTrainConfig) -> Path:
     """Train (or resume) a DM as configured; returns the output directory."""
     with run_lock(config.out, main_process=launch_state().is_main_process):
         return _train(config.resolved())
 
 
-def _train(config: TrainConfig) -> Path:
+def _train(config: DMTrainConfig) -> Path:
     from accelerate import Accelerator
 
     preset = get_preset(config.preset)
@@ -276,7 +271,7 @@ def _train(config: TrainConfig) -> Path:
     existing = checkpoints(out)
     if config.resume and not existing:
         raise VaegenError(f"--resume: no checkpoint in {out}/checkpoints; start without --resume")
-    if not config.resume and (existing or (out / "dm.json").exists()):
+    if not config.resume and (existing or dmrun.read_record(out) is not None):
         raise VaegenError(f"{out} already holds a DM run; pass --resume to continue it or choose another --out")
     if config.resume:
         check_resumable(out, config)
@@ -312,11 +307,11 @@ def _train(config: TrainConfig) -> Path:
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        starts = read_json(out / "train_run.json").get("starts", []) if config.resume else []
+        starts = read_json(out / dmrun.TRAIN_RUN_NAME).get("starts", []) if config.resume else []
         starts.append(run_record(resumed_from_step=state.step if config.resume else None, num_processes=world))
-        write_json_atomic(out / "train_run.json",
+        write_json_atomic(out / dmrun.TRAIN_RUN_NAME,
                           {"config": asdict(config), "preset": preset.to_dict(), "starts": starts})
-        truncate_log(out / "train_log.jsonl", state.step)
+        truncate_log(out / dmrun.TRAIN_LOG_NAME, state.step)
         n_params = sum(p.numel() for p in ema.parameters())
         accelerator.print(f"dm train: {config.dataset} ({len(images)} images), preset {preset.name} "
                           f"({n_params / 1e6:.2f}M parameters), {world} process(es), "
@@ -359,7 +354,7 @@ def _train(config: TrainConfig) -> Path:
                          "elapsed_s": time.time() - start_time}
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
                 if accelerator.is_main_process:
-                    append_jsonl(out / "train_log.jsonl", entry)
+                    append_jsonl(out / dmrun.TRAIN_LOG_NAME, entry)
                 interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
             if state.step % config.checkpoint_every == 0:
                 save_checkpoint(accelerator, out, state.step)

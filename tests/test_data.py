@@ -14,7 +14,7 @@ import zarr
 from click.testing import CliRunner
 
 import vaegen.data as data
-from vaegen.cli import main
+from studies.cli import main
 from vaegen.errors import VaegenError
 
 FMNIST_DIR = Path(data.DEBIAN_FMNIST_DIR)
@@ -229,9 +229,10 @@ def test_real_fashion_mnist_store_matches_official_files(tmp_path):
 def test_packages_are_imported_from_this_repository():
     import evaluator
     import generator
+    import studies
     import trainer
     import vaegen
 
     repo = Path(__file__).resolve().parent.parent
-    for module in (vaegen, generator, trainer, evaluator):
+    for module in (vaegen, generator, trainer, evaluator, studies):
         assert Path(module.__file__).resolve().parent.parent == repo, module.__file__

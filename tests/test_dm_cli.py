@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from vaegen.cli import main
+from studies.cli import main
 
 
 @pytest.fixture(scope="module")

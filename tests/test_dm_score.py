@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -16,10 +18,10 @@ from generator.score import (
     frechet_distance,
     manifold_coverage,
     nearest_two,
-    score,
+    score_dm,
     two_sample_accuracy,
 )
-from generator.train_dm import TrainConfig, train
+from generator.train_dm import DMTrainConfig, train_dm
 from vaegen.data import DEBIAN_FMNIST_DIR, build_store, store_attrs, store_path, write_store
 
 torch.set_num_threads(1)
@@ -76,13 +78,13 @@ def isolated_cache(tmp_path_factory):
 
 
 def train_tiny(out, data_root, steps):
-    train(TrainConfig(dataset="fmnist", preset="tiny", subset=500, out=str(out), data_root=str(data_root),
+    train_dm(DMTrainConfig(dataset="fmnist", preset="tiny", subset=500, out=str(out), data_root=str(data_root),
                       max_steps=steps, checkpoint_every=steps, grid_samples=4))
     return out
 
 
 def test_one_scorer_scores_every_seed_as_a_fresh_score_would(tmp_path, monkeypatch):
-    """`dm frontier` reuses one Scorer across samplers and seeds: its records must be score()'s, key for key."""
+    """`dm frontier` reuses one Scorer across samplers and seeds: its records must be score_dm()'s, key for key."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
     splits = {split: (rng.integers(0, 256, (n, 1, 32, 32), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8))
@@ -99,7 +101,7 @@ def test_one_scorer_scores_every_seed_as_a_fresh_score_would(tmp_path, monkeypat
     scorer = Scorer(configs[0])
     shared = [scorer.record(c, sample(scorer.dm, range(20), c.seed, c.sampler).numpy()) for c in configs]
     for config, record in zip(configs, shared):
-        fresh = score(config)
+        fresh = score_dm(config)
         assert record.pop("created") and fresh.pop("created")
         assert record == fresh
 
@@ -108,7 +110,7 @@ def test_one_scorer_scores_every_seed_as_a_fresh_score_would(tmp_path, monkeypat
 @needs_fmnist
 def test_score_json_reports_every_metric_and_the_real_vs_real_floor(data_root, isolated_cache, tmp_path):
     dm = train_tiny(tmp_path / "dm", data_root, steps=2)
-    result = score(ScoreConfig(dm=str(dm), data_root=str(data_root), n=40, classifier_steps=5,
+    result = score_dm(ScoreConfig(dm=str(dm), data_root=str(data_root), n=40, classifier_steps=5,
                                sampler=SamplerConfig(steps=2, chunk=40)))
     written = json.loads((dm / "score.json").read_text())
     assert written["summary"] == result["summary"] and written["n"] == 40 and written["subset"] == 500
@@ -124,8 +126,8 @@ def test_score_json_reports_every_metric_and_the_real_vs_real_floor(data_root, i
 def test_score_ranks_a_longer_trained_model_above_a_barely_trained_one_on_every_metric(
         data_root, isolated_cache, tmp_path):
     config = dict(data_root=str(data_root), n=300, classifier_steps=300, sampler=SamplerConfig(steps=8))
-    barely = score(ScoreConfig(dm=str(train_tiny(tmp_path / "barely", data_root, 5)), **config))
-    longer = score(ScoreConfig(dm=str(train_tiny(tmp_path / "longer", data_root, 400)), **config))
+    barely = score_dm(ScoreConfig(dm=str(train_tiny(tmp_path / "barely", data_root, 5)), **config))
+    longer = score_dm(ScoreConfig(dm=str(train_tiny(tmp_path / "longer", data_root, 400)), **config))
     worse, better = barely["samples"], longer["samples"]
     assert better["fd"] < worse["fd"]
     assert better["precision"] > worse["precision"]
@@ -135,3 +137,23 @@ def test_score_ranks_a_longer_trained_model_above_a_barely_trained_one_on_every_
     assert abs(np.log(better["nn_distance_ratio_to_test"])) < abs(np.log(worse["nn_distance_ratio_to_test"]))
     floor = longer["floor_real_test_vs_train"]
     assert floor["fd"] < better["fd"] and abs(floor["c2st_accuracy"] - 0.5) < 0.1
+
+
+@pytest.mark.slow
+def test_two_fresh_processes_build_the_same_feature_classifier(tmp_path, support):
+    """The classifier's cache key is its training data and steps: its initial weights must be seeded too."""
+    import subprocess
+    import sys
+
+    support.store(tmp_path / "data", n_train=64, n_test=16)
+    program = ("import hashlib, sys; from generator.score import feature_classifier; from vaegen.data import cache_dir\n"
+               f"feature_classifier('fmnist', {str(tmp_path / 'data')!r}, steps=2)\n"
+               "print(*(hashlib.sha256(p.read_bytes()).hexdigest() for p in "
+               "sorted((cache_dir() / 'score-classifier').glob('*.safetensors'))))")
+    weights = []
+    for run in ("a", "b"):
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / f"cache-{run}"), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        weights.append(done.stdout.split())
+    assert weights[0] == weights[1] and len(weights[0]) == 1

@@ -14,7 +14,7 @@ import torch
 from diffusers import UNet2DModel
 
 from generator.sampling import load_dm
-from generator.train_dm import TrainConfig, batch_indices, train
+from generator.train_dm import DMTrainConfig, batch_indices, train_dm
 from vaegen.data import DEBIAN_FMNIST_DIR, build_store
 from vaegen.errors import VaegenError
 
@@ -37,13 +37,13 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    train(TrainConfig(out=str(out), data_root=str(data_root), **RUN))
+    train_dm(DMTrainConfig(out=str(out), data_root=str(data_root), **RUN))
     return out
 
 
 def test_snapshots_are_loadable_dms_and_the_last_one_is_the_plain_run(finished_run, data_root, tmp_path):
     out = tmp_path / "snapshots"
-    train(TrainConfig(out=str(out), data_root=str(data_root), snapshot_steps=(8, 24), **RUN))
+    train_dm(DMTrainConfig(out=str(out), data_root=str(data_root), snapshot_steps=(8, 24), **RUN))
     weights = "diffusion_pytorch_model.safetensors"
     # Snapshotting leaves training untouched, and the last snapshot is the plain run's model byte for byte.
     assert (out / weights).read_bytes() == (finished_run / weights).read_bytes()
@@ -76,7 +76,7 @@ def test_output_loads_with_plain_diffusers_and_records_what_made_it(finished_run
 def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(finished_run, data_root, tmp_path):
     out = tmp_path / "killed"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]
-    command = [sys.executable, "-c", "from vaegen.cli import main; main()", "dm", "train", *args,
+    command = [sys.executable, "-c", "from studies.cli import main; main()", "dm", "train", *args,
                f"--out={out}", f"--data-root={data_root}", "--threads=1"]
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,7 +89,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(finished
     assert first_checkpoint.exists() and process.returncode == -signal.SIGKILL
     assert not (out / "dm.json").exists()  # killed mid-run: nothing a later stage could take for a model
 
-    train(TrainConfig(out=str(out), data_root=str(data_root), resume=True, **RUN))
+    train_dm(DMTrainConfig(out=str(out), data_root=str(data_root), resume=True, **RUN))
     for name in ("diffusion_pytorch_model.safetensors", "checkpoints/step-00000024/model.safetensors"):
         assert (out / name).read_bytes() == (finished_run / name).read_bytes(), name  # EMA and raw weights
     ours = torch.load(out / "checkpoints/step-00000024/optimizer.bin", weights_only=False)["state"]
@@ -122,23 +122,23 @@ def test_a_signal_saves_a_checkpoint_at_the_current_step_and_the_resumed_run_end
     assert 0 < step < 24 and [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:08d}"]
     assert not (out / "dm.json").exists()
 
-    train(TrainConfig(out=str(out), data_root=str(data_root), resume=True, **{**RUN, "checkpoint_every": 1000}))
+    train_dm(DMTrainConfig(out=str(out), data_root=str(data_root), resume=True, **{**RUN, "checkpoint_every": 1000}))
     assert (out / "diffusion_pytorch_model.safetensors").read_bytes() == \
         (finished_run / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
 def test_existing_run_is_not_overwritten_and_resume_refuses_changed_settings(finished_run, data_root, tmp_path):
     with pytest.raises(VaegenError, match="--resume"):
-        train(TrainConfig(out=str(finished_run), data_root=str(data_root), **RUN))
+        train_dm(DMTrainConfig(out=str(finished_run), data_root=str(data_root), **RUN))
     with pytest.raises(VaegenError, match="lr"):
-        train(TrainConfig(out=str(finished_run), data_root=str(data_root), resume=True, **{**RUN, "lr": 0.1}))
+        train_dm(DMTrainConfig(out=str(finished_run), data_root=str(data_root), resume=True, **{**RUN, "lr": 0.1}))
     with pytest.raises(VaegenError, match="no checkpoint"):
-        train(TrainConfig(out=str(tmp_path / "new"), data_root=str(data_root), resume=True, **RUN))
+        train_dm(DMTrainConfig(out=str(tmp_path / "new"), data_root=str(data_root), resume=True, **RUN))
 
 
 def test_missing_subset_store_names_the_command_that_builds_it(data_root, tmp_path):
     with pytest.raises(VaegenError, match="vaegen data fmnist --subset 99 --subset-seed 5"):
-        train(TrainConfig(out=str(tmp_path / "x"), data_root=str(data_root),
+        train_dm(DMTrainConfig(out=str(tmp_path / "x"), data_root=str(data_root),
                           **{**RUN, "subset": 99, "subset_seed": 5}))
 
 

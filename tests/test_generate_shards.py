@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from vaegen import shardformat as sf
-from vaegen.cli import main
+from studies.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from evaluator.report import build_report, method_of
-from vaegen.cli import main
+from studies.cli import main
+from studies.report import build_report
+from studies.results import run_of
 
 
 def write_run(root, name, seed, test_elbo, gap, source="real", augment=None, scale=None, finished=True,
@@ -67,17 +68,17 @@ def test_report_writes_tables_plots_and_reading(study):
 
 
 def test_method_labels_follow_the_training_config():
-    assert method_of({"source": "real", "augment": None}) == "Normal"
-    assert method_of({"source": "real", "augment": "tuned"}) == "Aug.Tuned"
-    assert method_of({"source": "shards", "mix_real": 0.0}) == "DMaaPx"
-    assert method_of({"source": "shards", "mix_real": 0.25}) == "Mix 25% real"
-    assert method_of({"source": "shards", "mix_real": 0.2, "augment": "tuned"}) == \
+    assert run_of({"source": "real", "augment": None}).method == "Normal"
+    assert run_of({"source": "real", "augment": "tuned"}).method == "Aug.Tuned"
+    assert run_of({"source": "shards", "mix_real": 0.0}).method == "DMaaPx"
+    assert run_of({"source": "shards", "mix_real": 0.25}).method == "Mix 25% real"
+    assert run_of({"source": "shards", "mix_real": 0.2, "augment": "tuned"}).method == \
         "Mix 20% real + Aug.Tuned (real part)"
-    assert method_of({"source": "real", "mollify": True}) == "Aug.Mollify"
-    assert method_of({"source": "shards", "mollify": True}) == "DMaaPx + Mollify"
-    assert method_of({"source": "shards", "rha": True}) == "DMaaPx + RHA"
-    assert method_of({"source": "real", "early_stopping_split": 0.1}) == "Normal + early stopping"
-    assert method_of({"source": "real", "weight_decay": 0.001}) == "Normal + weight decay 0.001"
+    assert run_of({"source": "real", "mollify": True}).method == "Aug.Mollify"
+    assert run_of({"source": "shards", "mollify": True}).method == "DMaaPx + Mollify"
+    assert run_of({"source": "shards", "rha": True}).method == "DMaaPx + RHA"
+    assert run_of({"source": "real", "early_stopping_split": 0.1}).method == "Normal + early stopping"
+    assert run_of({"source": "real", "weight_decay": 0.001}).method == "Normal + weight decay 0.001"
 
 
 def test_report_on_a_directory_without_runs_is_a_one_line_error(tmp_path):

@@ -1,4 +1,5 @@
-"""Studies chain the stage commands through files, resume by skipping finished runs, and end in a report."""
+"""Studies: short declarations on one skeleton that builds each run's inputs, skips finished work, reuses runs
+finished elsewhere, and ends in a report."""
 
 import json
 import os
@@ -9,13 +10,45 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from vaegen.cli import main
+from studies.catalog import STUDIES, overparam_sizes
+from studies.cli import main
+from studies.jobs import LocalExecutor, RunJob
+from studies.presets import PAPER_MZ, PAPER_NC, get_study_preset
+from studies.runs import RunFactory
+from studies.study import Study
 from vaegen.data import DEBIAN_FMNIST_DIR
 from vaegen.errors import VaegenError
-from vaegen.presets import get_preset
-from vaegen.studies import Study
 
 REPO = Path(__file__).resolve().parent.parent
+needs_fmnist = pytest.mark.skipif(not Path(DEBIAN_FMNIST_DIR).is_dir(), reason="dataset-fashion-mnist is not installed")
+
+
+class RecordingExecutor:
+    """An executor that runs nothing: it records the prerequisites and jobs a study would start."""
+
+    jobs = 1
+
+    def __init__(self):
+        self.commands, self.jobs_submitted = [], []
+
+    def run(self, label, args):
+        self.commands.append(args)
+
+    def submit(self, job):
+        self.jobs_submitted.append(job)
+        return True
+
+    def wait(self):
+        pass
+
+    def forward(self, signum):
+        pass
+
+
+def declared(kind: str, **overrides):
+    """{run name: its `vaegen train` arguments} of a study on the demo preset."""
+    runs = STUDIES[kind].declare(RunFactory("fmnist", get_study_preset("demo", **overrides)))
+    return {r.name: r.train_args("data", Path("out")) for r in runs}, {r.name: r for r in runs}
 
 
 def test_bad_scales_are_a_one_line_error(tmp_path):
@@ -34,24 +67,187 @@ def test_a_study_directory_refuses_another_study_or_other_settings(tmp_path):
     result = CliRunner().invoke(main, ["study", "ablation", "--preset", "cpu", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "holds the compare study" in result.output
 
-    study = Study("compare", "fmnist", get_preset("cpu", epochs=300), tmp_path)
-    study.save([])
-    assert Study("compare", "fmnist", get_preset("cpu", epochs=300, seeds=(0, 1)), tmp_path).check_resumable() is None
-    with pytest.raises(VaegenError, match="epochs"):
-        Study("compare", "fmnist", get_preset("cpu"), tmp_path).check_resumable()
+    executor = RecordingExecutor()
+    Study(STUDIES["compare"], "fmnist", get_study_preset("cpu", epochs=300), tmp_path, executor).save()
+    more_seeds = Study(STUDIES["compare"], "fmnist", get_study_preset("cpu", epochs=300, seeds=(0, 1)), tmp_path,
+                       executor)
+    assert more_seeds.check_resumable() is None
+    with pytest.raises(VaegenError, match="epochs: 300 -> 500"):
+        Study(STUDIES["compare"], "fmnist", get_study_preset("cpu"), tmp_path, executor).check_resumable()
+    with pytest.raises(VaegenError, match="sigma"):
+        Study(STUDIES["compare"], "fmnist", get_study_preset("cpu", epochs=300, sigma=0.2), tmp_path,
+              executor).check_resumable()
+
+
+def test_an_old_study_record_without_newer_settings_resumes(tmp_path):
+    """A study.json written before a preset field existed (here: sigma) resumes under the preset's default."""
+    (tmp_path / "study.json").write_text(json.dumps({"study": "compare", "dataset": "fmnist", "preset": {
+        "name": "cpu", "epochs": 500, "eval_args": ["--amortization-images", "200"]}}))
+    Study(STUDIES["compare"], "fmnist", get_study_preset("cpu"), tmp_path, RecordingExecutor()).check_resumable()
 
 
 def test_budget_stops_starting_runs_and_records_where(tmp_path):
-    study = Study("ablation", "fmnist", get_preset("cpu", budget_minutes=0), tmp_path)
+    study = Study(STUDIES["ablation"], "fmnist", get_study_preset("cpu", budget_minutes=0), tmp_path,
+                  RecordingExecutor())
     study.started -= 1  # a second has passed: the zero budget is spent
     assert study.over_budget("dmaapx-k50-seed0")
-    study.save([])
+    study.save()
     assert json.loads((tmp_path / "study.json").read_text())["stopped_at"] == "dmaapx-k50-seed0"
-    assert not Study("ablation", "fmnist", get_preset("cpu"), tmp_path).over_budget("x")
+    assert not Study(STUDIES["ablation"], "fmnist", get_study_preset("cpu"), tmp_path,
+                     RecordingExecutor()).over_budget("x")
+
+
+def test_budget_minutes_and_sigma_override_the_preset(tmp_path, monkeypatch):
+    import studies.study
+
+    chosen = {}
+
+    def record(kind, dataset, preset, out, executor, data_root, reuse):  # the CLI's job ends at choosing these
+        chosen.update(preset=preset, executor=executor, reuse=reuse)
+        return tmp_path
+
+    monkeypatch.setattr(studies.study, "run_study", record)
+    result = CliRunner().invoke(main, ["study", "ablation", "--preset", "cpu", "--budget-minutes", "45",
+                                       "--sigma", "0.05", "--jobs", "3", "--no-reuse"])
+    assert result.exit_code == 0, result.output
+    assert (chosen["preset"].budget_minutes, chosen["preset"].sigma) == (45, 0.05)
+    assert chosen["executor"].jobs == 3 and chosen["reuse"] is False
+    result = CliRunner().invoke(main, ["study", "ablation", "--preset", "cpu", "--budget-minutes", "-1"])
+    assert result.exit_code == 2
+
+
+def test_every_study_is_a_declaration_of_typed_runs_with_unique_names():
+    for kind in STUDIES.values():
+        runs = kind.declare(RunFactory("fmnist", get_study_preset("demo")))
+        assert runs and len({r.name for r in runs}) == len(runs), kind.name
+        assert kind.help, kind.name
+
+
+def test_mixtures_run_each_fraction_without_and_with_aug_tuned_on_the_real_part():
+    runs, _ = declared("mix")
+    assert set(runs) == {"mix000-seed0", "mix050-seed0", "mix050-tuned-seed0", "mix100-seed0", "mix100-tuned-seed0"}
+    assert runs["mix050-tuned-seed0"][runs["mix050-tuned-seed0"].index("--augment") + 1] == "tuned"
+    assert "--mix-real" in runs["mix050-tuned-seed0"] and "--source" in runs["mix100-tuned-seed0"]
+
+
+def test_regularizers_track_gaps_for_every_arm_including_both_augmentations():
+    runs, _ = declared("regularizers")
+    assert set(runs) == {"normal-seed0", "normal-rha-seed0", "mollify-seed0", "dmaapx-k5-seed0",
+                         "dmaapx-k5-rha-seed0", "dmaapx-k5-mollify-seed0", "aug-naive-seed0", "aug-tuned-seed0"}
+    assert all("--track-gaps" in c for c in runs.values())
+    assert "--rha" in runs["dmaapx-k5-rha-seed0"] and "--mollify" in runs["mollify-seed0"]
+
+
+def test_controls_and_dm_quality_plan_their_runs():
+    runs, _ = declared("controls")
+    assert "--early-stopping-split" in runs["early-stopping-seed0"]
+    assert runs["weight-decay0.01-seed0"][runs["weight-decay0.01-seed0"].index("--weight-decay") + 1] == "0.01"
+    _, quality = declared("dm-quality")
+    # graded DMs are snapshots of one training run; the last is the run's own model
+    assert {name: str(r.pool.dm.path) for name, r in quality.items()} == {
+        "dm-steps50-seed0": "runs/dm/fmnist-n200-s0-tiny/snapshots/step-00000050",
+        "dm-steps150-seed0": "runs/dm/fmnist-n200-s0-tiny"}
+
+
+def test_real_vs_synthetic_draws_k_times_n_real_images_at_n_images_per_epoch():
+    runs, _ = declared("real-vs-synthetic", scales=(1, 2))
+    assert set(runs) == {"real-k1-seed0", "real-k2-seed0", "dmaapx-k1-seed0", "dmaapx-k2-seed0"}
+    real = runs["real-k2-seed0"]
+    assert real[real.index("--subset") + 1] == "400" and real[real.index("--epoch-size") + 1] == "200"
+
+
+def test_the_study_plans_hold_the_papers_protocols():
+    paper = get_study_preset("paper")
+    assert len(PAPER_MZ) == 25 and PAPER_MZ[:4] == (1, 2, 4, 6) and PAPER_MZ[-2:] == (60, 64)
+    assert len(PAPER_NC) == 16 and PAPER_NC[0] == 1 and PAPER_NC[-1] == 512
+    assert paper.scales == (1, 2, 5, 10, 20, 50, 100, 250, 500, 750, 1000)
+    assert paper.compare_scale == paper.epochs  # Table 7: T x N unique samples (Alg. 2)
+    assert paper.dm_subset_fractions == (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+    assert paper.mix_fractions == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    sizes = set(overparam_sizes(paper))
+    assert {(mz, 256) for mz in PAPER_MZ} <= sizes
+    assert {(mz, nc) for mz in (1, 2, 8, 64) for nc in PAPER_NC} <= sizes
+    trajectory = [(1, nc) for nc in PAPER_NC if nc <= 256] + [(mz, 256) for mz in PAPER_MZ] + \
+        [(64, nc) for nc in PAPER_NC if nc >= 256]
+    assert set(trajectory) <= sizes  # the double-descent path of figure 8
+
+
+def test_a_study_uses_the_committed_reference_dm_and_trains_none(tmp_path, monkeypatch, support):
+    import vaegen.dmrun as dmrun
+
+    monkeypatch.chdir(tmp_path)
+    reference = tmp_path / "models" / "fmnist-n200-s0-tiny"
+    support.dm(reference)
+    (reference / "dm.json").write_text(json.dumps({"dataset": "fmnist", "subset": 200, "subset_seed": 0,
+                                                   "finished": True, "weights_sha256": "ab" * 32}))
+    monkeypatch.setattr(dmrun, "REFERENCE_ROOT", tmp_path / "models")
+    executor = RecordingExecutor()
+    study = Study(STUDIES["compare"], "fmnist", get_study_preset("demo"), tmp_path / "study", executor)
+    study.execute()
+    assert not any(c[:2] == ["dm", "train"] for c in executor.commands)
+    generate = next(c for c in executor.commands if c[0] == "generate")
+    assert generate[generate.index("--dm") + 1] == "models/fmnist-n200-s0-tiny"
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["dms"] == {
+        "models/fmnist-n200-s0-tiny": "ab" * 32}
+    assert len(executor.jobs_submitted) == 4
+
+
+def test_a_run_finished_in_another_study_is_copied_not_retrained(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    executor = RecordingExecutor()
+    first = Study(STUDIES["compare"], "fmnist", get_study_preset("demo"), Path("runs/studies/a"), executor)
+    first.save()
+    normal = next(r for r in first.runs if r.name == "normal-seed0")
+    done = first.run_dir(normal)
+    done.mkdir(parents=True)
+    (done / "model.safetensors").write_bytes(b"weights")
+    (done / "done.json").write_text("{}")
+    second = Study(STUDIES["controls"], "fmnist", get_study_preset("demo"), Path("runs/studies/b"), executor)
+    second.execute()
+    copied = Path("runs/studies/b/runs/normal-seed0")
+    assert (copied / "model.safetensors").read_bytes() == b"weights"
+    assert json.loads((copied / "reused.json").read_text())["reused_from"] == str(done)
+    trained = [job.label for job in executor.jobs_submitted]
+    assert trained.count("normal-seed0") == 1  # only its evaluation (compare evaluates with --probes)
+    job = next(j for j in executor.jobs_submitted if j.label == "normal-seed0")
+    assert [c[0] for c in job.commands()] == ["eval"]
+
+
+def test_jobs_run_side_by_side_prefix_their_lines_and_a_failure_stops_new_starts_naming_its_command(tmp_path, capfd):
+    runner = LocalExecutor(jobs=2)
+    assert runner.submit(RunJob("good", str(tmp_path / "good"), ("--version",), ("--version",)))
+    assert runner.submit(RunJob("bad", str(tmp_path / "bad"), ("data", "svhn"), ("--version",)))
+    with pytest.raises(VaegenError, match="`vaegen data svhn` failed"):
+        runner.wait()
+    assert not runner.submit(RunJob("late", str(tmp_path / "late"), ("--version",), ("--version",)))
+    err = capfd.readouterr().err
+    assert "[good] vaegen, version" in err and "[bad] Error: unknown dataset 'svhn'" in err
+    assert err.count("[bad] $ vaegen") == 1  # the eval after the failed train never ran
+
+
+def test_runs_spread_over_gpus_before_they_share_one(monkeypatch):
+    import studies.jobs as jobs
+
+    monkeypatch.setattr(jobs, "visible_gpus", lambda: [0, 1])
+    executor = LocalExecutor(jobs=4, runs_per_gpu=2)
+    assert executor.free_gpus == [0, 1, 0, 1]
+    assert executor.env(0, parallel=True)["CUDA_VISIBLE_DEVICES"] == "0"
+    assert jobs.default_jobs(runs_per_gpu=3) == 6
+
+
+def test_a_job_resumes_a_started_run_and_skips_a_finished_one(tmp_path):
+    job = RunJob("r", str(tmp_path / "r"), ("train", "--out", str(tmp_path / "r")), ("eval", str(tmp_path / "r")))
+    assert [c[-1] for c in job.commands()] == [str(tmp_path / "r"), str(tmp_path / "r")]
+    (tmp_path / "r").mkdir()
+    assert job.commands()[0][-1] == "--resume"
+    (tmp_path / "r" / "done.json").write_text("{}")
+    (tmp_path / "r" / "eval").mkdir()
+    (tmp_path / "r" / "eval" / "gaps.json").write_text("{}")
+    assert job.commands() == []
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path(DEBIAN_FMNIST_DIR).is_dir(), reason="dataset-fashion-mnist is not installed")
+@needs_fmnist
 def test_demo_runs_the_whole_pipeline_and_resumes_without_redoing_work(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "vaegen", "study", "demo", "--preset", "demo", "--subset", "50",
@@ -75,25 +271,8 @@ def test_demo_runs_the_whole_pipeline_and_resumes_without_redoing_work(tmp_path)
     assert "$ vaegen dm train" not in second.stderr
 
 
-def test_budget_minutes_overrides_the_preset(tmp_path, monkeypatch):
-    import vaegen.studies as studies
-
-    chosen = {}
-
-    def record_preset(kind, dataset, preset, out, data_root, jobs):  # the CLI's job ends at choosing the preset
-        chosen["preset"] = preset
-        return tmp_path
-
-    monkeypatch.setattr(studies, "run_study", record_preset)
-    result = CliRunner().invoke(main, ["study", "ablation", "--preset", "cpu", "--budget-minutes", "45"])
-    assert result.exit_code == 0, result.output
-    assert chosen["preset"].budget_minutes == 45
-    result = CliRunner().invoke(main, ["study", "ablation", "--preset", "cpu", "--budget-minutes", "-1"])
-    assert result.exit_code == 2
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not Path(DEBIAN_FMNIST_DIR).is_dir(), reason="dataset-fashion-mnist is not installed")
+@needs_fmnist
 def test_dm_subsets_scores_each_dm_once_and_reports_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "vaegen", "study", "dm-subsets", "--preset", "demo", "--subset", "50",
@@ -102,96 +281,36 @@ def test_dm_subsets_scores_each_dm_once_and_reports_it(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     report = (tmp_path / "runs/studies/dm-subsets-fmnist-demo/report.md").read_text()
     assert "| DMaaPx k=5, DM on 25 images |" in report and "| DMaaPx k=5 |" in report
-    assert "| `runs/dm/fmnist-n25-s0-tiny` |" in report and "| `runs/dm/fmnist-n50-s0-tiny` |" in report
+    assert "| `runs/dm/fmnist-n25-s0-tiny-steps5` |" in report and "| `runs/dm/fmnist-n50-s0-tiny-steps5` |" in report
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "$ vaegen dm score" not in second.stderr and "$ vaegen train" not in second.stderr
 
 
-def test_jobs_run_side_by_side_prefix_their_lines_and_a_failure_stops_new_starts_naming_its_command(capfd):
-    from vaegen.studies import JobRunner
-
-    runner = JobRunner(jobs=2)
-    assert runner.submit("good", [["--version"]])
-    assert runner.submit("bad", [["data", "svhn"], ["--version"]])  # the second command never runs
-    with pytest.raises(VaegenError, match="`vaegen data svhn` failed"):
-        runner.wait()
-    assert not runner.submit("late", [["--version"]])  # no new starts after a failure
-    err = capfd.readouterr().err
-    assert "[good] vaegen, version" in err and "[bad] Error: unknown dataset 'svhn'" in err
-    assert err.count("[bad] $ vaegen") == 1
-
-
-def test_the_study_plans_hold_the_papers_protocols():
-    from vaegen.presets import PAPER_MZ, PAPER_NC
-    from vaegen.studies import overparam_sizes
-
-    paper = get_preset("paper")
-    assert len(PAPER_MZ) == 25 and PAPER_MZ[:4] == (1, 2, 4, 6) and PAPER_MZ[-2:] == (60, 64)
-    assert len(PAPER_NC) == 16 and PAPER_NC[0] == 1 and PAPER_NC[-1] == 512
-    assert paper.scales == (1, 2, 5, 10, 20, 50, 100, 250, 500, 750, 1000)
-    assert paper.dm_subset_fractions == (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
-    assert paper.mix_fractions == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    sizes = set(overparam_sizes(paper))
-    assert {(mz, 256) for mz in PAPER_MZ} <= sizes
-    assert {(mz, nc) for mz in (1, 2, 8, 64) for nc in PAPER_NC} <= sizes
-    trajectory = [(1, nc) for nc in PAPER_NC if nc <= 256] + [(mz, 256) for mz in PAPER_MZ] + \
-        [(64, nc) for nc in PAPER_NC if nc >= 256]
-    assert set(trajectory) <= sizes  # the double-descent path of figure 8
-
-
-def plan(kind, tmp_path, monkeypatch, **overrides):
-    """The VAE runs a study would start (nothing is run)."""
-    import vaegen.studies as studies
-
-    study = Study(kind, "fmnist", get_preset("demo", **overrides), tmp_path)
-    started = []
-    monkeypatch.setattr(Study, "vaegen", lambda self, *args: None)
-    monkeypatch.setattr(Study, "ensure_dm", lambda self, subset=None, max_steps=None: self.dm_dir(subset, max_steps))
-    monkeypatch.setattr(Study, "ensure_shards", lambda self, dm, scale: Path("shards") / dm.name)
-    monkeypatch.setattr(Study, "ensure_vaes", lambda self, runs, shards, **kw: started.extend(
-        (r, self.vae_commands(r, shards.get(r.name) if isinstance(shards, dict) else shards, **kw)) for r in runs))
-    studies.STUDIES[kind](study)
-    return started
-
-
-def test_mixtures_run_each_fraction_without_and_with_aug_tuned_on_the_real_part(tmp_path, monkeypatch):
-    runs = {r.name: c[0] for r, c in plan("mix", tmp_path, monkeypatch)}
-    assert set(runs) == {"mix000-seed0", "mix050-seed0", "mix050-tuned-seed0", "mix100-seed0", "mix100-tuned-seed0"}
-    assert runs["mix050-tuned-seed0"][runs["mix050-tuned-seed0"].index("--augment") + 1] == "tuned"
-    assert "--mix-real" in runs["mix050-tuned-seed0"] and "--source" in runs["mix100-tuned-seed0"]
-
-
-def test_regularizers_track_gaps_for_the_six_methods(tmp_path, monkeypatch):
-    runs = {r.name: c[0] for r, c in plan("regularizers", tmp_path, monkeypatch)}
-    assert set(runs) == {"normal-seed0", "normal-rha-seed0", "mollify-seed0", "dmaapx-k5-seed0",
-                         "dmaapx-k5-rha-seed0", "dmaapx-k5-mollify-seed0"}
-    assert all("--track-gaps" in c for c in runs.values())
-    assert "--rha" in runs["dmaapx-k5-rha-seed0"] and "--mollify" in runs["mollify-seed0"]
-
-
-def test_controls_and_dm_quality_plan_their_runs(tmp_path, monkeypatch):
-    runs = {r.name: c[0] for r, c in plan("controls", tmp_path, monkeypatch)}
-    assert "--early-stopping-split" in runs["early-stopping-seed0"]
-    assert runs["weight-decay0.01-seed0"][runs["weight-decay0.01-seed0"].index("--weight-decay") + 1] == "0.01"
-    quality = {r.name: r.dm for r, _ in plan("dm-quality", tmp_path / "q", monkeypatch)}
-    assert quality == {"dm-steps50-seed0": "runs/dm/fmnist-n200-s0-tiny-steps50",
-                       "dm-steps150-seed0": "runs/dm/fmnist-n200-s0-tiny"}  # 150 steps is the tiny preset's own
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not Path(DEBIAN_FMNIST_DIR).is_dir(), reason="dataset-fashion-mnist is not installed")
-def test_two_jobs_give_bit_identical_runs_to_one(tmp_path):
+@needs_fmnist
+def test_two_jobs_give_bit_identical_runs_to_one_and_a_reused_run_is_the_retrained_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     base = [sys.executable, "-m", "vaegen", "study", "compare", "--preset", "demo", "--subset", "50",
             "--epochs", "3", "--dm-max-steps", "5"]
     for jobs in (1, 2):
-        done = subprocess.run([*base, "--jobs", str(jobs), "--out", f"runs/studies/jobs{jobs}"], cwd=tmp_path,
-                              env=env, capture_output=True, text=True)
+        done = subprocess.run([*base, "--jobs", str(jobs), "--no-reuse", "--out", f"runs/studies/jobs{jobs}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
     assert "[normal-seed0] $ vaegen train" in done.stderr  # the 2-job run prefixed its lines
     for run in ("normal-seed0", "dmaapx-k5-seed0", "aug-naive-seed0", "aug-tuned-seed0"):
         one, two = (tmp_path / f"runs/studies/jobs{j}/runs/{run}" for j in (1, 2))
         assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes(), run
         gaps = [json.loads((d / "eval/gaps.json").read_text()) for d in (one, two)]
-        assert [g["generalization"]["gap"] for g in gaps][0] == [g["generalization"]["gap"] for g in gaps][1]
+        assert gaps[0]["generalization"]["gap"] == gaps[1]["generalization"]["gap"]
+    # controls holds compare's Normal and DMaaPx runs: copied from jobs1, and equal to jobs2's own training
+    controls = subprocess.run([sys.executable, "-m", "vaegen", "study", "controls", "--preset", "demo", "--subset",
+                               "50", "--epochs", "3", "--dm-max-steps", "5"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)
+    assert controls.returncode == 0, controls.stderr[-3000:]
+    for run in ("normal-seed0", "dmaapx-k5-seed0"):
+        reused = tmp_path / "runs/studies/controls-fmnist-demo/runs" / run
+        assert json.loads((reused / "reused.json").read_text())["reused_from"].endswith(f"jobs1/runs/{run}")
+        assert (reused / "model.safetensors").read_bytes() == \
+            (tmp_path / f"runs/studies/jobs2/runs/{run}/model.safetensors").read_bytes()
+        assert f"--out runs/studies/controls-fmnist-demo/runs/{run} " not in controls.stderr.replace("\n", " ")

@@ -12,7 +12,7 @@ import trainer.train as train_module
 from trainer.data import RealSource
 from trainer.regularizers import MollifySchedule, mollify, validation_split
 from trainer.train import TrainConfig, train
-from vaegen.cli import main
+from studies.cli import main
 
 
 def config(tmp_path, name="run", **overrides):

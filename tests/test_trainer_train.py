@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import trainer.train as train_module
 from trainer.models import FCVAE, load_vae
 from trainer.train import TrainConfig, train
-from vaegen.cli import main
+from studies.cli import main
 
 torch.set_num_threads(1)
 

@@ -54,6 +54,7 @@ class DatasetSpec:
     search_dirs: tuple[str, ...] = ()
     hint: str = ""
     num_classes: int = 10
+    train_size: int = 60_000  # images in the official training split
     extra_attrs: dict = field(default_factory=dict)
 
 
@@ -88,6 +89,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec(
         "cifar10", 3, "dmol", "https://www.cs.toronto.edu/~kriz/",
         {"archive": SourceFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")}, "cifar-pickle",
+        train_size=50_000,
     ),
 }
 

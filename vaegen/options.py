@@ -24,8 +24,7 @@ def dataset_options(required: bool = False, default: str | None = "fmnist", help
                     with_dataset: bool = True):
     """--dataset, --subset, --subset-seed and --data-root: which store D_train and D_test come from."""
     def decorate(f):
-        f = click.option("--data-root", default="data", type=click.Path(file_okay=False),
-                         help="Directory of the dataset stores (<data-root>/<dataset>[-n<N>-s<S>].zarr).")(f)
+        f = data_root_option(f)
         f = click.option("--subset-seed", default=0, type=click.IntRange(min=0),
                          help="Seed of the subset (data/<dataset>-n<N>-s<SEED>.zarr).")(f)
         f = click.option("--subset", default=None, type=click.IntRange(min=1),
@@ -37,6 +36,8 @@ def dataset_options(required: bool = False, default: str | None = "fmnist", help
     return decorate
 
 
+data_root_option = click.option("--data-root", default="data", type=click.Path(file_okay=False),
+                                help="Directory of the dataset stores (<data-root>/<dataset>[-n<N>-s<S>].zarr).")
 device_option = click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available).")
 threads_option = click.option("--threads", default=None, type=click.IntRange(min=1),
                               help="torch CPU threads [default: torch's choice]. On a shared CPU, 1 thread per "

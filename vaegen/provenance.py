@@ -124,3 +124,22 @@ def run_record(config=None, **extra) -> dict:
         record["config"] = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
     record.update(extra)
     return record
+
+
+def refuse_changed_settings(previous: dict, current: dict, may_change=(), what: str = "settings",
+                            hint: str = "use the original ones or another output directory") -> None:
+    """The one rule for continuing an output directory: every setting it was made with must be the same, except
+    those in `may_change`; settings the directory never recorded (added to the code since) are not compared.
+    Raises a one-line VaegenError naming each changed setting."""
+    from vaegen.errors import VaegenError
+
+    changed = sorted(k for k in current.keys() & previous.keys()
+                     if k not in may_change and _comparable(previous[k]) != _comparable(current[k]))
+    if changed:
+        diff = ", ".join(f"{k}: {previous[k]!r} -> {current[k]!r}" for k in changed)
+        raise VaegenError(f"{what} differ from the ones it was made with ({diff}); {hint}")
+
+
+def _comparable(value):
+    """JSON's view of a value (tuples and lists alike, dataclasses as dicts)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=_json_default))

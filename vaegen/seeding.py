@@ -51,6 +51,8 @@ PURPOSES: dict[str, tuple[int, int]] = {
     "eval-attack-start": (44, 1),      # random start of attack seed i: (i,)
     "eval-iwae": (45, 1),              # IWAE proposals: (split,)
     "eval-probe-split": (46, 0),       # which half of D_test fits the probes
+    # studies
+    "report-bootstrap": (60, 0),       # bootstrap resamples of seeds in a study report
 }
 
 SPLIT = {"train": 0, "test": 1, "validation": 2}

@@ -1,0 +1,3 @@
+from studies.cli import main
+
+main(prog_name="vaegen")

@@ -1,0 +1,185 @@
+"""Every study, as a short declaration of its runs and of the report sections that read them.
+
+A declaration is a function of a `RunFactory` (the dataset and the preset, with the preset's defaults filled in)
+that returns the study's `VaeRun`s in the order they should start. The skeleton in studies/study.py builds each
+run's inputs (store, DM, shards) and runs it; studies/report.py shows the declared sections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from studies.runs import RunFactory, Store, VaeRun
+
+
+@dataclass(frozen=True)
+class StudyKind:
+    name: str
+    declare: Callable[[RunFactory], list[VaeRun]]
+    sections: tuple[str, ...]      # report sections beyond the results table (studies/report.py SECTIONS)
+    scores_dms: bool = False       # `vaegen dm score` every DM behind the runs
+
+    @property
+    def help(self) -> str:
+        return (self.declare.__doc__ or "").strip()
+
+
+def compare(runs: RunFactory) -> list[VaeRun]:
+    """Normal vs DMaaPx vs Aug.Naive vs Aug.Tuned, one run per seed, with the paper's downstream probes (paper
+    Table 7; the probes are its Table 11)."""
+    k = runs.preset.compare_scale
+    return [run for seed in runs.preset.seeds
+            for run in (runs.normal(seed, probes=True), runs.dmaapx(seed, k, probes=True),
+                        runs.augmented(seed, "naive", probes=True), runs.augmented(seed, "tuned", probes=True))]
+
+
+def demo(runs: RunFactory) -> list[VaeRun]:
+    """The whole pipeline at tiny scale: the four methods of `compare` plus DMaaPx at every SCALE of the
+    preset, so that the demo report shows both the comparison and the SCALE curve."""
+    seeds = runs.preset.seeds
+    return [*(runs.normal(s) for s in seeds),
+            *(runs.augmented(s, aug) for aug in ("naive", "tuned") for s in seeds),
+            *(runs.dmaapx(s, k) for k in sorted(runs.preset.scales) for s in seeds)]
+
+
+def ablation(runs: RunFactory) -> list[VaeRun]:
+    """Sample-size ablation (§5.4): DMaaPx at each SCALE, Normal as the reference. Shards grow with SCALE
+    (smaller scales use a prefix of the largest); a budget stops the sweep at the first run it cannot start."""
+    seeds = runs.preset.seeds
+    return [*(runs.normal(s) for s in seeds), *(runs.dmaapx(s, k) for k in sorted(runs.preset.scales) for s in seeds)]
+
+
+def overparam_sizes(p) -> list[tuple[int, int]]:
+    """(m_z, n_c) of the sweeps: m_z over its grid at n_c = mz_sweep_nc, n_c over its grid at each m_z of
+    nc_sweep_mz (which together hold the paper's double-descent trajectory), each once."""
+    sizes = [(mz, p.mz_sweep_nc) for mz in p.mz_grid] + [(mz, nc) for mz in p.nc_sweep_mz for nc in p.nc_grid]
+    return list(dict.fromkeys(sizes))
+
+
+def overparam(runs: RunFactory) -> list[VaeRun]:
+    """Model size (§5.5-5.7, figures 6-8): the conv VAE over the m_z grid at fixed n_c and over the n_c grid at each
+    of several m_z, Normal and DMaaPx; |Theta|, |Theta_z| and |Theta_not_z| are recorded."""
+    p, k = runs.preset, runs.preset.compare_scale
+    size = dict(epochs=p.overparam_vae_epochs, evaluation=p.overparam_eval or p.eval)
+    return [run for mz, nc in overparam_sizes(p) for s in (p.overparam_seeds or p.seeds)
+            for run in (runs.normal(s, f"normal-mz{mz}-nc{nc}", mz=mz, nc=nc, **size),
+                        runs.dmaapx(s, k, f"dmaapx-k{k}-mz{mz}-nc{nc}-seed{s}", mz=mz, nc=nc, **size))]
+
+
+def mix(runs: RunFactory) -> list[VaeRun]:
+    """Real/synthetic mixtures (appendix B.7): a fraction of every epoch real, the rest DM samples; each fraction
+    without and with Aug.Tuned on the real part. 0% real is DMaaPx, 100% real is Normal (and Aug.Tuned)."""
+    k, out = runs.preset.compare_scale, []
+    for f in runs.preset.mix_fractions:
+        name = f"mix{int(round(f * 100)):03d}"
+        for s in runs.preset.seeds:
+            if f >= 1:
+                out += [runs.normal(s, name), runs.normal(s, f"{name}-tuned", augment="tuned")]
+            elif f <= 0:
+                out += [runs.dmaapx(s, k, f"{name}-seed{s}")]
+            else:
+                out += [runs.dmaapx(s, k, f"{name}-seed{s}", mix_real=f),
+                        runs.dmaapx(s, k, f"{name}-tuned-seed{s}", mix_real=f, augment="tuned")]
+    return out
+
+
+def dm_subsets(runs: RunFactory) -> list[VaeRun]:
+    """DMs trained on subsets of D_train, each feeding a DMaaPx VAE trained on the full D_train (appendix B.8);
+    each DM is scored, so that the report puts its quality next to the VAE's gaps."""
+    p, n = runs.preset, runs.store.train_size
+    out = []
+    for fraction in p.dm_subset_fractions:
+        dm_n = max(10, int(round(fraction * n)))
+        dm = runs.dm(Store(runs.dataset, None if dm_n >= n and p.subset is None else dm_n))
+        out += [runs.dmaapx(s, p.compare_scale, f"dm{int(round(fraction * 100)):03d}pct-seed{s}", dm=dm)
+                for s in p.seeds]
+    return out
+
+
+def regularizers(runs: RunFactory) -> list[VaeRun]:
+    """DMaaPx against the paper's other remedies (§5.2, appendix B.6), with gap curves during training for every
+    arm (the paper's Fig. 11): Normal, Normal+RHA, Aug.Mollify, Aug.Naive, Aug.Tuned, DMaaPx, DMaaPx+RHA,
+    DMaaPx+Mollify."""
+    k, track = runs.preset.compare_scale, runs.tracking()
+    out = []
+    for s in runs.preset.seeds:
+        out += [runs.normal(s, tracking=track), runs.normal(s, "normal-rha", rha=True, tracking=track),
+                runs.normal(s, "mollify", mollify=True, tracking=track),
+                runs.dmaapx(s, k, tracking=track), runs.dmaapx(s, k, f"dmaapx-k{k}-rha-seed{s}", rha=True, tracking=track),
+                runs.dmaapx(s, k, f"dmaapx-k{k}-mollify-seed{s}", mollify=True, tracking=track),
+                runs.augmented(s, "naive", tracking=track), runs.augmented(s, "tuned", tracking=track)]
+    return out
+
+
+def dm_quality(runs: RunFactory) -> list[VaeRun]:
+    """How much the DM's quality matters: snapshots of one DM training run at graded steps (up to the full run),
+    each scored, each feeding DMaaPx VAEs at the compare scale."""
+    from generator.presets import get_preset as dm_preset
+
+    p = runs.preset
+    full = p.dm_max_steps or dm_preset(p.dm_preset).max_steps
+    steps = sorted({s for s in p.dm_quality_steps if s <= full} | {full})
+    return [runs.dmaapx(s, p.compare_scale, f"dm-steps{step}-seed{s}",
+                        dm=runs.dm(snapshot=None if step == full else step))
+            for step in steps for s in p.seeds]
+
+
+def real_vs_synthetic(runs: RunFactory) -> list[VaeRun]:
+    """The control the paper lacks: Normal training on k*N real images against DMaaPx on k*N DM samples of the DM
+    trained on the N images, at the same compute (N images per effective epoch, the same epochs)."""
+    p, n = runs.preset, runs.store.train_size
+    full = Store(runs.dataset, None).train_size
+    out = []
+    for k in sorted(set(p.real_scales) | set(p.scales)):
+        for s in p.seeds:
+            if k in p.real_scales and k * n <= full and p.subset is not None:
+                store = Store(runs.dataset, None if k * n >= full else k * n)
+                out.append(runs.normal(s, f"real-k{k}", store=store, epoch_size=n))
+            if k in p.scales:
+                out.append(runs.dmaapx(s, k))
+    return out
+
+
+def controls(runs: RunFactory) -> list[VaeRun]:
+    """Is DMaaPx just a regularizer? Normal training with early stopping (on a validation split of D_train) and
+    with weight decay, beside Normal and DMaaPx."""
+    p = runs.preset
+    out = []
+    for s in p.seeds:
+        out += [runs.normal(s), runs.dmaapx(s, p.compare_scale),
+                runs.normal(s, "early-stopping", early_stopping=(p.early_stopping_split, p.early_stopping_patience))]
+        out += [runs.normal(s, f"weight-decay{wd:g}", weight_decay=wd) for wd in p.weight_decays]
+    return out
+
+
+def robustness(runs: RunFactory) -> list[VaeRun]:
+    """Why G_r orders the methods as it does: the four compare methods at each likelihood sigma of the preset, and
+    Aug.Naive with the augmentation's float output (no rounding, no clamp)."""
+    p, k = runs.preset, runs.preset.compare_scale
+    out = []
+    for sigma in p.robustness_sigmas:
+        tag = f"sigma{sigma:g}"
+        seeds = p.seeds if sigma == 0.1 else p.seeds[:1]  # the default sigma at every seed, the others at one
+        for s in seeds:
+            out += [replace(r, name=f"{tag}-{r.name}", sigma=sigma)
+                    for r in (runs.normal(s), runs.dmaapx(s, k), runs.augmented(s, "naive"),
+                              runs.augmented(s, "tuned"))]
+    out += [replace(runs.augmented(s, "naive", augment_output="float"), name=f"sigma0.1-aug-naive-float-seed{s}",
+                    sigma=0.1) for s in p.seeds]
+    return out
+
+
+STUDIES = {kind.name: kind for kind in (
+    StudyKind("demo", demo, ("reading", "scale")),
+    StudyKind("compare", compare, ("reading", "probes", "smoothness")),
+    StudyKind("ablation", ablation, ("reading", "scale")),
+    StudyKind("overparam", overparam, ("overparam",)),
+    StudyKind("mix", mix, ("reading", "dm_scores"), scores_dms=True),
+    StudyKind("dm-subsets", dm_subsets, ("dm_scores",), scores_dms=True),
+    StudyKind("regularizers", regularizers, ("reading", "gap_curves", "smoothness")),
+    StudyKind("dm-quality", dm_quality, ("dm_quality", "dm_scores"), scores_dms=True),
+    StudyKind("real-vs-synthetic", real_vs_synthetic, ("real_vs_synthetic",)),
+    StudyKind("controls", controls, ("reading",)),
+    StudyKind("robustness", robustness, ("robustness",)),
+)}

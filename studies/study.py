@@ -1,0 +1,258 @@
+"""The one skeleton every study runs on: its declared runs, each with the inputs it needs built first.
+
+A study is a list of `VaeRun`s (studies/catalog.py declares them). For each run, in order:
+
+    finished (done.json and eval/gaps.json)          skip it
+    the same run finished in another study           copy it here (reused.json says from where)
+    past the time budget                             stop starting runs (the report says where)
+    otherwise: its store, its DM (trained, or the committed reference, and scored when the study reports DM
+    scores), its shard set grown to the samples it needs -- each built once, in the foreground -- then the run's
+    train + eval is submitted to the executor (local processes or Slurm).
+
+Stages talk through files, exactly as when a user types the commands; every output records its own completion,
+so rerunning a study skips what is finished and resumes what was interrupted. Layout of a study directory:
+
+    <study_dir>/study.json          the preset, every run's commands, where a budget stopped the study, wall times
+    <study_dir>/runs/<run>/         VAE runs (trainer output + eval/)
+    <study_dir>/report.md, *.csv, *.png   written by `vaegen report`
+DMs and shards are shared between studies: runs/dm/<...>/ (or the committed models/<...>/) and shards/<...>/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import click
+
+from studies.catalog import StudyKind
+from studies.jobs import Executor, RunJob
+from studies.presets import FREE_FIELDS, StudyPreset, preset_from_record
+from studies.runs import DMSpec, Pool, RunFactory, Store, VaeRun
+from vaegen import dmrun
+from vaegen import shardformat as sf
+from vaegen.errors import VaegenError
+from vaegen.interrupts import Interrupted
+from vaegen.provenance import read_json, refuse_changed_settings, run_record, write_json_atomic
+from vaegen.runlock import run_lock
+from vaegen.vaerun import DONE_NAME, EVAL_DIR, GAPS_NAME
+
+STUDY_RECORD = "study.json"
+REUSED_NAME = "reused.json"
+STUDIES_ROOT = Path("runs/studies")
+
+
+def default_study_dir(kind: str, dataset: str, preset: str) -> Path:
+    return STUDIES_ROOT / f"{kind}-{dataset}-{preset}"
+
+
+def read_study_record(study_dir: Path) -> dict | None:
+    path = Path(study_dir) / STUDY_RECORD
+    return read_json(path) if path.is_file() else None
+
+
+def train_key(train_args: list[str]) -> str:
+    """What makes two runs the same training: its command without --out (inputs are named by path, and a path
+    under runs/dm, models/ or shards/ holds one thing: DMs are never retrained in place, shards only grow)."""
+    args = list(train_args)
+    i = args.index("--out")
+    del args[i:i + 2]
+    return hashlib.sha256(json.dumps(args).encode()).hexdigest()[:20]
+
+
+class Study:
+    """Runs one study's declared runs through `executor`, building their inputs first."""
+
+    def __init__(self, kind: StudyKind, dataset: str, preset: StudyPreset, study_dir: Path, executor: Executor,
+                 data_root: str = "data", reuse: bool = True):
+        self.kind, self.dataset, self.preset, self.dir = kind, dataset, preset, Path(study_dir)
+        self.executor, self.data_root, self.reuse = executor, data_root, reuse
+        self.runs = kind.declare(RunFactory(dataset, preset))
+        self.started = time.monotonic()
+        self.stopped_at: str | None = None
+        self.vae_seconds = 0.0  # wall time of this invocation's VAE phase (train + eval), prerequisites excluded
+        self._built: set = set()
+
+    def run_dir(self, run: VaeRun) -> Path:
+        return self.dir / "runs" / run.name
+
+    def job(self, run: VaeRun) -> RunJob:
+        out = self.run_dir(run)
+        return RunJob(run.name, str(out), tuple(run.train_args(self.data_root, out)), tuple(run.eval_args(out)))
+
+    # --- the skeleton -------------------------------------------------------------------------------------
+    def execute(self) -> None:
+        self.check_resumable()
+        self.save()
+        started = time.monotonic()
+        for run in self.runs:
+            job = self.job(run)
+            if not job.commands():
+                continue
+            if not (self.run_dir(run) / DONE_NAME).exists():
+                if self.reuse_finished(run, job):
+                    job = self.job(run)
+                    if not job.commands():
+                        continue
+                elif self.over_budget(run.name):
+                    break
+            self.prepare(run, train=not (self.run_dir(run) / DONE_NAME).exists())
+            if not self.executor.submit(job):
+                break
+        self.executor.wait()
+        self.vae_seconds += time.monotonic() - started
+        self.save()
+
+    def over_budget(self, next_run: str) -> bool:
+        budget = self.preset.budget_minutes
+        if budget is not None and (time.monotonic() - self.started) / 60 > budget:
+            self.stopped_at = self.stopped_at or next_run
+            click.echo(f"budget of {budget} min spent: not starting {next_run}", err=True)
+            return True
+        return False
+
+    # --- inputs (in the foreground, the whole machine each; built once per invocation) ----------------------
+    def vaegen(self, *args) -> None:
+        self.executor.run(self.kind.name, [str(a) for a in args])
+
+    def prepare(self, run: VaeRun, train: bool) -> None:
+        self.ensure_store(run.store)
+        if run.pool is not None and train:
+            self.ensure_dm(run.pool.dm)
+            if self.kind.scores_dms:
+                self.ensure_score(run.pool.dm)
+            self.ensure_shards(run.pool)
+
+    def ensure_store(self, store: Store) -> None:
+        if store not in self._built:
+            self.vaegen("data", store.dataset, "--data-root", self.data_root, *store.args())
+            self._built.add(store)
+
+    def ensure_dm(self, dm: DMSpec) -> None:
+        if dmrun.is_trained(dm.path):
+            return
+        self.ensure_store(dm.store)
+        out = dmrun.DM_ROOT / dm.run_dir.name
+        if dm.snapshot is not None and dmrun.is_trained(out):
+            raise VaegenError(f"{out} was trained without a snapshot at step {dm.snapshot}; move it away so that "
+                              "it can be trained again with --snapshot-steps (the last snapshot is the same model)")
+        # Every snapshot this study needs from that training run, in one run.
+        steps = sorted({r.pool.dm.snapshot for r in self.runs if r.pool and r.pool.dm.snapshot is not None
+                        and r.pool.dm.run_dir == dm.run_dir})
+        args = DMSpec(dm.store, dm.preset, dm.steps).train_args(self.data_root)
+        args[args.index("--out") + 1] = str(out)
+        if steps:
+            args += ["--snapshot-steps", ",".join(map(str, steps))]
+        self.vaegen(*args, *(["--resume"] if dmrun.checkpoint_dir(out).is_dir() else []))
+
+    def ensure_score(self, dm: DMSpec) -> None:
+        """`dm score` once per DM; its feature classifier trains on the full training split, so that store too."""
+        if dmrun.read_score(dm.path) is None:
+            self.ensure_store(Store(self.dataset, None))
+            p = self.preset
+            self.vaegen("dm", "score", "--dm", dm.path, "--sampler", p.sampler, "--steps", p.sampler_steps,
+                        "--n", p.score_images, "--classifier-steps", p.score_classifier_steps,
+                        "--data-root", self.data_root)
+
+    def ensure_shards(self, pool: Pool) -> None:
+        """The pool's shard set grown to scale x |D_train| samples. Growing rewrites the set's last, short shard,
+        so no running job may be reading it: running jobs are waited for first."""
+        needed = -(-pool.scale * pool.vae_store.train_size // pool.dm.store.train_size)
+        path = pool.shards / sf.GENERATION_NAME
+        record = read_json(path) if path.is_file() else {}
+        if record.get("complete") and record["scale"] >= needed:
+            return
+        self.executor.wait()
+        self.vaegen("generate", "--dm", pool.dm.path, "--scale", needed, "--out", pool.shards,
+                    "--sampler", pool.sampler, "--steps", pool.sampler_steps, "--data-root", self.data_root)
+
+    # --- a finished run is never trained twice ------------------------------------------------------------
+    def reuse_finished(self, run: VaeRun, job: RunJob) -> bool:
+        """Copy the same run, finished in another study directory, instead of training it again."""
+        out = self.run_dir(run)
+        if not self.reuse or out.exists():
+            return False
+        key = train_key(list(job.train))
+        for study_dir in sorted(p for p in self.dir.parent.iterdir() if p.is_dir() and p != self.dir):
+            record = read_study_record(study_dir) or {}
+            for other in record.get("runs", []):
+                source = study_dir / "runs" / other.get("name", "")
+                if other.get("train_key") == key and (source / DONE_NAME).exists():
+                    self.copy_run(source, out, same_eval=other.get("eval") == list(job.eval[2:]), key=key)
+                    click.echo(f"[{run.name}] reused {source} (the same training, finished)", err=True)
+                    return True
+        return False
+
+    @staticmethod
+    def copy_run(source: Path, out: Path, same_eval: bool, key: str) -> None:
+        with run_lock(out):
+            tmp = out.with_name(f".{out.name}.copying")
+            shutil.rmtree(tmp, ignore_errors=True)
+            keep_eval = same_eval and (source / EVAL_DIR / GAPS_NAME).exists()
+            shutil.copytree(source, tmp, ignore=None if keep_eval else shutil.ignore_patterns(EVAL_DIR))
+            write_json_atomic(tmp / REUSED_NAME, run_record(reused_from=str(source), train_key=key,
+                                                            evaluation_reused=keep_eval))
+            tmp.rename(out)
+
+    # --- study.json -----------------------------------------------------------------------------------------
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        runs = []
+        for run in self.runs:
+            job = self.job(run)
+            runs.append({"name": run.name, "train_key": train_key(list(job.train)), "train": list(job.train),
+                         "eval": list(job.eval[2:])})
+        dms = {}
+        for run in self.runs:
+            if run.pool and (record := dmrun.read_record(run.pool.dm.path)):
+                dms[str(run.pool.dm.path)] = record.get("weights_sha256")
+        write_json_atomic(self.dir / STUDY_RECORD, run_record(
+            study=self.kind.name, dataset=self.dataset, preset=dataclasses.asdict(self.preset),
+            executor=describe(self.executor), runs=runs, dms=dms, stopped_at=self.stopped_at,
+            minutes=round((time.monotonic() - self.started) / 60, 2), vae_minutes=round(self.vae_seconds / 60, 2)))
+
+    def check_resumable(self) -> None:
+        """A study directory belongs to one study, dataset and preset (seeds, grids and the budget may change on
+        a rerun): finished runs would otherwise be silently reused under other settings."""
+        old = read_study_record(self.dir)
+        if old is None:
+            return
+        if (old.get("study"), old.get("dataset")) != (self.kind.name, self.dataset):
+            raise VaegenError(f"{self.dir} holds the {old.get('study')} study of {old.get('dataset')}; choose "
+                              "another --out")
+        refuse_changed_settings(dataclasses.asdict(preset_from_record(old.get("preset", {}))),
+                                dataclasses.asdict(self.preset), FREE_FIELDS, what=f"{self.dir}: the preset's settings",
+                                hint="choose another --out")
+
+
+def describe(executor: Executor) -> dict:
+    return {"kind": type(executor).__name__, "jobs": getattr(executor, "jobs", None)}
+
+
+def run_study(kind: StudyKind, dataset: str, preset: StudyPreset, out: str | None, executor: Executor,
+              data_root: str = "data", reuse: bool = True) -> Path:
+    """Run (or resume) a study, then write its report; returns the study directory."""
+    study_dir = Path(out) if out else default_study_dir(kind.name, dataset, preset.name)
+    study = Study(kind, dataset, preset, study_dir, executor, data_root, reuse)
+    with run_lock(study_dir):
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def pass_on(signum, frame):  # stop the stage commands cleanly, then stop the study
+            executor.forward(signum)
+            raise Interrupted(signum, "the running stage commands stopped cleanly; rerun the same study command "
+                                      "to resume")
+
+        for s in previous:
+            signal.signal(s, pass_on)
+        try:
+            study.execute()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        study.vaegen("report", study_dir)
+    return study_dir
