@@ -23,7 +23,7 @@ SUBSET_ARGS := $(if $(SUBSET),--subset $(SUBSET) --subset-seed $(SUBSET_SEED))
 LAST_VAE = $(if $(filter command line,$(origin VAE)),,$(shell ls -td runs/vae/*/ 2>/dev/null | head -n 1))
 
 .PHONY: help setup test test-slow lint data dm shards train eval frontier demo compare ablation overparam mix \
-	dm-subsets regularizers dm-quality real-vs-synthetic controls
+	dm-subsets regularizers dm-quality real-vs-synthetic controls robustness
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -82,7 +82,7 @@ STUDY_ARGS = --dataset $(DATASET) --preset $(STUDY_PRESET) $(if $(SCALES),--scal
 demo: ## the whole pipeline at tiny scale (minutes on a CPU); prints the report's path
 	$(BIN)/vaegen study demo --preset demo --dataset fmnist
 
-compare: ## Normal vs DMaaPx vs Aug.Naive vs Aug.Tuned, 3 seeds (paper table 7)
+compare: ## Normal vs DMaaPx vs Aug.Naive vs Aug.Tuned, 3 seeds (paper Table 7; probes: Table 11)
 	$(BIN)/vaegen study compare $(STUDY_ARGS)
 
 ablation: ## sample-size ablation over SCALES="1 2 5 10 ..."
@@ -108,3 +108,6 @@ real-vs-synthetic: ## Normal training on k x N real images vs DMaaPx on k x N sa
 
 controls: ## early stopping and weight decay for Normal training, beside DMaaPx
 	$(BIN)/vaegen study controls $(STUDY_ARGS)
+
+robustness: ## why G_r ranks the methods as it does: the four compare methods at several likelihood sigmas, float Aug.Naive
+	$(BIN)/vaegen study robustness $(STUDY_ARGS)

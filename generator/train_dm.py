@@ -48,6 +48,7 @@ from vaegen.provenance import (
     fsync_dir,
     read_json,
     read_jsonl,
+    refuse_changed_settings,
     run_record,
     sha256_file,
     write_json_atomic,
@@ -172,11 +173,8 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int = 2) -> None:
 
 def check_resumable(out: Path, config: DMTrainConfig) -> None:
     """Refuse to resume with settings that would make the continuation a different run."""
-    previous = read_json(out / dmrun.TRAIN_RUN_NAME)["config"]
-    changed = {k for k, v in asdict(config).items() if previous.get(k) != v} - RESUMABLE_CHANGES
-    if changed:
-        diff = ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(config, k)!r}" for k in sorted(changed))
-        raise VaegenError(f"--resume with different settings ({diff}); use the original ones or a new --out")
+    refuse_changed_settings(read_json(out / dmrun.TRAIN_RUN_NAME)["config"], asdict(config), RESUMABLE_CHANGES,
+                            what="--resume: the settings", hint="use the original ones or a new --out")
 
 
 def truncate_log(path: Path, step: int) -> None:
