@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -31,20 +30,19 @@ from evaluator.gaps import (
     amortization_gap,
     amortized_elbo,
     batches,
-    reconstruct,
     robustness_gap,
 )
 from evaluator.likelihood import iwae_log_px
 from evaluator.msssim import MSSSIMConfig
 from evaluator.probes import probe_accuracies, psnr
 from evaluator.smoothness import SmoothnessConfig, latent_smoothness, smoothness_arrays, smoothness_summary
-from trainer.models import MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, load_vae
+from evaluator.stats import difference_ci, mean_ci
+from trainer.models import VAE, load_vae
 from vaegen.data import open_dataset, store_path
 from vaegen.errors import VaegenError
 from vaegen.interrupts import set_resume_hint
 from vaegen.provenance import (
     fsync_dir,
-    read_json,
     run_record,
     sha256_file,
     write_json_atomic,
@@ -52,10 +50,18 @@ from vaegen.provenance import (
 )
 from vaegen.runlock import run_lock
 from vaegen.seeding import SPLIT, SUBSAMPLE, derive, numpy_rng, torch_generator
-from vaegen.vaerun import CONFIG_NAME, DONE_NAME, EVAL_DIR, GAP_CURVES_NAME, GAPS_NAME, SNAPSHOTS
+from vaegen.vaerun import (
+    CONFIG_NAME,
+    EVAL_DIR,
+    GAP_CURVES_NAME,
+    GAPS_NAME,
+    MODEL_WEIGHTS_NAME,
+    SNAPSHOTS,
+    RunFiles,
+    read_run,
+)
 
 GAPS = ("generalization", "amortization", "robustness")
-# Written by the trainer (trainer/train.py): the training config, and the completion marker written last.
 
 # The paper's attack settings per dataset: (delta, PGD iterations, test images); 10 seeds and step size 1.0
 # for all. MNIST in grey levels is an MNIST-type set like its binarized twin.
@@ -99,67 +105,49 @@ class EvalConfig:
 
 # How much is decoded at once, per architecture: the conv decoder keeps ~20 maps of n_c x 32 x 32 per image
 # alive (under autograd for q*), the FC decoder a few kilobytes. Results do not depend on these.
-BATCHING = {
-    "conv": {"batch_size": 128, "max_decode": 512, "posterior_opt.batch_size": 128},
-}
+CONV_BATCH_SIZE, CONV_MAX_DECODE = 128, 512
 
 
-def paper_config(run_dir, dataset: str, arch: str = "fc", **overrides) -> EvalConfig:
-    """The paper's settings for `dataset`; anything in `overrides` that is not None replaces them."""
+def paper_config(run_dir, dataset: str, arch: str = "fc") -> EvalConfig:
+    """The paper's settings for `dataset`, batched for `arch`."""
     delta, iterations, images = PAPER_ATTACK.get(dataset, PAPER_ATTACK["fmnist"])
-    base = EvalConfig(run_dir=str(run_dir), attack=AttackConfig(delta=delta, iterations=iterations),
-                      attack_images=images)
-    return _override(_override(base, BATCHING.get(arch, {})), overrides)
+    config = EvalConfig(run_dir=str(run_dir), attack=AttackConfig(delta=delta, iterations=iterations),
+                        attack_images=images)
+    if arch == "conv":
+        config = with_batching(config, CONV_BATCH_SIZE, CONV_MAX_DECODE)
+    return config
 
 
-def quick_config(run_dir, dataset: str, arch: str = "fc", **overrides) -> EvalConfig:
+def quick_config(run_dir, dataset: str, arch: str = "fc") -> EvalConfig:
     """Minutes on a CPU: subsampled splits, a shorter q* optimization, k=100, fewer attacked images and seeds."""
     paper = paper_config(run_dir, dataset, arch)
-    quick = dataclasses.replace(
+    return dataclasses.replace(
         paper, quick=True, elbo_samples=1, train_images=1000, test_images=1000, amortization_images=100,
         posterior_opt=dataclasses.replace(paper.posterior_opt, max_iters=300, eval_samples=20),
         attack_images=10, attack_seeds=3, iwae_k=100, iwae_images=200, probe_train_images=1000,
     )
-    return _override(quick, overrides)
 
 
-def _override(config: EvalConfig, overrides: dict) -> EvalConfig:
-    """Replace top-level fields, or nested ones given as 'posterior_opt.lr' / 'attack.delta'."""
-    top, nested = {}, {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if "." in key:
-            group, name = key.split(".", 1)
-            nested.setdefault(group, {})[name] = value
-        else:
-            top[key] = value
-    for group, values in nested.items():
-        top[group] = dataclasses.replace(getattr(config, group), **values)
-    return dataclasses.replace(config, **top)
+def with_batching(config: EvalConfig, batch_size: int | None = None, max_decode: int | None = None) -> EvalConfig:
+    """`batch_size` images per forward pass and per q* optimization batch, at most `max_decode` latents decoded
+    at once; None keeps the current value."""
+    return replace_given(config, batch_size=batch_size, max_decode=max_decode,
+                         posterior_opt=replace_given(config.posterior_opt, batch_size=batch_size))
+
+
+def replace_given(settings, **changes):
+    """`dataclasses.replace` with the changes that are not None (an option the user did not give)."""
+    return dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
 
 
 # --- inputs ------------------------------------------------------------------------------------------------
 
-def read_run(run_dir: Path) -> tuple[dict, dict]:
-    """The training config and the model build config of a finished VAE run; a one-line error otherwise."""
-    expected = (CONFIG_NAME, MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, DONE_NAME)
-    missing = [n for n in expected if not (run_dir / n).is_file()]
-    if missing:
-        raise VaegenError(f"{run_dir} is not a finished VAE run (missing {', '.join(missing)}); "
-                          "pass a runs/vae/NAME directory written by vaegen-train")
-    configs = []
-    for name in (CONFIG_NAME, MODEL_CONFIG_NAME):
-        try:
-            configs.append(read_json(run_dir / name))
-        except (OSError, ValueError) as e:
-            raise VaegenError(f"{run_dir / name} is not valid JSON ({e})") from None
-        if not isinstance(configs[-1], dict):
-            raise VaegenError(f"{run_dir / name} is not a JSON object")
-    run_config, model_config = configs
-    if "dataset" not in run_config:
+def read_finished_run(run_dir: Path) -> RunFiles:
+    """A VAE run the trainer finished, whose config names its dataset; a one-line error otherwise."""
+    run = read_run(run_dir, require_finished=True)
+    if "dataset" not in run.config:
         raise VaegenError(f"{run_dir / CONFIG_NAME} does not name the dataset the VAE was trained on")
-    return run_config, model_config
+    return run
 
 
 def real_split(run_config: dict, split: str):
@@ -174,33 +162,13 @@ def real_split(run_config: dict, split: str):
     return data
 
 
-def _ci(mean: float, se: float | None) -> list[float] | None:
-    return None if se is None else [mean - 1.96 * se, mean + 1.96 * se]
-
-
-def mean_ci(values) -> dict:
-    """Mean with a 95% normal confidence interval over independent values (none from a single value)."""
-    v = np.asarray(values, dtype=np.float64).ravel()
-    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
-    mean = float(v.mean())
-    return {"mean": mean, "se": se, "ci95": _ci(mean, se), "n": len(v)}
-
-
-def difference_ci(a, b) -> dict:
-    """mean(a) - mean(b) for independent samples, with a 95% confidence interval."""
-    ma, mb = mean_ci(a), mean_ci(b)
-    gap = ma["mean"] - mb["mean"]
-    se = None if None in (ma["se"], mb["se"]) else math.sqrt(ma["se"] ** 2 + mb["se"] ** 2)
-    return {"gap": gap, "se": se, "ci95": _ci(gap, se)}
-
-
 # --- the measurements: each reads the same inputs and returns (summary, per-image arrays) --------------------
 
 @dataclass
 class EvalInputs:
     """What every measurement reads: the VAE and the preprocessed real images it is measured on."""
 
-    vae: object
+    vae: VAE
     x_train: torch.Tensor          # preprocessed D_train images (a seeded subsample with --train-images)
     x_test: torch.Tensor
     train_idx: np.ndarray          # their rows in the run's D_train / D_test
@@ -321,8 +289,9 @@ def measure_log_likelihood(inp: EvalInputs, config: EvalConfig) -> tuple[dict, d
 
 
 def measure_psnr(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
-    reconstructions = torch.cat([reconstruct(inp.vae, inp.x_test[sl])
-                                 for sl in batches(len(inp.x_test), config.batch_size)])
+    with torch.no_grad():
+        reconstructions = torch.cat([inp.vae.reconstruct(inp.x_test[sl])
+                                     for sl in batches(len(inp.x_test), config.batch_size)])
     values = psnr(inp.x_test, reconstructions)
     summary = {"test": mean_ci(values.clamp(max=100).cpu()),
                "definition": "10 log10(1 / MSE(x, x~)) in dB, x~ = decoder mean at the posterior mean"}
@@ -330,9 +299,9 @@ def measure_psnr(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
 
 
 def measure_probes(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
-    """Classifiers on posterior means (the paper's downstream test): fit on one seeded half of the evaluated
-    D_test and scored on the other half ("test-halves", the paper's protocol), or fit on D_train and scored on
-    D_test ("train-test")."""
+    """Classifiers on posterior means (the paper's downstream test, Table 11): fit on one seeded half of the
+    evaluated D_test and scored on the other half ("test-halves", the paper's protocol), or fit on D_train and
+    scored on D_test ("train-test")."""
     def posterior_means(x):
         return torch.cat([inp.vae.encode(x[sl])[0] for sl in batches(len(x), config.batch_size)]).cpu().numpy()
 
@@ -384,13 +353,12 @@ def measurements(config: EvalConfig) -> dict:
 def evaluate(config: EvalConfig) -> Path:
     """Run every requested measurement and write <run_dir>/eval/; returns that directory."""
     run_dir = Path(config.run_dir)
-    run_config, _ = read_run(run_dir)
+    run_config = read_finished_run(run_dir).config
     unknown = sorted(set(config.gaps) - set(GAPS))
     if unknown:
         raise VaegenError(f"unknown gap(s) {', '.join(unknown)}; choose from {', '.join(GAPS)}")
     set_resume_hint("rerun the same command: an evaluation starts over, the previous eval/ is kept until then")
     with run_lock(run_dir):
-        torch.manual_seed(config.seed)
         inp = load_inputs(config, run_config)
         summary, arrays = {}, {"train/index": inp.train_idx, "test/index": inp.test_idx}
         for name, measure in measurements(config).items():
