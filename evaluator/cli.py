@@ -10,6 +10,7 @@ from evaluator.attack import UPDATES
 from evaluator.evaluate import (
     GAPS,
     PAPER_ATTACK,
+    ROBUSTNESS_PROTOCOLS,
     EvalConfig,
     paper_config,
     quick_config,
@@ -91,6 +92,11 @@ def _parse_gaps(ctx, param, value: str) -> tuple[str, ...]:
 @setting("--qstar-eval-samples", POSITIVE,
          per_mode(PAPER.posterior_opt.eval_samples, QUICK.posterior_opt.eval_samples),
          "Monte-Carlo samples of the final ELBO* and ELBO (shared noise).")
+@click.option("--robustness-protocol", type=click.Choice(ROBUSTNESS_PROTOCOLS),
+              default=EvalConfig.robustness_protocol,
+              help="How G_r is measured: vaegen's protocol, or kuzina: Kuzina et al.'s public attack code step by "
+                   "step (stratified images, N(0, 0.2^2) start, last iterate, x~ from z ~ q, their MS-SSIM). "
+                   "The README's evaluator section lists every difference.")
 @setting("--attack-delta", click.FloatRange(0, 1, min_open=True), per_dataset(MNIST_TYPE[0], CIFAR[0]),
          "L-inf radius of the attack.")
 @setting("--attack-iters", POSITIVE, per_dataset(MNIST_TYPE[1], CIFAR[1]), "PGD iterations.")
@@ -116,9 +122,9 @@ def _parse_gaps(ctx, param, value: str) -> tuple[str, ...]:
          "Most latents decoded in one forward pass (bounds memory).")
 def evaluate(run_dir, gaps, iwae_k, probes, probe_split, quick, device, threads, seed, elbo_samples,
              train_images, test_images, amortization_images, qstar_lr, qstar_max_iters, qstar_samples,
-             qstar_check_every, qstar_patience, qstar_tol, qstar_eval_samples, attack_delta, attack_iters,
-             attack_step_size, attack_update, attack_images, attack_seeds, iwae_images, probe_train_images,
-             smoothness_pairs, smoothness_alphas, batch_size, max_decode):
+             qstar_check_every, qstar_patience, qstar_tol, qstar_eval_samples, robustness_protocol, attack_delta,
+             attack_iters, attack_step_size, attack_update, attack_images, attack_seeds, iwae_images,
+             probe_train_images, smoothness_pairs, smoothness_alphas, batch_size, max_decode):
     """Measure a trained VAE's generalization, amortization and robustness gaps (plus IWAE log p(x), PSNR and
     optional probes) and write RUN_DIR/eval/gaps.json and RUN_DIR/eval/per_example.zarr."""
     set_threads(threads)
@@ -127,8 +133,9 @@ def evaluate(run_dir, gaps, iwae_k, probes, probe_split, quick, device, threads,
     config = replace_given(
         base, gaps=gaps, seed=seed, device=str(resolve_device(device)), probes=probes, probe_split=probe_split,
         iwae_k=iwae_k, elbo_samples=elbo_samples, train_images=train_images, test_images=test_images,
-        amortization_images=amortization_images, attack_images=attack_images, attack_seeds=attack_seeds,
-        iwae_images=iwae_images, probe_train_images=probe_train_images,
+        amortization_images=amortization_images, robustness_protocol=robustness_protocol,
+        attack_images=attack_images, attack_seeds=attack_seeds, iwae_images=iwae_images,
+        probe_train_images=probe_train_images,
         posterior_opt=replace_given(base.posterior_opt, lr=qstar_lr, max_iters=qstar_max_iters,
                                     samples_per_step=qstar_samples, check_every=qstar_check_every,
                                     patience=qstar_patience, tol=qstar_tol, eval_samples=qstar_eval_samples),

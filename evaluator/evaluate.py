@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from evaluator import kuzina
 from evaluator.attack import AttackConfig
 from evaluator.gaps import (
     PosteriorOptConfig,
@@ -62,6 +63,8 @@ from vaegen.vaerun import (
 )
 
 GAPS = ("generalization", "amortization", "robustness")
+# How G_r is measured: vaegen's own protocol, or Kuzina et al.'s code step by step (evaluator.kuzina).
+ROBUSTNESS_PROTOCOLS = ("vaegen", "kuzina")
 
 # The paper's attack settings per dataset: (delta, PGD iterations, test images); 10 seeds and step size 1.0
 # for all. MNIST in grey levels is an MNIST-type set like its binarized twin.
@@ -91,6 +94,7 @@ class EvalConfig:
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(delta=0.1, iterations=50))
     attack_images: int = 50
     attack_seeds: int = 10
+    robustness_protocol: str = "vaegen"  # ROBUSTNESS_PROTOCOLS; kuzina ignores `msssim` (it has its own)
     msssim: MSSSIMConfig = field(default_factory=MSSSIMConfig)
     # beyond the paper
     iwae_k: int = 5000  # 0 skips IWAE
@@ -169,6 +173,7 @@ class EvalInputs:
     """What every measurement reads: the VAE and the preprocessed real images it is measured on."""
 
     vae: VAE
+    dataset: str                   # the run's dataset (vaegen.data.DATASETS)
     x_train: torch.Tensor          # preprocessed D_train images (a seeded subsample with --train-images)
     x_test: torch.Tensor
     train_idx: np.ndarray          # their rows in the run's D_train / D_test
@@ -204,8 +209,9 @@ def load_inputs(config: EvalConfig, run_config: dict, vae=None) -> EvalInputs:
         g = torch_generator(config.seed, "eval-binarize", SPLIT[split], device=device)
         return vae.preprocess(torch.from_numpy(images_u8).to(device), g)
 
-    return EvalInputs(vae, preprocess(train.images[train_idx], "train"), preprocess(test.images[test_idx], "test"),
-                      train_idx, test_idx, train.labels[train_idx], test.labels[test_idx], device)
+    return EvalInputs(vae, run_config["dataset"], preprocess(train.images[train_idx], "train"),
+                      preprocess(test.images[test_idx], "test"), train_idx, test_idx, train.labels[train_idx],
+                      test.labels[test_idx], device)
 
 
 def measure_generalization(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
@@ -246,11 +252,20 @@ def measure_amortization(inp: EvalInputs, config: EvalConfig, progress: bool = T
 
 
 def measure_robustness(inp: EvalInputs, config: EvalConfig, progress: bool = True) -> tuple[dict, dict]:
-    """G_r: MS-SSIM of attacked inputs minus MS-SSIM of their reconstructions (Kuzina et al. 2022's attack)."""
-    pick = subsample(len(inp.x_test), config.attack_images, config.seed, "robustness")
+    """G_r: MS-SSIM of attacked inputs minus MS-SSIM of their reconstructions, under Kuzina et al. 2022's
+    encoder attack, measured by vaegen's protocol or by theirs (`evaluator.kuzina`; README: the differences)."""
     seeds = [derive(config.seed, "eval-attack-start", i) for i in range(config.attack_seeds)]
-    result = robustness_gap(inp.vae, inp.x_test[pick], config.attack, seeds, config.msssim, config.batch_size,
-                            progress=progress)
+    if config.robustness_protocol == "kuzina":
+        pick = kuzina.choose_images(inp.test_labels, config.attack_images)
+        frame = kuzina.msssim_frame(inp.dataset)
+        result = kuzina.robustness_gap(inp.vae, inp.x_test[pick], config.attack, seeds, frame, config.batch_size,
+                                       progress=progress)
+        protocol = kuzina.describe(frame)
+    else:
+        pick = subsample(len(inp.x_test), config.attack_images, config.seed, "robustness")
+        result = robustness_gap(inp.vae, inp.x_test[pick], config.attack, seeds, config.msssim, config.batch_size,
+                                progress=progress)
+        protocol = {"reconstruction": "decoder mean at the posterior mean", "msssim_config": config.msssim.describe()}
     per_seed = result.gap.mean(1).cpu()
     over_seeds = mean_ci(per_seed)
     summary = {
@@ -259,9 +274,9 @@ def measure_robustness(inp: EvalInputs, config: EvalConfig, progress: bool = Tru
         "over_images": mean_ci(result.gap.mean(0).cpu()),
         "msssim_input": mean_ci(result.msssim_input.cpu()), "msssim_recon": mean_ci(result.msssim_recon.cpu()),
         "symmetric_kl": mean_ci(result.skl.cpu()), "n_images": len(pick), "seeds": seeds,
-        "attack": dataclasses.asdict(config.attack), "msssim_config": config.msssim.describe(),
-        "definition": "E[MS-SSIM(x_r, x_a) - MS-SSIM(x~_r, x~_a)], x_a = L-inf PGD maximizing "
-                      "SKL(q(z|x_r), q(z|x_a)), x~ = decoder mean at the posterior mean",
+        "protocol": config.robustness_protocol, **protocol, "attack": dataclasses.asdict(config.attack),
+        "definition": "E[MS-SSIM(x_r, x_a) - MS-SSIM(x~_r, x~_a)] = msssim_input - msssim_recon, x_a = L-inf "
+                      f"attack maximizing SKL(q(z|x_r), q(z|x_a)), x~ = {protocol['reconstruction']}",
     }
     arrays = {"robustness/index": inp.test_idx[pick], "robustness/seeds": np.asarray(seeds, dtype=np.uint64),
               "robustness/msssim_input": result.msssim_input, "robustness/msssim_recon": result.msssim_recon,
@@ -357,6 +372,12 @@ def evaluate(config: EvalConfig) -> Path:
     unknown = sorted(set(config.gaps) - set(GAPS))
     if unknown:
         raise VaegenError(f"unknown gap(s) {', '.join(unknown)}; choose from {', '.join(GAPS)}")
+    if config.robustness_protocol not in ROBUSTNESS_PROTOCOLS:
+        raise VaegenError(f"unknown robustness protocol {config.robustness_protocol!r}; choose from "
+                          f"{', '.join(ROBUSTNESS_PROTOCOLS)}")
+    if config.robustness_protocol == "kuzina" and config.attack.update != "sgd":
+        raise VaegenError("--robustness-protocol kuzina takes their plain SGD steps; drop --attack-update "
+                          f"{config.attack.update}")
     set_resume_hint("rerun the same command: an evaluation starts over, the previous eval/ is kept until then")
     with run_lock(run_dir):
         inp = load_inputs(config, run_config)
