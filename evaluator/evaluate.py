@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -25,26 +24,26 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from evaluator import kuzina
 from evaluator.attack import AttackConfig
 from evaluator.gaps import (
     PosteriorOptConfig,
     amortization_gap,
     amortized_elbo,
     batches,
-    reconstruct,
     robustness_gap,
 )
 from evaluator.likelihood import iwae_log_px
 from evaluator.msssim import MSSSIMConfig
 from evaluator.probes import probe_accuracies, psnr
 from evaluator.smoothness import SmoothnessConfig, latent_smoothness, smoothness_arrays, smoothness_summary
-from trainer.models import MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, load_vae
+from evaluator.stats import difference_ci, mean_ci
+from trainer.models import VAE, load_vae
 from vaegen.data import open_dataset, store_path
 from vaegen.errors import VaegenError
 from vaegen.interrupts import set_resume_hint
 from vaegen.provenance import (
     fsync_dir,
-    read_json,
     run_record,
     sha256_file,
     write_json_atomic,
@@ -52,10 +51,20 @@ from vaegen.provenance import (
 )
 from vaegen.runlock import run_lock
 from vaegen.seeding import SPLIT, SUBSAMPLE, derive, numpy_rng, torch_generator
-from vaegen.vaerun import CONFIG_NAME, DONE_NAME, EVAL_DIR, GAP_CURVES_NAME, GAPS_NAME, SNAPSHOTS
+from vaegen.vaerun import (
+    CONFIG_NAME,
+    EVAL_DIR,
+    GAP_CURVES_NAME,
+    GAPS_NAME,
+    MODEL_WEIGHTS_NAME,
+    SNAPSHOTS,
+    RunFiles,
+    read_run,
+)
 
 GAPS = ("generalization", "amortization", "robustness")
-# Written by the trainer (trainer/train.py): the training config, and the completion marker written last.
+# How G_r is measured: vaegen's own protocol, or Kuzina et al.'s code step by step (evaluator.kuzina).
+ROBUSTNESS_PROTOCOLS = ("vaegen", "kuzina")
 
 # The paper's attack settings per dataset: (delta, PGD iterations, test images); 10 seeds and step size 1.0
 # for all. MNIST in grey levels is an MNIST-type set like its binarized twin.
@@ -85,6 +94,7 @@ class EvalConfig:
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(delta=0.1, iterations=50))
     attack_images: int = 50
     attack_seeds: int = 10
+    robustness_protocol: str = "vaegen"  # ROBUSTNESS_PROTOCOLS; kuzina ignores `msssim` (it has its own)
     msssim: MSSSIMConfig = field(default_factory=MSSSIMConfig)
     # beyond the paper
     iwae_k: int = 5000  # 0 skips IWAE
@@ -99,67 +109,49 @@ class EvalConfig:
 
 # How much is decoded at once, per architecture: the conv decoder keeps ~20 maps of n_c x 32 x 32 per image
 # alive (under autograd for q*), the FC decoder a few kilobytes. Results do not depend on these.
-BATCHING = {
-    "conv": {"batch_size": 128, "max_decode": 512, "posterior_opt.batch_size": 128},
-}
+CONV_BATCH_SIZE, CONV_MAX_DECODE = 128, 512
 
 
-def paper_config(run_dir, dataset: str, arch: str = "fc", **overrides) -> EvalConfig:
-    """The paper's settings for `dataset`; anything in `overrides` that is not None replaces them."""
+def paper_config(run_dir, dataset: str, arch: str = "fc") -> EvalConfig:
+    """The paper's settings for `dataset`, batched for `arch`."""
     delta, iterations, images = PAPER_ATTACK.get(dataset, PAPER_ATTACK["fmnist"])
-    base = EvalConfig(run_dir=str(run_dir), attack=AttackConfig(delta=delta, iterations=iterations),
-                      attack_images=images)
-    return _override(_override(base, BATCHING.get(arch, {})), overrides)
+    config = EvalConfig(run_dir=str(run_dir), attack=AttackConfig(delta=delta, iterations=iterations),
+                        attack_images=images)
+    if arch == "conv":
+        config = with_batching(config, CONV_BATCH_SIZE, CONV_MAX_DECODE)
+    return config
 
 
-def quick_config(run_dir, dataset: str, arch: str = "fc", **overrides) -> EvalConfig:
+def quick_config(run_dir, dataset: str, arch: str = "fc") -> EvalConfig:
     """Minutes on a CPU: subsampled splits, a shorter q* optimization, k=100, fewer attacked images and seeds."""
     paper = paper_config(run_dir, dataset, arch)
-    quick = dataclasses.replace(
+    return dataclasses.replace(
         paper, quick=True, elbo_samples=1, train_images=1000, test_images=1000, amortization_images=100,
         posterior_opt=dataclasses.replace(paper.posterior_opt, max_iters=300, eval_samples=20),
         attack_images=10, attack_seeds=3, iwae_k=100, iwae_images=200, probe_train_images=1000,
     )
-    return _override(quick, overrides)
 
 
-def _override(config: EvalConfig, overrides: dict) -> EvalConfig:
-    """Replace top-level fields, or nested ones given as 'posterior_opt.lr' / 'attack.delta'."""
-    top, nested = {}, {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if "." in key:
-            group, name = key.split(".", 1)
-            nested.setdefault(group, {})[name] = value
-        else:
-            top[key] = value
-    for group, values in nested.items():
-        top[group] = dataclasses.replace(getattr(config, group), **values)
-    return dataclasses.replace(config, **top)
+def with_batching(config: EvalConfig, batch_size: int | None = None, max_decode: int | None = None) -> EvalConfig:
+    """`batch_size` images per forward pass and per q* optimization batch, at most `max_decode` latents decoded
+    at once; None keeps the current value."""
+    return replace_given(config, batch_size=batch_size, max_decode=max_decode,
+                         posterior_opt=replace_given(config.posterior_opt, batch_size=batch_size))
+
+
+def replace_given(settings, **changes):
+    """`dataclasses.replace` with the changes that are not None (an option the user did not give)."""
+    return dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
 
 
 # --- inputs ------------------------------------------------------------------------------------------------
 
-def read_run(run_dir: Path) -> tuple[dict, dict]:
-    """The training config and the model build config of a finished VAE run; a one-line error otherwise."""
-    expected = (CONFIG_NAME, MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME, DONE_NAME)
-    missing = [n for n in expected if not (run_dir / n).is_file()]
-    if missing:
-        raise VaegenError(f"{run_dir} is not a finished VAE run (missing {', '.join(missing)}); "
-                          "pass a runs/vae/NAME directory written by vaegen-train")
-    configs = []
-    for name in (CONFIG_NAME, MODEL_CONFIG_NAME):
-        try:
-            configs.append(read_json(run_dir / name))
-        except (OSError, ValueError) as e:
-            raise VaegenError(f"{run_dir / name} is not valid JSON ({e})") from None
-        if not isinstance(configs[-1], dict):
-            raise VaegenError(f"{run_dir / name} is not a JSON object")
-    run_config, model_config = configs
-    if "dataset" not in run_config:
+def read_finished_run(run_dir: Path) -> RunFiles:
+    """A VAE run the trainer finished, whose config names its dataset; a one-line error otherwise."""
+    run = read_run(run_dir, require_finished=True)
+    if "dataset" not in run.config:
         raise VaegenError(f"{run_dir / CONFIG_NAME} does not name the dataset the VAE was trained on")
-    return run_config, model_config
+    return run
 
 
 def real_split(run_config: dict, split: str):
@@ -174,33 +166,14 @@ def real_split(run_config: dict, split: str):
     return data
 
 
-def _ci(mean: float, se: float | None) -> list[float] | None:
-    return None if se is None else [mean - 1.96 * se, mean + 1.96 * se]
-
-
-def mean_ci(values) -> dict:
-    """Mean with a 95% normal confidence interval over independent values (none from a single value)."""
-    v = np.asarray(values, dtype=np.float64).ravel()
-    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
-    mean = float(v.mean())
-    return {"mean": mean, "se": se, "ci95": _ci(mean, se), "n": len(v)}
-
-
-def difference_ci(a, b) -> dict:
-    """mean(a) - mean(b) for independent samples, with a 95% confidence interval."""
-    ma, mb = mean_ci(a), mean_ci(b)
-    gap = ma["mean"] - mb["mean"]
-    se = None if None in (ma["se"], mb["se"]) else math.sqrt(ma["se"] ** 2 + mb["se"] ** 2)
-    return {"gap": gap, "se": se, "ci95": _ci(gap, se)}
-
-
 # --- the measurements: each reads the same inputs and returns (summary, per-image arrays) --------------------
 
 @dataclass
 class EvalInputs:
     """What every measurement reads: the VAE and the preprocessed real images it is measured on."""
 
-    vae: object
+    vae: VAE
+    dataset: str                   # the run's dataset (vaegen.data.DATASETS)
     x_train: torch.Tensor          # preprocessed D_train images (a seeded subsample with --train-images)
     x_test: torch.Tensor
     train_idx: np.ndarray          # their rows in the run's D_train / D_test
@@ -236,8 +209,9 @@ def load_inputs(config: EvalConfig, run_config: dict, vae=None) -> EvalInputs:
         g = torch_generator(config.seed, "eval-binarize", SPLIT[split], device=device)
         return vae.preprocess(torch.from_numpy(images_u8).to(device), g)
 
-    return EvalInputs(vae, preprocess(train.images[train_idx], "train"), preprocess(test.images[test_idx], "test"),
-                      train_idx, test_idx, train.labels[train_idx], test.labels[test_idx], device)
+    return EvalInputs(vae, run_config["dataset"], preprocess(train.images[train_idx], "train"),
+                      preprocess(test.images[test_idx], "test"), train_idx, test_idx, train.labels[train_idx],
+                      test.labels[test_idx], device)
 
 
 def measure_generalization(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
@@ -278,11 +252,20 @@ def measure_amortization(inp: EvalInputs, config: EvalConfig, progress: bool = T
 
 
 def measure_robustness(inp: EvalInputs, config: EvalConfig, progress: bool = True) -> tuple[dict, dict]:
-    """G_r: MS-SSIM of attacked inputs minus MS-SSIM of their reconstructions (Kuzina et al. 2022's attack)."""
-    pick = subsample(len(inp.x_test), config.attack_images, config.seed, "robustness")
+    """G_r: MS-SSIM of attacked inputs minus MS-SSIM of their reconstructions, under Kuzina et al. 2022's
+    encoder attack, measured by vaegen's protocol or by theirs (`evaluator.kuzina`; README: the differences)."""
     seeds = [derive(config.seed, "eval-attack-start", i) for i in range(config.attack_seeds)]
-    result = robustness_gap(inp.vae, inp.x_test[pick], config.attack, seeds, config.msssim, config.batch_size,
-                            progress=progress)
+    if config.robustness_protocol == "kuzina":
+        pick = kuzina.choose_images(inp.test_labels, config.attack_images)
+        frame = kuzina.msssim_frame(inp.dataset)
+        result = kuzina.robustness_gap(inp.vae, inp.x_test[pick], config.attack, seeds, frame, config.batch_size,
+                                       progress=progress)
+        protocol = kuzina.describe(frame)
+    else:
+        pick = subsample(len(inp.x_test), config.attack_images, config.seed, "robustness")
+        result = robustness_gap(inp.vae, inp.x_test[pick], config.attack, seeds, config.msssim, config.batch_size,
+                                progress=progress)
+        protocol = {"reconstruction": "decoder mean at the posterior mean", "msssim_config": config.msssim.describe()}
     per_seed = result.gap.mean(1).cpu()
     over_seeds = mean_ci(per_seed)
     summary = {
@@ -291,9 +274,9 @@ def measure_robustness(inp: EvalInputs, config: EvalConfig, progress: bool = Tru
         "over_images": mean_ci(result.gap.mean(0).cpu()),
         "msssim_input": mean_ci(result.msssim_input.cpu()), "msssim_recon": mean_ci(result.msssim_recon.cpu()),
         "symmetric_kl": mean_ci(result.skl.cpu()), "n_images": len(pick), "seeds": seeds,
-        "attack": dataclasses.asdict(config.attack), "msssim_config": config.msssim.describe(),
-        "definition": "E[MS-SSIM(x_r, x_a) - MS-SSIM(x~_r, x~_a)], x_a = L-inf PGD maximizing "
-                      "SKL(q(z|x_r), q(z|x_a)), x~ = decoder mean at the posterior mean",
+        "protocol": config.robustness_protocol, **protocol, "attack": dataclasses.asdict(config.attack),
+        "definition": "E[MS-SSIM(x_r, x_a) - MS-SSIM(x~_r, x~_a)] = msssim_input - msssim_recon, x_a = L-inf "
+                      f"attack maximizing SKL(q(z|x_r), q(z|x_a)), x~ = {protocol['reconstruction']}",
     }
     arrays = {"robustness/index": inp.test_idx[pick], "robustness/seeds": np.asarray(seeds, dtype=np.uint64),
               "robustness/msssim_input": result.msssim_input, "robustness/msssim_recon": result.msssim_recon,
@@ -321,8 +304,9 @@ def measure_log_likelihood(inp: EvalInputs, config: EvalConfig) -> tuple[dict, d
 
 
 def measure_psnr(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
-    reconstructions = torch.cat([reconstruct(inp.vae, inp.x_test[sl])
-                                 for sl in batches(len(inp.x_test), config.batch_size)])
+    with torch.no_grad():
+        reconstructions = torch.cat([inp.vae.reconstruct(inp.x_test[sl])
+                                     for sl in batches(len(inp.x_test), config.batch_size)])
     values = psnr(inp.x_test, reconstructions)
     summary = {"test": mean_ci(values.clamp(max=100).cpu()),
                "definition": "10 log10(1 / MSE(x, x~)) in dB, x~ = decoder mean at the posterior mean"}
@@ -330,9 +314,9 @@ def measure_psnr(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
 
 
 def measure_probes(inp: EvalInputs, config: EvalConfig) -> tuple[dict, dict]:
-    """Classifiers on posterior means (the paper's downstream test): fit on one seeded half of the evaluated
-    D_test and scored on the other half ("test-halves", the paper's protocol), or fit on D_train and scored on
-    D_test ("train-test")."""
+    """Classifiers on posterior means (the paper's downstream test, Table 11): fit on one seeded half of the
+    evaluated D_test and scored on the other half ("test-halves", the paper's protocol), or fit on D_train and
+    scored on D_test ("train-test")."""
     def posterior_means(x):
         return torch.cat([inp.vae.encode(x[sl])[0] for sl in batches(len(x), config.batch_size)]).cpu().numpy()
 
@@ -384,13 +368,18 @@ def measurements(config: EvalConfig) -> dict:
 def evaluate(config: EvalConfig) -> Path:
     """Run every requested measurement and write <run_dir>/eval/; returns that directory."""
     run_dir = Path(config.run_dir)
-    run_config, _ = read_run(run_dir)
+    run_config = read_finished_run(run_dir).config
     unknown = sorted(set(config.gaps) - set(GAPS))
     if unknown:
         raise VaegenError(f"unknown gap(s) {', '.join(unknown)}; choose from {', '.join(GAPS)}")
+    if config.robustness_protocol not in ROBUSTNESS_PROTOCOLS:
+        raise VaegenError(f"unknown robustness protocol {config.robustness_protocol!r}; choose from "
+                          f"{', '.join(ROBUSTNESS_PROTOCOLS)}")
+    if config.robustness_protocol == "kuzina" and config.attack.update != "sgd":
+        raise VaegenError("--robustness-protocol kuzina takes their plain SGD steps; drop --attack-update "
+                          f"{config.attack.update}")
     set_resume_hint("rerun the same command: an evaluation starts over, the previous eval/ is kept until then")
     with run_lock(run_dir):
-        torch.manual_seed(config.seed)
         inp = load_inputs(config, run_config)
         summary, arrays = {}, {"train/index": inp.train_idx, "test/index": inp.test_idx}
         for name, measure in measurements(config).items():

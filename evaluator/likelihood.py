@@ -1,7 +1,8 @@
 """How well a VAE explains an image: the ELBO of any diagonal Gaussian q(z|x), and IWAE log p(x).
 
 Everything here works for any model with the trainer's VAE contract (`encode`, `decode`, `log_likelihood`,
-`latent_dim`): the prior is N(0, I) and posteriors are diagonal Gaussians given as (mean, log-variance).
+`kl_to_prior`, `latent_dim`): the prior is N(0, I) and posteriors are diagonal Gaussians given as (mean,
+log-variance).
 Units are nats per image, summed over pixels. Latent samples are decoded in chunks of at most `max_decode`
 images, so memory stays bounded whatever the number of samples per image.
 """
@@ -23,11 +24,6 @@ def diag_gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Te
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (LOG_2PI + z**2).sum(-1)
-
-
-def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, diag(exp(logvar))) || N(0, I)) per row, in closed form."""
-    return 0.5 * (torch.exp(logvar) + mean**2 - 1 - logvar).sum(-1)
 
 
 def decoded_log_likelihood(vae, x: torch.Tensor, z: torch.Tensor, max_decode: int) -> torch.Tensor:
@@ -55,7 +51,7 @@ def gaussian_elbo(vae, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor
     two posteriors (common random numbers) makes the estimate of their ELBO difference far less noisy.
     """
     z = mean + torch.exp(0.5 * logvar) * noise
-    return decoded_log_likelihood(vae, x, z, max_decode).mean(0) - kl_to_standard_normal(mean, logvar)
+    return decoded_log_likelihood(vae, x, z, max_decode).mean(0) - vae.kl_to_prior(mean, logvar)
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
-"""Downstream probes on posterior means and reconstruction PSNR (beyond the paper).
+"""Downstream probes on posterior means (the paper's Table 11) and reconstruction PSNR (beyond the paper).
 
-A probe is fitted on the posterior means of D_train and scored on D_test: how much class information the
-encoder keeps, and how linearly it keeps it. Features are standardized inside each pipeline (the SVMs and kNN
-are scale-sensitive; posterior means of different VAEs have very different scales).
+A probe is fitted on the posterior means of one seeded half of D_test and scored on the other half, as the
+paper does (`evaluator.evaluate.measure_probes` makes the split; `--probe-split train-test` fits on D_train and
+scores on D_test instead): how much class information the encoder keeps, and how linearly it keeps it. Features
+are standardized inside each pipeline (the SVMs and kNN are scale-sensitive; posterior means of different VAEs
+have very different scales).
 """
 
 from __future__ import annotations
@@ -27,17 +29,17 @@ def make_probes(seed: int) -> dict:
     }
 
 
-def probe_accuracies(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-                     test_labels: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Test accuracy of each probe trained on (train_features, train_labels). The fits run on one BLAS/OpenMP
+def probe_accuracies(fit_features: np.ndarray, fit_labels: np.ndarray, score_features: np.ndarray,
+                     score_labels: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Accuracy on (score_features, score_labels) of each probe fitted on (fit_features, fit_labels). The fits run on one BLAS/OpenMP
     thread: a multi-threaded BLAS sums in another order, and the logistic regression turned that into 2 of 5000
     images between evaluations of the same VAE with 1 and 2 threads (a --jobs study gives each job fewer). On one
     thread the accuracies are the same however many threads the evaluation has."""
     scores = {}
     with threadpool_limits(limits=1):
         for name, probe in tqdm(make_probes(seed).items(), desc="probes", unit="probe", leave=False):
-            probe.fit(train_features, train_labels)
-            scores[name] = float((probe.predict(test_features) == test_labels).mean())
+            probe.fit(fit_features, fit_labels)
+            scores[name] = float((probe.predict(score_features) == score_labels).mean())
     return scores
 
 

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from evaluator.gaps import batches
 from evaluator.likelihood import diag_gaussian_log_prob
+from evaluator.stats import mean_ci
 from vaegen.seeding import SUBSAMPLE, numpy_rng
 
 DEFINITION = ("log q(z_a | x~_a) along z_a = a z0 + (1 - a) z1 (a = 1: z0) between the posterior means of seeded "
@@ -138,8 +139,6 @@ def roughness(curves) -> np.ndarray:
 
 def smoothness_summary(result: SmoothnessResult) -> dict:
     """What gaps.json records: the three summaries as means over pairs with 95% CIs, and the mean curve."""
-    from evaluator.evaluate import mean_ci  # here, not at the top: evaluator.evaluate imports this module
-
     curves = result.curves()
     return {
         "mean_log_q": mean_ci(curves.mean(1)),

@@ -64,7 +64,9 @@ def test_eval_writes_gaps_json_and_per_example_arrays(run_dir):
         lo, hi = summary[gap]["ci95"]
         assert lo <= summary[gap]["gap"] <= hi
     assert summary["amortization"]["gap"] > 0  # an optimized q* beats the (untrained) encoder
-    assert summary["robustness"]["msssim_config"]["kernel_size"] == 7
+    assert summary["robustness"]["msssim_config"]["kernel_size"] == 7 and summary["robustness"]["protocol"] == "vaegen"
+    robustness = summary["robustness"]  # G_r is the difference of its two MS-SSIM means
+    assert robustness["gap"] == pytest.approx(robustness["msssim_input"]["mean"] - robustness["msssim_recon"]["mean"])
     assert summary["robustness"]["attack"]["delta"] == 0.1  # fmnist's paper setting
     assert summary["provenance"]["config"]["iwae_k"] == 20
     probes = summary["probes"]
@@ -81,6 +83,27 @@ def test_eval_writes_gaps_json_and_per_example_arrays(run_dir):
     fit, score = arrays["probes/fit_index"][...], arrays["probes/score_index"][...]
     assert not set(fit) & set(score) and sorted({*fit, *score}) == list(range(40))  # halves of D_test
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []  # no temp dirs left
+
+
+def test_robustness_protocol_kuzina_is_recorded_with_both_msssim_components(run_dir):
+    result = invoke(run_dir, *QUICK_SMALL, "--gaps", "robustness", "--iwae-k", "0", "--smoothness-pairs", "0",
+                    "--robustness-protocol", "kuzina")
+    assert result.exit_code == 0, result.output
+    theirs = json.loads((run_dir / "eval" / "gaps.json").read_text())["robustness"]
+    assert theirs["protocol"] == "kuzina"
+    assert theirs["msssim_config"]["window_size"] == 14 and theirs["msssim_config"]["frame"] == 28
+    assert theirs["kept_iterate"] == "last" and theirs["reconstruction"] == "decoder mean at one z ~ q(z|x)"
+    # G_r is the difference of its two MS-SSIM means
+    assert theirs["gap"] == pytest.approx(theirs["msssim_input"]["mean"] - theirs["msssim_recon"]["mean"])
+    arrays = zarr.open_group(str(run_dir / "eval" / "per_example.zarr"), mode="r")
+    labels = np.arange(40) % 4  # write_tiny_store's test labels
+    assert sorted(labels[arrays["robustness/index"][...]]) == [0, 1, 2, 3]  # one image per class
+
+
+def test_robustness_protocol_kuzina_refuses_signed_steps_in_one_line(run_dir):
+    result = invoke(run_dir, "--quick", "--robustness-protocol", "kuzina", "--attack-update", "sign")
+    assert result.exit_code == 2 and "SGD" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (run_dir / "eval").exists()
 
 
 def test_probes_on_train_to_test_are_an_explicit_option(run_dir):

@@ -118,3 +118,64 @@ def test_amortization_gap_vanishes_for_the_optimal_encoder():
     result = amortization_gap(vae, x, PosteriorOptConfig(), torch.Generator().manual_seed(6), progress=False)
     assert vae.amortization_gap(x).abs().max() < 1e-6
     assert abs(result.gap.mean().item()) < 0.1
+
+
+# --- the encoder attack ------------------------------------------------------------------------------------
+
+def rank_one_encoder_vae(seed=0, d_z=3, size=32):
+    """A linear VAE whose posterior mean moves only along one pixel direction u: mean = v (u . x), log-variances
+    fixed. Then SKL(q(x_r), q(x_r + eps)) = c (u . eps)^2 with c = sum_k v_k^2 / sigma_k^2, a convex function of
+    eps whose maximum over a box lies at the vertex eps_j = (upper_j if s u_j > 0 else lower_j), s = +-1."""
+    g = torch.Generator().manual_seed(seed)
+    d_x = size * size
+    u = (0.5 + torch.rand(d_x, generator=g)) * torch.where(torch.rand(d_x, generator=g) < 0.5, -1.0, 1.0)
+    v = 0.5 + torch.rand(d_z, generator=g)
+    logvar = torch.randn(d_z, generator=g) * 0.3
+    config = {
+        "arch": "linear", "image_size": size, "d_z": d_z, "W": torch.zeros(d_x, d_z).tolist(),
+        "b": torch.zeros(d_x).tolist(), "enc_mean_weight": torch.outer(v, u).tolist(),
+        "enc_mean_bias": torch.zeros(d_z).tolist(), "enc_logvar_weight": torch.zeros(d_z, d_x).tolist(),
+        "enc_logvar_bias": logvar.tolist(),
+    }
+    vae = build_vae(config).eval()
+    vae.requires_grad_(False)
+    x = 0.2 + 0.6 * torch.rand(6, 1, size, size, generator=g)  # the pixel range [0, 1] never binds
+    return vae, x, u.view(1, 1, size, size), (v**2 / logvar.exp()).sum()
+
+
+def box_vertex(u, lower, upper, sign):
+    return torch.where(sign * u > 0, upper, lower)
+
+
+@pytest.mark.parametrize("protocol", ["vaegen", "kuzina"])
+def test_each_protocols_attack_finds_the_closed_form_best_perturbation(protocol):
+    from evaluator import kuzina
+    from evaluator.attack import AttackConfig, pgd_symmetric_kl, random_start
+    from evaluator.gaps import robustness_gap
+
+    vae, x_ref, u, c = rank_one_encoder_vae()
+    delta, seeds = 0.1, [3, 4]
+    config = AttackConfig(delta, iterations=50)
+    if protocol == "vaegen":  # pixels in [0, 1], which these images never reach
+        low, high = torch.zeros_like(x_ref), torch.ones_like(x_ref)
+        x_adv = pgd_symmetric_kl(vae, x_ref, random_start(x_ref, delta, torch.Generator().manual_seed(0)),
+                                 config).x_adv
+        skl = robustness_gap(vae, x_ref, config, seeds, progress=False).skl
+    else:  # pixels in the reference image's own [min, max], which binds at its darkest and brightest pixels
+        low = x_ref.amin(dim=(1, 2, 3), keepdim=True).expand_as(x_ref)
+        high = x_ref.amax(dim=(1, 2, 3), keepdim=True).expand_as(x_ref)
+        x_adv = kuzina.attack(vae, x_ref, kuzina.start_noise(x_ref.shape, torch.Generator().manual_seed(0)),
+                              config)
+        skl = kuzina.robustness_gap(vae, x_ref, config, seeds, progress=False).skl
+    lower, upper = (low - x_ref).clamp(min=-delta), (high - x_ref).clamp(max=delta)
+    eps = x_adv - x_ref
+    sign = torch.sign((u * eps).sum(dim=(1, 2, 3), keepdim=True))  # which of the two vertices it climbed to
+    torch.testing.assert_close(eps, box_vertex(u, lower, upper, sign), atol=1e-6, rtol=0)
+    # the SKL it reports is the closed form's value at that vertex, the best one when the box is symmetric
+    vertex_values = torch.stack([c * (u * box_vertex(u, lower, upper, s)).sum(dim=(1, 2, 3)) ** 2 for s in (1, -1)])
+    if protocol == "vaegen":
+        best = c * (delta * u.abs().sum()) ** 2
+        torch.testing.assert_close(skl, best.expand_as(skl), rtol=1e-4, atol=0)
+    else:
+        assert all(torch.isclose(value, vertex_values[:, i], rtol=1e-4).any()
+                   for row in skl for i, value in enumerate(row))
