@@ -92,6 +92,9 @@ def _parse_gaps(ctx, param, value: str) -> tuple[str, ...]:
 @setting("--qstar-eval-samples", POSITIVE,
          per_mode(PAPER.posterior_opt.eval_samples, QUICK.posterior_opt.eval_samples),
          "Monte-Carlo samples of the final ELBO* and ELBO (shared noise).")
+@click.option("--eval-dir", default=EvalConfig.eval_dir,
+              help="Where in RUN_DIR to write (another name keeps a second evaluation beside the first, e.g. "
+                   "eval-kuzina for another robustness protocol).")
 @click.option("--robustness-protocol", type=click.Choice(ROBUSTNESS_PROTOCOLS),
               default=EvalConfig.robustness_protocol,
               help="How G_r is measured: vaegen's protocol, or kuzina: Kuzina et al.'s public attack code step by "
@@ -124,14 +127,14 @@ def evaluate(run_dir, gaps, iwae_k, probes, probe_split, quick, device, threads,
              train_images, test_images, amortization_images, qstar_lr, qstar_max_iters, qstar_samples,
              qstar_check_every, qstar_patience, qstar_tol, qstar_eval_samples, robustness_protocol, attack_delta,
              attack_iters, attack_step_size, attack_update, attack_images, attack_seeds, iwae_images,
-             probe_train_images, smoothness_pairs, smoothness_alphas, batch_size, max_decode):
+             probe_train_images, smoothness_pairs, smoothness_alphas, batch_size, max_decode, eval_dir):
     """Measure a trained VAE's generalization, amortization and robustness gaps (plus IWAE log p(x), PSNR and
-    optional probes) and write RUN_DIR/eval/gaps.json and RUN_DIR/eval/per_example.zarr."""
+    optional probes) and write RUN_DIR/eval/gaps.json and RUN_DIR/eval/per_example.zarr (or --eval-dir)."""
     set_threads(threads)
     run = read_finished_run(run_dir)
     base = (quick_config if quick else paper_config)(run_dir, run.config["dataset"], run.model.get("arch", "fc"))
     config = replace_given(
-        base, gaps=gaps, seed=seed, device=str(resolve_device(device)), probes=probes, probe_split=probe_split,
+        base, gaps=gaps, eval_dir=eval_dir, seed=seed, device=str(resolve_device(device)), probes=probes, probe_split=probe_split,
         iwae_k=iwae_k, elbo_samples=elbo_samples, train_images=train_images, test_images=test_images,
         amortization_images=amortization_images, robustness_protocol=robustness_protocol,
         attack_images=attack_images, attack_seeds=attack_seeds, iwae_images=iwae_images,

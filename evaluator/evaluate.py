@@ -80,6 +80,7 @@ PAPER_ATTACK = {
 class EvalConfig:
     run_dir: str
     gaps: tuple[str, ...] = GAPS
+    eval_dir: str = EVAL_DIR  # the directory in run_dir the results go to
     seed: int = 0
     device: str = "cpu"
     quick: bool = False
@@ -369,6 +370,8 @@ def evaluate(config: EvalConfig) -> Path:
     """Run every requested measurement and write <run_dir>/eval/; returns that directory."""
     run_dir = Path(config.run_dir)
     run_config = read_finished_run(run_dir).config
+    if Path(config.eval_dir).name != config.eval_dir or config.eval_dir in (".", ".."):
+        raise VaegenError(f"--eval-dir {config.eval_dir!r}: a directory name inside the run, without '/'")
     unknown = sorted(set(config.gaps) - set(GAPS))
     if unknown:
         raise VaegenError(f"unknown gap(s) {', '.join(unknown)}; choose from {', '.join(GAPS)}")
@@ -401,7 +404,7 @@ def evaluate(config: EvalConfig) -> Path:
         if curves is not None:
             summary["gap_curves"] = {"file": GAP_CURVES_NAME, "points": len(curves),
                                      "settings": tracking_settings(run_config)}
-        return write_eval_dir(run_dir, summary, arrays, curves)
+        return write_eval_dir(run_dir / config.eval_dir, summary, arrays, curves)
 
 
 def tracking_settings(run_config: dict) -> dict:
@@ -431,14 +434,14 @@ def gap_curves(inp: EvalInputs, config: EvalConfig, run_config: dict) -> list[di
     return points
 
 
-def write_eval_dir(run_dir: Path, summary: dict, arrays: dict, curves: list[dict] | None = None) -> Path:
+def write_eval_dir(final: Path, summary: dict, arrays: dict, curves: list[dict] | None = None) -> Path:
     """Write gaps.json + per_example.zarr (+ gap_curves.jsonl) under a temporary name, then swap it in for
-    <run>/eval."""
+    `final` (<run>/eval)."""
     import zarr
 
-    final = run_dir / EVAL_DIR
-    tmp = run_dir / f".{EVAL_DIR}.tmp-{os.getpid()}"
-    old = run_dir / f".{EVAL_DIR}.old-{os.getpid()}"
+    run_dir = final.parent
+    tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
+    old = run_dir / f".{final.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

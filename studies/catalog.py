@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from studies.runs import RunFactory, Store, VaeRun
+from studies.runs import SIGMA_DEFAULT, RunFactory, Store, VaeRun
 
 
 @dataclass(frozen=True)
@@ -153,20 +153,29 @@ def controls(runs: RunFactory) -> list[VaeRun]:
     return out
 
 
+KUZINA = (("eval-kuzina", ("--robustness-protocol", "kuzina", "--gaps", "robustness")),)
+
+
 def robustness(runs: RunFactory) -> list[VaeRun]:
-    """Why G_r orders the methods as it does: the four compare methods at each likelihood sigma of the preset, and
-    Aug.Naive with the augmentation's float output (no rounding, no clamp)."""
+    """Why G_r orders the methods as it does: the four compare methods at each likelihood sigma of the preset (the
+    default sigma at every seed, the others at the first), Aug.Naive with the augmentation's float output (no
+    rounding, no clamp) and DMaaPx on DPM-Solver++ 7 samples; every run's G_r measured by both protocols (eval/:
+    vaegen's, eval-kuzina/: Kuzina et al.'s code)."""
     p, k = runs.preset, runs.preset.compare_scale
+    default = SIGMA_DEFAULT
+    both = dict(probes=True, extra_evaluations=KUZINA)  # probes: eval/ is then compare's, and reused with its run
     out = []
     for sigma in p.robustness_sigmas:
-        tag = f"sigma{sigma:g}"
-        seeds = p.seeds if sigma == 0.1 else p.seeds[:1]  # the default sigma at every seed, the others at one
-        for s in seeds:
-            out += [replace(r, name=f"{tag}-{r.name}", sigma=sigma)
-                    for r in (runs.normal(s), runs.dmaapx(s, k), runs.augmented(s, "naive"),
-                              runs.augmented(s, "tuned"))]
-    out += [replace(runs.augmented(s, "naive", augment_output="float"), name=f"sigma0.1-aug-naive-float-seed{s}",
-                    sigma=0.1) for s in p.seeds]
+        for s in p.seeds if sigma == default else p.seeds[:1]:
+            arms = (runs.normal(s, **both), runs.dmaapx(s, k, **both), runs.augmented(s, "naive", **both),
+                    runs.augmented(s, "tuned", **both))
+            out += [replace(r, name=f"sigma{sigma:g}-{r.name}", sigma=None if sigma == default else sigma)
+                    for r in arms]
+    dpm = RunFactory(runs.dataset, replace(p, sampler="dpm-solver++", sampler_steps=7))
+    for s in p.seeds:
+        out += [replace(runs.augmented(s, "naive", augment_output="float", **both),
+                        name=f"sigma{default:g}-aug-naive-float-seed{s}"),
+                dpm.dmaapx(s, k, f"sigma{default:g}-dmaapx-k{k}-dpmsolver7-seed{s}", **both)]
     return out
 
 

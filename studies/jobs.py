@@ -29,7 +29,7 @@ import click
 
 from vaegen.errors import VaegenError
 from vaegen.interrupts import Terminated
-from vaegen.vaerun import DONE_NAME, EVAL_DIR, GAPS_NAME
+from vaegen.vaerun import DONE_NAME, GAPS_NAME
 
 INTERRUPTED = "interrupted"
 
@@ -41,14 +41,13 @@ class RunJob:
     label: str
     out: str
     train: tuple[str, ...]   # `vaegen` arguments, without --resume
-    eval: tuple[str, ...]
+    evals: tuple[tuple[str, tuple[str, ...]], ...]  # (the eval directory it writes, `vaegen eval` arguments)
 
     def commands(self) -> list[list[str]]:
         out, commands = Path(self.out), []
         if not (out / DONE_NAME).exists():
             commands.append([*self.train, *(["--resume"] if out.exists() else [])])
-        if not (out / EVAL_DIR / GAPS_NAME).exists():
-            commands.append(list(self.eval))
+        commands += [list(args) for eval_dir, args in self.evals if not (out / eval_dir / GAPS_NAME).exists()]
         return commands
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vaegen.provenance import read_json, read_jsonl
-from vaegen.vaerun import CONFIG_NAME, EVAL_DIR, GAP_CURVES_NAME, GAPS_NAME, METRICS_NAME
+from vaegen import vaerun
+from vaegen.provenance import read_json
 
 RESULT_COLUMNS = ("test_elbo", "train_elbo", "pool_elbo", "G_g", "G_a", "G_r", "iwae_test", "psnr")
 
@@ -40,6 +40,7 @@ class Run:
     metrics: list[dict] = field(default_factory=list)
     results: dict = field(default_factory=dict)  # RESULT_COLUMNS
     gaps: dict = field(default_factory=dict)     # eval/gaps.json as written
+    more_gaps: dict = field(default_factory=dict)  # {eval directory: its gaps.json} of further evaluations
     finished: bool = False
     parameters: dict = field(default_factory=dict)  # {"total", "z", "not_z"} from model.json
     curves: list[dict] = field(default_factory=list)  # eval/gap_curves.jsonl
@@ -116,16 +117,17 @@ def run_of(config: dict, name: str = "run", metrics: list[dict] | None = None) -
 
 def read_run(run_dir: Path) -> Run | None:
     """A run directory's settings and results; None when it holds no config.json yet."""
-    if not (run_dir / CONFIG_NAME).exists():
+    if not vaerun.is_run_dir(run_dir):
         return None
-    run = run_of(read_json(run_dir / CONFIG_NAME), run_dir.name, read_jsonl(run_dir / METRICS_NAME))
-    if (run_dir / "model.json").exists():
-        run.parameters = read_json(run_dir / "model.json").get("parameters", {})
-    if (run_dir / EVAL_DIR / GAPS_NAME).exists():
+    files = vaerun.read_run(run_dir)
+    run = run_of(files.config, run_dir.name, files.metrics)
+    run.parameters = (files.model or {}).get("parameters", {})
+    if files.gaps is not None:
         run.finished = True
-        run.gaps = read_json(run_dir / EVAL_DIR / GAPS_NAME)
+        run.gaps = files.gaps
         run.results = results_of(run.gaps, run.metrics)
-        run.curves = read_jsonl(run_dir / EVAL_DIR / GAP_CURVES_NAME)
+        run.curves = files.gap_curves
+    run.more_gaps = {p.parent.name: read_json(p) for p in sorted(run_dir.glob(f"{vaerun.EVAL_DIR}-*/{vaerun.GAPS_NAME}"))}
     return run
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from studies.presets import EvalSettings, StudyPreset
 from vaegen.data import get_spec, store_name
 from vaegen.dmrun import DM_ROOT, dm_name, find_dm, snapshot_dir
+from vaegen.vaerun import EVAL_DIR
 
+SIGMA_DEFAULT = 0.1  # the trainer's default Gaussian sigma (runs at it pass no --sigma, so they match other studies')
 SUBSET_SEED = 0  # every study draws its D_train subsets with seed 0: a smaller subset is inside every larger one
 
 
@@ -127,7 +129,7 @@ class VaeRun:
     sigma: float | None = None        # the Gaussian likelihood's sigma (None: the trainer's default)
     likelihood: str | None = None     # None: the dataset's
     probes: bool = False
-    robustness_protocol: str | None = None  # None: the evaluator's default
+    extra_evaluations: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (eval dir, more `vaegen eval` options)
 
     def train_args(self, data_root: str, out: Path) -> list[str]:
         """`vaegen train ...` of this run (without --resume: the job adds it when the directory exists)."""
@@ -165,13 +167,12 @@ class VaeRun:
             args += self.tracking.args()
         return args
 
-    def eval_args(self, out: Path) -> list[str]:
-        args = ["eval", str(out), *self.evaluation.args()]
-        if self.probes:
-            args += ["--probes"]
-        if self.robustness_protocol:
-            args += ["--robustness-protocol", self.robustness_protocol]
-        return args
+    def evaluations(self, out: Path) -> list[tuple[str, list[str]]]:
+        """(eval directory, `vaegen eval ...`) of every evaluation: eval/ with the preset's settings, then any
+        extra ones (e.g. another robustness protocol into eval-kuzina/)."""
+        main = ["eval", str(out), *self.evaluation.args(), *(["--probes"] if self.probes else [])]
+        return [(EVAL_DIR, main), *((name, ["eval", str(out), "--eval-dir", name, *args])
+                                    for name, args in self.extra_evaluations)]
 
 
 class RunFactory:

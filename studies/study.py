@@ -83,7 +83,8 @@ class Study:
 
     def job(self, run: VaeRun) -> RunJob:
         out = self.run_dir(run)
-        return RunJob(run.name, str(out), tuple(run.train_args(self.data_root, out)), tuple(run.eval_args(out)))
+        return RunJob(run.name, str(out), tuple(run.train_args(self.data_root, out)),
+                      tuple((name, tuple(args)) for name, args in run.evaluations(out)))
 
     # --- the skeleton -------------------------------------------------------------------------------------
     def execute(self) -> None:
@@ -183,7 +184,7 @@ class Study:
             for other in record.get("runs", []):
                 source = study_dir / "runs" / other.get("name", "")
                 if other.get("train_key") == key and (source / DONE_NAME).exists():
-                    self.copy_run(source, out, same_eval=other.get("eval") == list(job.eval[2:]), key=key)
+                    self.copy_run(source, out, same_eval=other.get("eval") == list(job.evals[0][1][2:]), key=key)
                     click.echo(f"[{run.name}] reused {source} (the same training, finished)", err=True)
                     return True
         return False
@@ -206,7 +207,7 @@ class Study:
         for run in self.runs:
             job = self.job(run)
             runs.append({"name": run.name, "train_key": train_key(list(job.train)), "train": list(job.train),
-                         "eval": list(job.eval[2:])})
+                         "eval": list(job.evals[0][1][2:]), "more_evals": [list(a) for _, a in job.evals[1:]]})
         dms = {}
         for run in self.runs:
             if run.pool and (record := dmrun.read_record(run.pool.dm.path)):

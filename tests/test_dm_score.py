@@ -1,9 +1,8 @@
 """`dm score`: the metrics themselves, score.json with its real-vs-real floor, and ranking of trained models."""
 
 import json
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest

@@ -9,8 +9,8 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from trainer.models import build_vae, save_vae
 from studies.cli import main
+from trainer.models import build_vae, save_vae
 from vaegen.data import store_attrs, store_path, write_store
 
 QUICK_SMALL = ["--quick", "--iwae-k", "20", "--qstar-max-iters", "60", "--attack-iters", "5", "--attack-images", "4",

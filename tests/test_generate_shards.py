@@ -19,8 +19,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from vaegen import shardformat as sf
 from studies.cli import main
+from vaegen import shardformat as sf
 
 REPO = Path(__file__).resolve().parent.parent
 

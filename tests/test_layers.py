@@ -38,3 +38,25 @@ def test_imports_run_only_down_the_layers():
             for target in sorted(imported_packages(path) - ALLOWED[package]):
                 upward.append(f"{path.relative_to(REPO)} imports {target}")
     assert not upward, upward
+
+
+def test_no_module_imports_another_that_imports_it_back():
+    graph = {}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+            targets = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    targets |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+                elif isinstance(node, ast.Import):
+                    targets |= {a.name for a in node.names}
+            graph[module] = {t for t in targets if t.split(".")[0] in PACKAGES}
+    modules = set(graph)
+    edges = {m: {t for t in graph[m] if t in modules and t != m} for m in modules}
+
+    def reaches(start, goal, seen=()):
+        return any(t == goal or (t not in seen and reaches(t, goal, (*seen, t))) for t in edges[start])
+
+    cycles = sorted(f"{a} <-> {b}" for a in modules for b in edges[a] if a < b and reaches(b, a))
+    assert not cycles, cycles

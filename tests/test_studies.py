@@ -215,11 +215,11 @@ def test_a_run_finished_in_another_study_is_copied_not_retrained(tmp_path, monke
 
 def test_jobs_run_side_by_side_prefix_their_lines_and_a_failure_stops_new_starts_naming_its_command(tmp_path, capfd):
     runner = LocalExecutor(jobs=2)
-    assert runner.submit(RunJob("good", str(tmp_path / "good"), ("--version",), ("--version",)))
-    assert runner.submit(RunJob("bad", str(tmp_path / "bad"), ("data", "svhn"), ("--version",)))
+    assert runner.submit(RunJob("good", str(tmp_path / "good"), ("--version",), (("eval", ("--version",)),)))
+    assert runner.submit(RunJob("bad", str(tmp_path / "bad"), ("data", "svhn"), (("eval", ("--version",)),)))
     with pytest.raises(VaegenError, match="`vaegen data svhn` failed"):
         runner.wait()
-    assert not runner.submit(RunJob("late", str(tmp_path / "late"), ("--version",), ("--version",)))
+    assert not runner.submit(RunJob("late", str(tmp_path / "late"), ("--version",), ()))
     err = capfd.readouterr().err
     assert "[good] vaegen, version" in err and "[bad] Error: unknown dataset 'svhn'" in err
     assert err.count("[bad] $ vaegen") == 1  # the eval after the failed train never ran
@@ -236,13 +236,18 @@ def test_runs_spread_over_gpus_before_they_share_one(monkeypatch):
 
 
 def test_a_job_resumes_a_started_run_and_skips_a_finished_one(tmp_path):
-    job = RunJob("r", str(tmp_path / "r"), ("train", "--out", str(tmp_path / "r")), ("eval", str(tmp_path / "r")))
-    assert [c[-1] for c in job.commands()] == [str(tmp_path / "r"), str(tmp_path / "r")]
+    job = RunJob("r", str(tmp_path / "r"), ("train", "--out", str(tmp_path / "r")),
+                 (("eval", ("eval", str(tmp_path / "r"))), ("eval-kuzina", ("eval", str(tmp_path / "r"), "--eval-dir",
+                                                                           "eval-kuzina"))))
+    assert [c[-1] for c in job.commands()] == [str(tmp_path / "r"), str(tmp_path / "r"), "eval-kuzina"]
     (tmp_path / "r").mkdir()
     assert job.commands()[0][-1] == "--resume"
     (tmp_path / "r" / "done.json").write_text("{}")
     (tmp_path / "r" / "eval").mkdir()
     (tmp_path / "r" / "eval" / "gaps.json").write_text("{}")
+    assert [c[-1] for c in job.commands()] == ["eval-kuzina"]
+    (tmp_path / "r" / "eval-kuzina").mkdir()
+    (tmp_path / "r" / "eval-kuzina" / "gaps.json").write_text("{}")
     assert job.commands() == []
 
 

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import trainer.train as train_module
+from studies.cli import main
 from trainer.data import RealSource
 from trainer.regularizers import MollifySchedule, mollify, validation_split
 from trainer.train import TrainConfig, train
-from studies.cli import main
 
 
 def config(tmp_path, name="run", **overrides):

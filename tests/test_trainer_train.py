@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import trainer.train as train_module
+from studies.cli import main
 from trainer.models import FCVAE, load_vae
 from trainer.train import TrainConfig, train
-from studies.cli import main
 
 torch.set_num_threads(1)
 

@@ -8,8 +8,8 @@ import torch
 from click.testing import CliRunner
 
 import trainer.models
+from studies.cli import main
 from vaegen import vaerun
-from vaegen.cli import main
 from vaegen.errors import VaegenError
 
 
