@@ -207,12 +207,24 @@ def cli_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
 
 
+def wait_while_running(proc, condition, seconds: float = 120) -> None:
+    """Poll until `condition()` holds or `proc` exits; past `seconds`, kill it and fail (never hang the suite)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and not condition():
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"the condition was not met within {seconds} s")
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_sigkilled_process_resumes_to_the_uninterrupted_runs_exact_metrics(tmp_path, support):
     import signal
     import subprocess
     import sys
-    import time
 
     support.store(tmp_path / "data", n_train=96)
     support.shard_run(tmp_path / "shards", 96 * 4, 50, n_train=96)
@@ -223,8 +235,7 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_runs_exact_metrics(tmp_p
     proc = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
-    while proc.poll() is None and not (state.exists() and json.loads(state.read_text())["epoch"] >= 5):
-        time.sleep(0.05)
+    wait_while_running(proc, lambda: state.exists() and json.loads(state.read_text())["epoch"] >= 5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "done.json").exists(), "the run finished before it could be killed"
@@ -266,7 +277,11 @@ def test_bf16_run_trains_with_float32_elbos(tmp_path, support):
                     "--out", str(out)], check=True, env=cli_env(), capture_output=True, timeout=300)
     points = metrics(out)
     assert json.loads((out / "config.json").read_text())["bf16"] is True
-    assert len(points) == 2 and all(np.isfinite(m["train_elbo"]) for m in points)
+    fp32 = metrics(train(small_config(tmp_path, out=str(tmp_path / "fp32"), epochs=2, eval_every=1)))
+    for half, full in zip(points, fp32, strict=True):
+        for key in ("train_elbo", "test_elbo", "batch_elbo"):
+            # bf16 matmuls (8-bit mantissa) move the trajectory a little; the float32 ELBO sums keep it close
+            assert half[key] != full[key] and half[key] == pytest.approx(full[key], rel=0.02), (key, half, full)
 
 
 @pytest.mark.slow
@@ -276,7 +291,6 @@ def test_a_signal_finishes_the_epoch_checkpoints_it_and_the_resumed_run_is_ident
     import signal
     import subprocess
     import sys
-    import time
 
     support.store(tmp_path / "data", n_train=96)
     args = [sys.executable, "-m", "trainer", "--dataset", "fmnist", "--source", "real", "--data-root",
@@ -286,8 +300,7 @@ def test_a_signal_finishes_the_epoch_checkpoints_it_and_the_resumed_run_is_ident
     proc = subprocess.Popen([*args, "--out", str(tmp_path / "signalled")], env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "signalled" / "metrics.jsonl"
-    while proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.02)
+    wait_while_running(proc, lambda: log.exists() and len(log.read_text().splitlines()) >= 2)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]

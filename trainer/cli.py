@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from trainer.likelihoods import LIKELIHOODS
 from trainer.train import TrainConfig as Defaults
 from vaegen.options import CONTEXT, dataset_options
 
@@ -32,7 +33,7 @@ from vaegen.options import CONTEXT, dataset_options
 @click.option("--seed", default=Defaults.seed, type=click.IntRange(min=0), help="Seed of init, data order and all noise.")
 @click.option("--arch", default=None, type=click.Choice(["fc", "conv"]),
               help="VAE architecture [default: fc for 1-channel datasets, conv for cifar10].")
-@click.option("--likelihood", default=None, type=click.Choice(["bernoulli", "gaussian", "dmol"]),
+@click.option("--likelihood", default=None, type=click.Choice(LIKELIHOODS),
               help="Decoder likelihood [default: the dataset's: gaussian fmnist/mnist, bernoulli binary-mnist, "
                    "dmol cifar10].")
 @click.option("--sigma", default=Defaults.sigma, type=click.FloatRange(min=0, min_open=True),

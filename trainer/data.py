@@ -8,9 +8,9 @@ one effective epoch is N = |D_train| images summed over all processes.
                      so K epochs see fresh samples and epoch K repeats epoch 0's set (in a new order).
     RealSource       the zarr training split (optionally a subset store), reshuffled every epoch.
     MixedSource      a fraction f of each epoch's N images real (a fresh random f*N of D_train), the rest the
-                     first (1 - f)*N samples of the epoch's pool range; optionally the real part augmented.
-    AugmentedSource  any source with ADA-style augmentation applied to each batch (trainer.augment), on the
-                     training device (a GPU batch stays on the GPU).
+                     first (1 - f)*N samples of the epoch's pool range.
+With an augmenter (trainer.augment, ADA-style), a source augments each batch on the training device (a GPU
+batch stays on the GPU): all of it, or for MixedSource its real images only.
 
 Multi-process (Accelerate): shards are split between processes whole (disjoint shards per process), by a
 seeded per-epoch assignment that balances image counts; real images by a seeded per-epoch permutation.
@@ -19,8 +19,8 @@ the same number of equally sized batches (like torch's DistributedSampler). We a
 than with webdataset's `split_by_node` because that splits round-robin without balancing or equalizing counts.
 
 An epoch's share (at most N images: 60 MB for FashionMNIST, 150 MB for CIFAR-10) is decoded once, block by
-block, into one array while the previous epoch trains (a background thread), then shuffled and cut into
-batches: the loader never waits on per-image decoding and the shuffle is a true permutation of the epoch.
+block, into one array while the previous epoch trains (`EpochPrefetch`, a background thread), then shuffled and
+cut into batches: the loader never waits on per-image decoding and the shuffle is a true permutation of the epoch.
 Everything random is a function of (seed, epoch, process), so an epoch can be replayed exactly on resume.
 """
 
@@ -238,15 +238,36 @@ def pad_to(images: np.ndarray, target: int) -> np.ndarray:
 
 # --- sources ----------------------------------------------------------------------------------------------
 
-class BatchSource(abc.ABC):
-    """Per-epoch uint8 batches for one process. Subclasses say which images form the epoch's share."""
+class EpochPrefetch:
+    """Loads epoch e+1's share in a background thread while epoch e trains (one thread per training source)."""
 
-    def __init__(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, load):
+        self.load = load
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-prefetch")
+        self._next: tuple[int, Future] | None = None
+
+    def share(self, epoch: int):
+        ready = self._next is not None and self._next[0] == epoch
+        share = self._next[1].result() if ready else self.load(epoch)
+        self._next = (epoch + 1, self._executor.submit(self.load, epoch + 1))
+        return share
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class BatchSource(abc.ABC):
+    """Per-epoch batches for one process. Subclasses say which images form the epoch's share; this base
+    shuffles the share into batches and, with an augmenter, augments the rows `augmented_rows` picks (all of
+    them by default) on `device`."""
+
+    def __init__(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, augmenter=None,
+                 device="cpu"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-prefetch")
-        self._prefetched: dict[int, Future] = {}
+        self.augmenter, self.device = augmenter, torch.device(device)
+        self._prefetch: EpochPrefetch | None = None  # started by the first `batches`: parts of a source never start one
 
     @abc.abstractmethod
     def share_size(self, epoch: int) -> int:
@@ -256,30 +277,32 @@ class BatchSource(abc.ABC):
     def epoch_share(self, epoch: int) -> np.ndarray:
         """This process's images of the epoch, uint8 (share_size, C, H, W), in any order."""
 
+    def augmented_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Which of these rows of the epoch share the augmenter sees (bool)."""
+        return np.ones(len(rows), dtype=bool)
+
     def batches_in_epoch(self, epoch: int) -> int:
         return math.ceil(self.share_size(epoch) / self.batch_size)
 
-    def _share(self, epoch: int) -> np.ndarray:
-        future = self._prefetched.pop(epoch, None)
-        share = future.result() if future is not None else self.epoch_share(epoch)
-        self._prefetched = {epoch + 1: self._executor.submit(self.epoch_share, epoch + 1)}
-        return share
-
     def batches(self, epoch: int):
-        """Yield the epoch's batches (uint8 CPU tensors) in a seeded per-epoch order."""
-        for batch, _ in self._batches_with_rows(epoch):
-            yield batch
-
-    def _batches_with_rows(self, epoch: int):
-        """(batch, the rows of the epoch share it holds)."""
-        share = self._share(epoch)
+        """Yield the epoch's batches (uint8 tensors; on `device` when augmented) in a seeded per-epoch order."""
+        if self._prefetch is None:
+            self._prefetch = EpochPrefetch(self.epoch_share)
+        share = self._prefetch.share(epoch)
         order = numpy_rng(self.seed, "batch-order", epoch, self.rank).permutation(len(share))
         for b in range(self.batches_in_epoch(epoch)):
             rows = np.sort(order[b * self.batch_size:(b + 1) * self.batch_size])
-            yield torch.from_numpy(share[rows]), rows
+            batch = torch.from_numpy(share[rows])
+            if self.augmenter is not None:
+                batch = batch.to(self.device)
+                chosen = torch.from_numpy(self.augmented_rows(rows)).to(self.device)
+                if chosen.any():
+                    batch[chosen] = self.augmenter(batch[chosen], derive(self.seed, "augment", epoch, self.rank, b))
+            yield batch
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._prefetch is not None:
+            self._prefetch.close()
 
 
 class RealSource(BatchSource):
@@ -289,8 +312,8 @@ class RealSource(BatchSource):
     k*n DM samples."""
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 epoch_size: int | None = None):
-        super().__init__(batch_size, seed, rank, world_size)
+                 epoch_size: int | None = None, augmenter=None, device="cpu"):
+        super().__init__(batch_size, seed, rank, world_size, augmenter, device)
         if len(images) == 0:
             raise VaegenError("the real training split is empty")
         if epoch_size is not None and not 0 < epoch_size <= len(images):
@@ -333,10 +356,6 @@ class ShardSource(BatchSource):
         self.synthetic_per_epoch = n_train if synthetic_per_epoch is None else synthetic_per_epoch
         self.epoch_shares(0)  # an impossible split (fewer shards than processes) fails before training
 
-    @property
-    def scale(self) -> int:
-        return self.pool.size // self.n_train
-
     def epoch_shares(self, epoch: int) -> list[list[Piece]]:
         lo, _ = epoch_range(epoch, self.n_train, self.pool.size)
         pieces = pieces_in_range(self.pool, lo, lo + self.synthetic_per_epoch)
@@ -361,7 +380,7 @@ class MixedSource(BatchSource):
     def __init__(self, real_images: np.ndarray, pool: ShardPool, real_fraction: float, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, image_shape: tuple[int, int, int] = (1, 32, 32),
                  augmenter=None, device="cpu"):
-        super().__init__(batch_size, seed, rank, world_size)
+        super().__init__(batch_size, seed, rank, world_size, augmenter, device)
         n = len(real_images)
         self.n_real = round(real_fraction * n)
         if not 0 < self.n_real < n:
@@ -370,7 +389,6 @@ class MixedSource(BatchSource):
         self.real = RealSource(real_images, batch_size, seed, rank, world_size)
         self.synthetic = ShardSource(pool, n, batch_size, seed, rank, world_size, image_shape,
                                      synthetic_per_epoch=n - self.n_real)
-        self.augmenter, self.device = augmenter, torch.device(device)
 
     def real_share_size(self) -> int:
         return math.ceil(self.n_real / self.world_size)
@@ -382,40 +400,5 @@ class MixedSource(BatchSource):
         """Real images first (rows < real_share_size), then synthetic ones."""
         return np.concatenate([self.real.real_share(epoch, self.n_real), self.synthetic.epoch_share(epoch)])
 
-    def batches(self, epoch: int):
-        if self.augmenter is None:
-            yield from super().batches(epoch)
-            return
-        for b, (batch, rows) in enumerate(self._batches_with_rows(epoch)):
-            batch = batch.to(self.device)
-            real = torch.from_numpy(rows < self.real_share_size()).to(self.device)
-            if real.any():
-                batch[real] = self.augmenter(batch[real], derive(self.seed, "augment", epoch, self.rank, b))
-            yield batch
-
-    def close(self) -> None:
-        self.real.close()
-        self.synthetic.close()
-        super().close()
-
-
-class AugmentedSource(BatchSource):
-    """Another source's batches, augmented on `device`."""
-
-    def __init__(self, inner: BatchSource, augmenter, device="cpu"):
-        super().__init__(inner.batch_size, inner.seed, inner.rank, inner.world_size)
-        self.inner, self.augmenter, self.device = inner, augmenter, torch.device(device)
-
-    def share_size(self, epoch: int) -> int:
-        return self.inner.share_size(epoch)
-
-    def epoch_share(self, epoch: int) -> np.ndarray:
-        return self.inner.epoch_share(epoch)
-
-    def batches(self, epoch: int):
-        for b, batch in enumerate(self.inner.batches(epoch)):
-            yield self.augmenter(batch.to(self.device), derive(self.seed, "augment", epoch, self.rank, b))
-
-    def close(self) -> None:
-        self.inner.close()
-        super().close()
+    def augmented_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows < self.real_share_size()

@@ -19,11 +19,17 @@ from torch import Tensor, nn
 
 from vaegen.errors import VaegenError
 
+# Defaults the paper leaves unstated (see README, "Trainer"): sigma = 0.1 on [0, 1] pixels (sharp FashionMNIST
+# reconstructions), 10 mixture components as in PixelCNN++.
+DEFAULT_SIGMA = 0.1
+DEFAULT_N_MIX = 10
+
 
 class Likelihood(nn.Module, metaclass=abc.ABCMeta):
     """p(x | decoder parameters); parameter-free (fixed sigma / n_mix are hyperparameters, not weights)."""
 
     name: str
+    continuous: bool  # a density on real-valued x (inputs outside [0, 1] allowed), not probabilities of levels
 
     @abc.abstractmethod
     def num_params(self, channels: int) -> int:
@@ -46,6 +52,7 @@ class Bernoulli(Likelihood):
     """Independent Bernoulli pixels; params are logits. x must be binary (the VAE binarizes in preprocess)."""
 
     name = "bernoulli"
+    continuous = False
 
     def num_params(self, channels: int) -> int:
         return channels
@@ -66,6 +73,7 @@ class Gaussian(Likelihood):
     decoder x = W z + b is exactly this likelihood)."""
 
     name = "gaussian"
+    continuous = True
 
     def __init__(self, sigma: float):
         super().__init__()
@@ -100,6 +108,7 @@ class DiscretizedMixtureOfLogistics(Likelihood):
     """
 
     name = "dmol"
+    continuous = False
 
     def __init__(self, n_mix: int):
         super().__init__()
@@ -195,7 +204,7 @@ def _dmol_channels(num_params: int, n_mix: int) -> int:
 LIKELIHOODS = ("bernoulli", "gaussian", "dmol")
 
 
-def build_likelihood(name: str, sigma: float = 0.1, n_mix: int = 10) -> Likelihood:
+def build_likelihood(name: str, sigma: float = DEFAULT_SIGMA, n_mix: int = DEFAULT_N_MIX) -> Likelihood:
     if name == "bernoulli":
         return Bernoulli()
     if name == "gaussian":
