@@ -13,6 +13,7 @@ import trainer.train as train_module
 from trainer.models import FCVAE, load_vae
 from trainer.train import TrainConfig, train
 from vaegen.cli import main
+from vaegen.errors import VaegenError
 
 torch.set_num_threads(1)
 
@@ -312,3 +313,72 @@ def test_a_signal_finishes_the_epoch_checkpoints_it_and_the_resumed_run_is_ident
     subprocess.run([*args, "--out", str(tmp_path / "signalled"), "--resume"], check=True, env=cli_env(),
                    capture_output=True)
     assert metrics(tmp_path / "signalled") == metrics(tmp_path / "full")
+
+
+def test_sigma_is_in_every_runs_config_and_a_resume_with_another_sigma_is_refused(tmp_path, support):
+    support.store(tmp_path / "data")
+    support.store(tmp_path / "data", dataset="binary-mnist")
+    for dataset, model_sigma in (("fmnist", 0.2), ("binary-mnist", None)):
+        out = train(small_config(tmp_path, dataset=dataset, sigma=0.2, epochs=1, out=str(tmp_path / dataset)))
+        assert json.loads((out / "config.json").read_text())["sigma"] == 0.2
+        assert json.loads((out / "model.json").read_text()).get("sigma") == model_sigma  # only where it matters
+    (tmp_path / "fmnist" / "done.json").unlink()
+    result, errors = run_cli("--dataset", "fmnist", "--source", "real", "--data-root", tmp_path / "data",
+                             "--epochs", 1, "--batch-size", 16, "--eval-every", 2, "--checkpoint-every", 2,
+                             "--eval-batch-size", 16, "--out", tmp_path / "fmnist", "--resume")
+    assert result.exit_code == 2 and len(errors) == 1 and "different settings (model, sigma)" in errors[0], result.output
+
+
+def test_a_run_started_before_a_setting_existed_resumes_with_that_settings_default(tmp_path, support):
+    support.store(tmp_path / "data")
+    run = train(small_config(tmp_path, epochs=2))
+    config = json.loads((run / "config.json").read_text())
+    del config["augment_output"]  # as written by a version without --augment-output
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "done.json").unlink()
+    with pytest.raises(VaegenError, match=r"different settings \(augment, augment_output\)"):
+        train(small_config(tmp_path, epochs=2, resume=True, augment="naive", augment_output="float"))
+    train(small_config(tmp_path, epochs=2, resume=True))  # the default is what the old run did
+    assert (run / "done.json").exists()
+
+
+def test_float_augmentation_needs_a_gaussian_likelihood_and_trains_on_unclamped_inputs(tmp_path, support,
+                                                                                      monkeypatch):
+    support.store(tmp_path / "data")
+    support.store(tmp_path / "data", dataset="binary-mnist")
+    base = ["--source", "real", "--data-root", tmp_path / "data", "--epochs", 1, "--augment", "naive",
+            "--augment-output", "float"]
+    result, errors = run_cli("--dataset", "binary-mnist", *base, "--out", tmp_path / "b")
+    assert result.exit_code == 2 and len(errors) == 1 and "needs --augment and a Gaussian" in errors[0]
+    assert not (tmp_path / "b").exists()
+    inputs = []
+    real_forward = FCVAE.forward
+
+    def record(self, x, *args):
+        inputs.append(x.detach().clone())
+        return real_forward(self, x, *args)
+
+    monkeypatch.setattr(FCVAE, "forward", record)
+    out = train(small_config(tmp_path, epochs=1, augment="naive", augment_p=1.0, augment_output="float"))
+    assert json.loads((out / "config.json").read_text())["augment_output"] == "float"
+    seen = torch.cat(inputs)
+    assert seen.min() < 0 or seen.max() > 1  # brightness/contrast left unclamped
+    assert not torch.equal(seen * 255, (seen * 255).round())  # and unrounded
+
+
+def test_calibrated_gaussian_run_saves_its_sigma_so_the_saved_model_scores_what_the_trainer_logged(tmp_path,
+                                                                                                  support):
+    from accelerate import Accelerator
+
+    support.store(tmp_path / "data")
+    out = train(small_config(tmp_path, likelihood="gaussian-calibrated", epochs=4))
+    points = metrics(out)
+    assert points[-1]["train_elbo"] > points[0]["train_elbo"]
+    vae = load_vae(out)  # what the evaluator loads: model.json + model.safetensors
+    assert vae.likelihood.name == "gaussian-calibrated" and "sigma" not in vae.config
+    sigma = vae.likelihood.log_sigma().exp().item()
+    assert 0.01 < sigma < 0.5 and sigma != pytest.approx(0.1, rel=0.01)  # fitted, not the fixed default
+    from vaegen.data import open_dataset
+
+    test = open_dataset("fmnist", "test", root=tmp_path / "data").images
+    assert train_module.mean_elbo(vae, test, "test", Accelerator(cpu=True), 16, 0) == points[-1]["test_elbo"]

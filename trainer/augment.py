@@ -171,12 +171,16 @@ class Draws:
 
 
 class Augmenter:
-    """uint8 (B, C, H, W) -> augmented uint8 batch of the same shape and device, seeded per call."""
+    """uint8 (B, C, H, W) -> the augmented batch, same shape and device, seeded per call: uint8, rounded and
+    clamped to [0, 255] like a stored image (`output="uint8"`), or float32 in the model's [0, 1] pixel units,
+    neither rounded nor clamped, as StyleGAN2-ADA's pipeline leaves it (`output="float"`)."""
 
     def __init__(self, ops, p: float = 0.1, image_size: int = 32, sigma_reading: str = "std",
-                 flip_reading: str = "ada"):
+                 flip_reading: str = "ada", output: str = "uint8"):
         if not 0 <= p <= 1:
             raise VaegenError(f"augmentation probability must be in [0, 1], got {p}")
+        if output not in OUTPUTS:
+            raise VaegenError(f"augmentation output must be one of {OUTPUTS}, got {output!r}")
         if sigma_reading not in SIGMA_READINGS or flip_reading not in FLIP_READINGS:
             raise VaegenError(f"sigma_reading must be one of {SIGMA_READINGS} (got {sigma_reading!r}), "
                               f"flip_reading one of {FLIP_READINGS} (got {flip_reading!r})")
@@ -190,6 +194,7 @@ class Augmenter:
         self.p, self.image_size = p, image_size
         self.sigma_reading, self.flip_reading = sigma_reading, flip_reading
         self.mirror_probability = 0.5 if flip_reading == "ada" else 1.0
+        self.output = output
         self.ops = {name: by_name[name] for name in OPS if name in by_name}  # in order of application
 
     def probability(self, name: str) -> float:
@@ -288,7 +293,7 @@ class Augmenter:
             raise VaegenError(f"augmentation handles 1- or 3-channel images, got {channels}")
         active = {OP_SPECS[name].kind for name in self.ops if self.probability(name) > 0} - {"modifier"}
         if not active:
-            return images_u8.clone()
+            return images_u8.float() / 255 if self.output == "float" else images_u8.clone()
         generator = torch.Generator(images_u8.device).manual_seed(seed)
         geometric, colour = self._draw(n, generator, images_u8.device)
         x = images_u8.float() / 127.5 - 1  # ADA's pixel range; colour parameters are in these units
@@ -308,6 +313,8 @@ class Augmenter:
                 rows = colour[:, :3].mean(dim=1, keepdim=True)
                 pixels = pixels * rows[:, :, :3].sum(dim=2, keepdim=True) + rows[:, :, 3:]
             x = pixels.view_as(x)
+        if self.output == "float":
+            return (x + 1) / 2
         return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 

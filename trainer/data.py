@@ -259,7 +259,8 @@ class EpochPrefetch:
 class BatchSource(abc.ABC):
     """Per-epoch batches for one process. Subclasses say which images form the epoch's share; this base
     shuffles the share into batches and, with an augmenter, augments the rows `augmented_rows` picks (all of
-    them by default) on `device`."""
+    them by default) on `device`. Batches are uint8, or with a float-output augmenter float32 model inputs in
+    [0, 1] units (the rows not augmented exactly u8 / 255)."""
 
     def __init__(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, augmenter=None,
                  device="cpu"):
@@ -285,7 +286,7 @@ class BatchSource(abc.ABC):
         return math.ceil(self.share_size(epoch) / self.batch_size)
 
     def batches(self, epoch: int):
-        """Yield the epoch's batches (uint8 tensors; on `device` when augmented) in a seeded per-epoch order."""
+        """Yield the epoch's batches (tensors; on `device` when augmented) in a seeded per-epoch order."""
         if self._prefetch is None:
             self._prefetch = EpochPrefetch(self.epoch_share)
         share = self._prefetch.share(epoch)
@@ -294,11 +295,15 @@ class BatchSource(abc.ABC):
             rows = np.sort(order[b * self.batch_size:(b + 1) * self.batch_size])
             batch = torch.from_numpy(share[rows])
             if self.augmenter is not None:
-                batch = batch.to(self.device)
-                chosen = torch.from_numpy(self.augmented_rows(rows)).to(self.device)
-                if chosen.any():
-                    batch[chosen] = self.augmenter(batch[chosen], derive(self.seed, "augment", epoch, self.rank, b))
+                batch = self._augmented(batch.to(self.device), rows, derive(self.seed, "augment", epoch, self.rank, b))
             yield batch
+
+    def _augmented(self, batch: torch.Tensor, rows: np.ndarray, seed: int) -> torch.Tensor:
+        chosen = torch.from_numpy(self.augmented_rows(rows)).to(self.device)
+        out = batch.float() / 255 if self.augmenter.output == "float" else batch
+        if chosen.any():
+            out[chosen] = self.augmenter(batch[chosen], seed)
+        return out
 
     def close(self) -> None:
         if self._prefetch is not None:

@@ -40,9 +40,10 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from trainer.augment import OUTPUTS as AUGMENT_OUTPUTS
 from trainer.augment import Augmenter, augmentation_ops
 from trainer.data import BatchSource, MixedSource, RealSource, ShardSource, open_shard_pool
-from trainer.likelihoods import DEFAULT_N_MIX, DEFAULT_SIGMA
+from trainer.likelihoods import DEFAULT_N_MIX, DEFAULT_SIGMA, LIKELIHOOD_CLASSES
 from trainer.models import VAE, build_vae, save_vae
 from trainer.regimes import EarlyStopping, GapTracking, Mollification, Regime, Regimes, ReverseHalfAsleep
 from trainer.regularizers import MollifySchedule, validation_split
@@ -80,6 +81,7 @@ class TrainConfig:
     augment_p: float = 0.1  # the paper's b (0.1 or 0.12)
     augment_sigma_reading: str = "std"  # "2^sigma, sigma in [0, s]": log2 factor ~ N(0, s^2) | per-image U(0, s)
     augment_flip_reading: str = "ada"  # an applied flip mirrors with probability 1/2 (ADA) | always
+    augment_output: str = "uint8"  # rounded and clamped like a stored image | float: unclamped (StyleGAN2-ADA)
     mix_real: float = 0.0  # fraction of every epoch drawn from D_train when training on shards
     epochs: int = 1000
     seed: int = 0
@@ -118,6 +120,7 @@ class TrainConfig:
 # Keys of config.json that may differ between a run and its resumption: the flag itself, and the description
 # of the data source (the generator may add shards and rewrite generation.json; only the pool size matters).
 RUN_CONTROL_KEYS = ("resume", "data")
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def resolve_train_config(cfg: TrainConfig, store_attrs: dict) -> TrainConfig:
@@ -145,8 +148,14 @@ def resolve_train_config(cfg: TrainConfig, store_attrs: dict) -> TrainConfig:
     if cfg.mollify and not 0 < mollify_epochs <= cfg.epochs:
         raise VaegenError(f"--mollify-epochs must be in 1..{cfg.epochs}, got {mollify_epochs}")
     arch = cfg.arch or ("conv" if store_attrs.get("channels", 1) == 3 else "fc")
+    likelihood = cfg.likelihood or store_attrs.get("likelihood") or get_spec(cfg.dataset).likelihood
+    if cfg.augment_output not in AUGMENT_OUTPUTS:
+        raise VaegenError(f"--augment-output must be one of {', '.join(AUGMENT_OUTPUTS)}, got {cfg.augment_output!r}")
+    if cfg.augment_output == "float" and not (cfg.augment and LIKELIHOOD_CLASSES[likelihood].continuous):
+        raise VaegenError(f"--augment-output float feeds unclamped, unrounded pixels to the VAE: it needs --augment and "
+                          f"a Gaussian likelihood (the {likelihood} likelihood scores only levels in [0, 1])")
     return dataclasses.replace(
-        cfg, arch=arch, likelihood=cfg.likelihood or store_attrs.get("likelihood") or get_spec(cfg.dataset).likelihood,
+        cfg, arch=arch, likelihood=likelihood,
         lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[arch],
         rha_start_epoch=rha_start if cfg.rha else None, mollify_epochs=mollify_epochs if cfg.mollify else None)
 
@@ -170,7 +179,7 @@ def build_source(cfg: TrainConfig, train_images: np.ndarray, rank: int, world_si
     augmenter = None
     if cfg.augment:
         augmenter = Augmenter(augmentation_ops(cfg.augment, cfg.dataset, image_shape[0]), cfg.augment_p,
-                              image_shape[1], cfg.augment_sigma_reading, cfg.augment_flip_reading)
+                              image_shape[1], cfg.augment_sigma_reading, cfg.augment_flip_reading, cfg.augment_output)
     if cfg.source == "real":
         source = RealSource(train_images, cfg.batch_size, cfg.seed, rank, world_size, cfg.epoch_size, augmenter,
                             device)
@@ -228,7 +237,9 @@ def prepare_out_dir(cfg: TrainConfig, saved: dict) -> int:
         if not cfg.resume:
             raise VaegenError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
         previous = read_json(out / CONFIG_NAME)
-        changed = sorted(k for k, v in saved.items() if k not in RUN_CONTROL_KEYS and previous.get(k) != v)
+        # A setting newer than the run is absent from its config.json; its default is what the run did.
+        changed = sorted(k for k, v in saved.items()
+                         if k not in RUN_CONTROL_KEYS and previous.get(k, TRAIN_DEFAULTS.get(k)) != v)
         if previous.get("data", {}).get("pool_size") != saved["data"].get("pool_size"):
             changed.append("shard pool size")
         if changed:
@@ -384,7 +395,10 @@ def data_inputs(vae: VAE, source: BatchSource, regimes: Regime, seed: int, epoch
     the regimes' `on_data_input` (optimizer step `first_step + b` for batch b)."""
     for b, images in enumerate(source.batches(epoch)):
         images = images.to(device, non_blocking=True)
-        x = vae.preprocess(images, torch_generator(seed, "vae-binarize", epoch, rank, b, device=device))
+        if images.is_floating_point():  # --augment-output float: already model inputs, unrounded
+            x = images
+        else:
+            x = vae.preprocess(images, torch_generator(seed, "vae-binarize", epoch, rank, b, device=device))
         yield regimes.on_data_input(x, epoch, b, first_step + b)
 
 
