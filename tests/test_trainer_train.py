@@ -382,3 +382,18 @@ def test_calibrated_gaussian_run_saves_its_sigma_so_the_saved_model_scores_what_
 
     test = open_dataset("fmnist", "test", root=tmp_path / "data").images
     assert train_module.mean_elbo(vae, test, "test", Accelerator(cpu=True), 16, 0) == points[-1]["test_elbo"]
+
+
+def test_a_run_from_a_device_resident_pool_ends_with_the_streamed_runs_exact_weights(tmp_path, support):
+    support.store(tmp_path / "data")
+    support.shard_run(tmp_path / "shards", 48 * 3, 40, n_train=48)
+    runs = {mode: train(small_config(tmp_path, out=str(tmp_path / mode), source="shards", epochs=4, scale=3,
+                                     shards=str(tmp_path / "shards"), mix_real=0.25, pool_on_device=mode))
+            for mode in ("off", "on")}
+    assert [json.loads((runs[m] / "config.json").read_text())["data"]["pool_on_device"] for m in runs] == [False, True]
+    assert metrics(runs["off"]) == metrics(runs["on"])
+    assert (runs["off"] / "model.safetensors").read_bytes() == (runs["on"] / "model.safetensors").read_bytes()
+    (runs["on"] / "done.json").unlink()  # where the pool lives is no setting of the run: a resume may change it
+    train(small_config(tmp_path, out=str(runs["on"]), source="shards", epochs=4, scale=3, resume=True,
+                       shards=str(tmp_path / "shards"), mix_real=0.25, pool_on_device="off"))
+    assert (runs["on"] / "done.json").exists()

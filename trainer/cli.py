@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from trainer.augment import FLIP_READINGS, OUTPUTS, SIGMA_READINGS
+from trainer.data import POOL_ON_DEVICE
 from trainer.likelihoods import LIKELIHOODS
 from trainer.train import TrainConfig as Defaults
 from vaegen.options import CONTEXT, dataset_options
@@ -56,6 +57,10 @@ from vaegen.options import CONTEXT, dataset_options
 @click.option("--eval-batch-size", default=Defaults.eval_batch_size, type=click.IntRange(min=1), help="Images per evaluation step.")
 @click.option("--checkpoint-every", default=Defaults.checkpoint_every, type=click.IntRange(min=1), help="Epochs between checkpoints.")
 @click.option("--bf16", is_flag=True, help="bf16 autocast (GPU); likelihoods and the ELBO stay float32.")
+@click.option("--pool-on-device", default=Defaults.pool_on_device, type=click.Choice(POOL_ON_DEVICE),
+              help="Keep the decoded shard pool on the training device and draw batches from it (the same batches "
+                   "as streaming); auto: when it takes at most half the free memory and the run would stream it "
+                   "all anyway.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--epoch-size", default=None, type=click.IntRange(min=1),
               help="--source real: images per effective epoch [default: |D_train|]; a larger D_train then gives "

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import webdataset as wds
 from tqdm import tqdm
@@ -197,14 +198,11 @@ def assign_pieces(pieces: list[Piece], world_size: int, seed: int, epoch: int) -
     return shares
 
 
-def read_pieces(pieces: list[Piece], image_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Stream the shards of `pieces` with webdataset; keep the images in each piece's range.
-    Returns (images (n, C, H, W) uint8, pool positions (n,))."""
-    if not pieces:
-        return np.zeros((0, *image_shape), np.uint8), np.zeros(0, np.int64)
+def stream_blocks(pieces: list[Piece], image_shape: tuple[int, int, int]):
+    """Stream the shards of `pieces` with webdataset, block by block, in the order streaming always reads them;
+    yields (piece, images (k, C, H, W) uint8, pool positions (k,)) for the images in each piece's range."""
     by_path = {str(p.shard.path): p for p in pieces}
     pipeline = wds.DataPipeline(wds.SimpleShardList(list(by_path)), wds.tarfile_to_samples())
-    images, positions = [], []
     try:
         for sample in pipeline:
             piece = by_path[sample["__url__"]]
@@ -215,20 +213,87 @@ def read_pieces(pieces: list[Piece], image_shape: tuple[int, int, int]) -> tuple
             pos = indices - piece.shard.first + piece.shard.offset
             keep = (pos >= piece.lo) & (pos < piece.hi)
             if keep.any():
-                images.append(block[keep])
-                positions.append(pos[keep])
+                yield piece, block[keep], pos[keep]
     except (OSError, ValueError, KeyError) as e:  # a tar or npy that went bad after verification
         raise VaegenError(f"cannot read shards ({type(e).__name__}: {e}); run `vaegen shards verify`") from None
-    images, positions = np.concatenate(images), np.concatenate(positions)
+
+
+def check_count(pieces: list[Piece], got: int) -> None:
     expected = sum(p.count for p in pieces)
-    if len(images) != expected:
-        raise VaegenError(f"shards {', '.join(by_path)} yielded {len(images)} of the {expected} images their "
-                          "markers promise; run `vaegen shards verify`")
+    if got != expected:
+        raise VaegenError(f"shards {', '.join(str(p.shard.path) for p in pieces)} yielded {got} of the {expected} "
+                          "images their markers promise; run `vaegen shards verify`")
+
+
+def read_pieces(pieces: list[Piece], image_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The images of `pieces`, in streaming order: (images (n, C, H, W) uint8, pool positions (n,))."""
+    if not pieces:
+        return np.zeros((0, *image_shape), np.uint8), np.zeros(0, np.int64)
+    blocks = [(images, positions) for _, images, positions in stream_blocks(pieces, image_shape)]
+    if not blocks:
+        check_count(pieces, 0)
+    images, positions = np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+    check_count(pieces, len(images))
     return images, positions
 
 
+class ResidentPool:
+    """A whole shard pool decoded once into one uint8 tensor on a device (row = pool position), plus the order
+    in which streaming reads each shard, so an epoch drawn from it holds the streamed epoch's images in the
+    streamed order: the same batches, byte for byte, with no loader."""
+
+    def __init__(self, pool: ShardPool, image_shape: tuple[int, int, int], device="cpu"):
+        self.device = torch.device(device)
+        pieces = [Piece(s, s.offset, min(s.offset + s.count, pool.size)) for s in pool.shards]
+        self.images = torch.empty((pool.size, *image_shape), dtype=torch.uint8, device=self.device)
+        order: dict[Path, list[np.ndarray]] = {piece.shard.path: [] for piece in pieces}
+        for piece, images, positions in tqdm(stream_blocks(pieces, image_shape), desc="pool to device",
+                                             unit="block", leave=False, disable=len(pieces) < 8):
+            self.images[torch.from_numpy(positions).to(self.device)] = torch.from_numpy(images).to(self.device)
+            order[piece.shard.path].append(positions)
+        self.stream_order = {path: np.concatenate(parts) if parts else np.zeros(0, np.int64)
+                             for path, parts in order.items()}
+        check_count(pieces, sum(len(o) for o in self.stream_order.values()))
+
+    def share(self, pieces: list[Piece], size: int) -> torch.Tensor:
+        """The images streaming would read for `pieces`, padded to `size` rows like `pad_to`."""
+        ranges = [(order := self.stream_order[p.shard.path])[(order >= p.lo) & (order < p.hi)] for p in pieces]
+        positions = pad_to(np.concatenate(ranges) if ranges else np.zeros(0, np.int64), size)
+        return self.images.index_select(0, torch.from_numpy(positions).to(self.device))
+
+
+POOL_ON_DEVICE = ("auto", "on", "off")
+POOL_MEMORY_FRACTION = 0.5  # auto: the pool may take this much of the device's free memory
+
+
+def keep_pool_on_device(mode: str, pool: ShardPool, image_shape: tuple[int, int, int], device,
+                        images_streamed: int) -> bool:
+    """--pool-on-device: `on`, `off`, or `auto`: on when the pool takes at most POOL_MEMORY_FRACTION of the
+    device's free memory (host memory for the CPU) and loading it once reads no more images than streaming
+    would (`images_streamed`: the synthetic images of all the run's epochs). On the CPU too: gathering batches
+    from memory is ~2x the streaming rate and leaves the core the decoding thread would use (README)."""
+    if mode not in POOL_ON_DEVICE:
+        raise VaegenError(f"--pool-on-device must be one of {', '.join(POOL_ON_DEVICE)}, got {mode!r}")
+    if mode == "off":
+        return False
+    device = torch.device(device)
+    needed = pool.size * math.prod(image_shape)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "cpu":
+        free = psutil.virtual_memory().available
+    else:
+        free = 0  # no free-memory figure: auto streams
+    if mode == "on":
+        if needed > free:
+            raise VaegenError(f"--pool-on-device on: the pool ({needed / 2**30:.2f} GiB) does not fit in the free "
+                              f"memory of {device} ({free / 2**30:.2f} GiB); use auto or off")
+        return True
+    return needed <= POOL_MEMORY_FRACTION * free and pool.size <= images_streamed
+
+
 def pad_to(images: np.ndarray, target: int) -> np.ndarray:
-    """Repeat images cyclically to `target` rows (equal shares on every process)."""
+    """Repeat images (or positions) cyclically to `target` rows (equal shares on every process)."""
     if len(images) == target:
         return images
     if len(images) == 0:
@@ -262,6 +327,8 @@ class BatchSource(abc.ABC):
     them by default) on `device`. Batches are uint8, or with a float-output augmenter float32 model inputs in
     [0, 1] units (the rows not augmented exactly u8 / 255)."""
 
+    prefetches = True  # load the next epoch's share in the background (not for a device-resident pool)
+
     def __init__(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, augmenter=None,
                  device="cpu"):
         if not 0 <= rank < world_size:
@@ -275,8 +342,9 @@ class BatchSource(abc.ABC):
         """Images per process in this epoch (the same on every process)."""
 
     @abc.abstractmethod
-    def epoch_share(self, epoch: int) -> np.ndarray:
-        """This process's images of the epoch, uint8 (share_size, C, H, W), in any order."""
+    def epoch_share(self, epoch: int) -> np.ndarray | torch.Tensor:
+        """This process's images of the epoch, uint8 (share_size, C, H, W), in any order: an array, or a tensor
+        where they are already on a device."""
 
     def augmented_rows(self, rows: np.ndarray) -> np.ndarray:
         """Which of these rows of the epoch share the augmenter sees (bool)."""
@@ -287,13 +355,16 @@ class BatchSource(abc.ABC):
 
     def batches(self, epoch: int):
         """Yield the epoch's batches (tensors; on `device` when augmented) in a seeded per-epoch order."""
-        if self._prefetch is None:
+        if self._prefetch is None and self.prefetches:
             self._prefetch = EpochPrefetch(self.epoch_share)
-        share = self._prefetch.share(epoch)
+        share = self._prefetch.share(epoch) if self._prefetch else self.epoch_share(epoch)
         order = numpy_rng(self.seed, "batch-order", epoch, self.rank).permutation(len(share))
         for b in range(self.batches_in_epoch(epoch)):
             rows = np.sort(order[b * self.batch_size:(b + 1) * self.batch_size])
-            batch = torch.from_numpy(share[rows])
+            if isinstance(share, torch.Tensor):
+                batch = share.index_select(0, torch.from_numpy(rows).to(share.device))
+            else:
+                batch = torch.from_numpy(share[rows])
             if self.augmenter is not None:
                 batch = self._augmented(batch.to(self.device), rows, derive(self.seed, "augment", epoch, self.rank, b))
             yield batch
@@ -354,10 +425,15 @@ class RealSource(BatchSource):
 
 
 class ShardSource(BatchSource):
+    """Streams each epoch's shards, or with `resident` (the pool loaded once on a device) gathers the same
+    images in the same order from it."""
+
     def __init__(self, pool: ShardPool, n_train: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, image_shape: tuple[int, int, int] = (1, 32, 32), synthetic_per_epoch=None):
+                 world_size: int = 1, image_shape: tuple[int, int, int] = (1, 32, 32), synthetic_per_epoch=None,
+                 resident: ResidentPool | None = None):
         super().__init__(batch_size, seed, rank, world_size)
         self.pool, self.n_train, self.image_shape = pool, n_train, tuple(image_shape)
+        self.resident, self.prefetches = resident, resident is None
         self.synthetic_per_epoch = n_train if synthetic_per_epoch is None else synthetic_per_epoch
         self.epoch_shares(0)  # an impossible split (fewer shards than processes) fails before training
 
@@ -373,7 +449,9 @@ class ShardSource(BatchSource):
         """Pool positions this process trains on in `epoch` (before padding); for tests and diagnostics."""
         return read_pieces(self.epoch_shares(epoch)[self.rank], self.image_shape)[1]
 
-    def epoch_share(self, epoch: int) -> np.ndarray:
+    def epoch_share(self, epoch: int) -> np.ndarray | torch.Tensor:
+        if self.resident is not None:
+            return self.resident.share(self.epoch_shares(epoch)[self.rank], self.share_size(epoch))
         images, _ = read_pieces(self.epoch_shares(epoch)[self.rank], self.image_shape)
         return pad_to(images, self.share_size(epoch))
 
@@ -384,7 +462,7 @@ class MixedSource(BatchSource):
 
     def __init__(self, real_images: np.ndarray, pool: ShardPool, real_fraction: float, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, image_shape: tuple[int, int, int] = (1, 32, 32),
-                 augmenter=None, device="cpu"):
+                 augmenter=None, device="cpu", resident: ResidentPool | None = None):
         super().__init__(batch_size, seed, rank, world_size, augmenter, device)
         n = len(real_images)
         self.n_real = round(real_fraction * n)
@@ -393,7 +471,8 @@ class MixedSource(BatchSource):
                               "use --source real or --mix-real 0 instead")
         self.real = RealSource(real_images, batch_size, seed, rank, world_size)
         self.synthetic = ShardSource(pool, n, batch_size, seed, rank, world_size, image_shape,
-                                     synthetic_per_epoch=n - self.n_real)
+                                     synthetic_per_epoch=n - self.n_real, resident=resident)
+        self.prefetches = resident is None
 
     def real_share_size(self) -> int:
         return math.ceil(self.n_real / self.world_size)
@@ -401,9 +480,12 @@ class MixedSource(BatchSource):
     def share_size(self, epoch: int) -> int:
         return self.real_share_size() + self.synthetic.share_size(epoch)
 
-    def epoch_share(self, epoch: int) -> np.ndarray:
+    def epoch_share(self, epoch: int) -> np.ndarray | torch.Tensor:
         """Real images first (rows < real_share_size), then synthetic ones."""
-        return np.concatenate([self.real.real_share(epoch, self.n_real), self.synthetic.epoch_share(epoch)])
+        real, synthetic = self.real.real_share(epoch, self.n_real), self.synthetic.epoch_share(epoch)
+        if isinstance(synthetic, torch.Tensor):
+            return torch.cat([torch.from_numpy(real).to(synthetic.device), synthetic])
+        return np.concatenate([real, synthetic])
 
     def augmented_rows(self, rows: np.ndarray) -> np.ndarray:
         return rows < self.real_share_size()

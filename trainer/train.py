@@ -42,7 +42,15 @@ from tqdm import tqdm
 
 from trainer.augment import OUTPUTS as AUGMENT_OUTPUTS
 from trainer.augment import Augmenter, augmentation_ops
-from trainer.data import BatchSource, MixedSource, RealSource, ShardSource, open_shard_pool
+from trainer.data import (
+    BatchSource,
+    MixedSource,
+    RealSource,
+    ResidentPool,
+    ShardSource,
+    keep_pool_on_device,
+    open_shard_pool,
+)
 from trainer.likelihoods import DEFAULT_N_MIX, DEFAULT_SIGMA, LIKELIHOOD_CLASSES
 from trainer.models import VAE, build_vae, save_vae
 from trainer.regimes import EarlyStopping, GapTracking, Mollification, Regime, Regimes, ReverseHalfAsleep
@@ -98,6 +106,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     checkpoint_every: int = 10
     bf16: bool = False
+    pool_on_device: str = "auto"  # keep the decoded shard pool on the device: auto | on | off (same batches)
     resume: bool = False
     # --- beyond plain ELBO training on the chosen data (trainer/regularizers.py) ---
     epoch_size: int | None = None  # images per effective epoch (default |D_train|): k*N real images at N's compute
@@ -117,9 +126,10 @@ class TrainConfig:
     track_robustness_seeds: int = 10
 
 
-# Keys of config.json that may differ between a run and its resumption: the flag itself, and the description
-# of the data source (the generator may add shards and rewrite generation.json; only the pool size matters).
-RUN_CONTROL_KEYS = ("resume", "data")
+# Keys of config.json that may differ between a run and its resumption: the flag itself, where the pool is kept
+# (the batches are the same), and the description of the data source (the generator may add shards and
+# rewrite generation.json; only the pool size matters).
+RUN_CONTROL_KEYS = ("resume", "pool_on_device", "data")
 TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
@@ -188,8 +198,11 @@ def build_source(cfg: TrainConfig, train_images: np.ndarray, rank: int, world_si
         return source, {"kind": "real+augment", "augment": cfg.augment, "epoch_size": source.epoch_size,
                         "augmentation": augmenter.describe()}
     pool = open_shard_pool(cfg.shards, cfg.dataset, image_shape, n, cfg.scale)
+    on_device = keep_pool_on_device(cfg.pool_on_device, pool, image_shape, device,
+                                    images_streamed=cfg.epochs * (n - round(cfg.mix_real * n)))
+    resident = ResidentPool(pool, image_shape, device) if on_device else None
     described = {"kind": "shards", "run_dir": str(pool.run_dir), "pool_size": pool.size, "scale": pool.size // n,
-                 "shards_used": len(pool.shards), "generation": pool.generation}
+                 "shards_used": len(pool.shards), "generation": pool.generation, "pool_on_device": on_device}
     if pool.generation.get("n_train") not in (None, n) and rank == 0:
         click.echo(f"note: the shards' DM was trained on N={pool.generation.get('n_train')} images, "
                    f"this VAE's D_train has N={n}", err=True)
@@ -198,8 +211,8 @@ def build_source(cfg: TrainConfig, train_images: np.ndarray, rank: int, world_si
         if augmenter is not None:
             described.update(augment=cfg.augment, augmentation=augmenter.describe(), augmented="the real part")
         return MixedSource(train_images, pool, cfg.mix_real, cfg.batch_size, cfg.seed, rank, world_size,
-                           image_shape, augmenter, device), described
-    return ShardSource(pool, n, cfg.batch_size, cfg.seed, rank, world_size, image_shape), described
+                           image_shape, augmenter, device, resident), described
+    return ShardSource(pool, n, cfg.batch_size, cfg.seed, rank, world_size, image_shape, resident=resident), described
 
 
 @torch.no_grad()
