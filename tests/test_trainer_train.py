@@ -397,3 +397,77 @@ def test_a_run_from_a_device_resident_pool_ends_with_the_streamed_runs_exact_wei
     train(small_config(tmp_path, out=str(runs["on"]), source="shards", epochs=4, scale=3, resume=True,
                        shards=str(tmp_path / "shards"), mix_real=0.25, pool_on_device="off"))
     assert (runs["on"] / "done.json").exists()
+
+
+def test_report_to_tensorboard_logs_the_config_and_the_same_elbos_as_metrics_jsonl(tmp_path, support):
+    pytest.importorskip("tensorboard")  # the `tracking` extra
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    support.store(tmp_path / "data")
+    out = train(small_config(tmp_path, report_to="tensorboard", early_stopping_split=0.25))
+    points = metrics(out)
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    for key in ("train_elbo", "test_elbo", "val_elbo", "batch_elbo"):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == [m["epoch"] for m in points] == [2, 4, 6]
+        assert [e.value for e in logged] == [np.float32(m[key]) for m in points]  # TensorBoard keeps float32
+    (logged_config,) = [path.read_text() for path in (out / "tensorboard").glob("*/hparams.yml")]
+    assert "dataset: fmnist" in logged_config and "model.arch: fc" in logged_config
+
+
+def test_a_tracker_whose_package_is_missing_is_a_one_line_error_before_anything_is_written(tmp_path, support,
+                                                                                         monkeypatch):
+    import vaegen.tracking as tracking
+
+    support.store(tmp_path / "data")
+    monkeypatch.setitem(tracking._AVAILABLE, "mlflow", lambda: False)
+    result, errors = run_cli("--dataset", "fmnist", "--source", "real", "--data-root", tmp_path / "data",
+                             "--epochs", 1, "--report-to", "mlflow", "--out", tmp_path / "run")
+    assert result.exit_code == 2 and len(errors) == 1 and "needs the mlflow package" in errors[0], result.output
+    assert not (tmp_path / "run").exists()
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of an offline W&B run's transaction log (run-*.wandb): a 7-byte W&B header, then
+    LevelDB's log format (32 KiB blocks of chunks: crc32c, length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, records, pending = path.read_bytes(), 7, [], b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+@pytest.mark.slow
+def test_report_to_wandb_offline_logs_the_config_and_the_metrics_lines(tmp_path, support, monkeypatch):
+    pytest.importorskip("wandb")  # the `tracking` extra
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    support.store(tmp_path / "data")
+    out = train(small_config(tmp_path, report_to="wandb", tracker_group="a-study", epochs=4))
+    (log,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(log)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.project == "a-study" and run.display_name == "run"
+    def key(item):
+        return item.key or "/".join(item.nested_key)
+
+    history = [{"_step": r.history.step.num, **{key(item): json.loads(item.value_json) for item in r.history.item}}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    points = metrics(out)
+    assert [h["_step"] for h in history] == [m["epoch"] for m in points] == [2, 4]
+    assert all(h["test_elbo"] == m["test_elbo"] and h["train_elbo"] == m["train_elbo"] for h, m in zip(history, points))
+    config = {key(item): item.value_json for r in records if r.WhichOneof("record_type") == "config"
+              for item in r.config.update}
+    assert json.loads(config["dataset"]) == "fmnist" and json.loads(config["model.arch"]) == "fc"

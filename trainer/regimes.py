@@ -5,6 +5,7 @@ train/test ELBOs; at checkpoint points the state. A regime acts only at the name
 
     describe()                   extra config.json entries (how the regime was set up)
     state_dict() / load_state_dict(state)   its counters, saved in every checkpoint's trainer_state.json
+    on_start(config)             once the run directory holds config.json (every process; `config` is its content)
     epoch_inputs(epoch)          model inputs that replace the data for a whole epoch (None: the data)
     on_data_input(x, epoch, batch, step)    transform one data batch's model input
     after_backward()             edit the gradients before the optimizer step
@@ -18,6 +19,7 @@ The regimes (trainer/regularizers.py holds their maths):
     Mollification       Aug.Mollify (Tran et al. 2023): on_data_input
     EarlyStopping       a held-out part of D_train: on_evaluation, should_stop, on_finish
     GapTracking         model snapshots for the evaluator's G_a / G_r curves: on_epoch_end
+    TrackerLogging      --report-to (vaegen/tracking.py): on_start, on_evaluation, on_finish
 Every random draw is keyed by (seed, purpose, epoch, process, batch), so the regimes keep runs reproducible and
 resumable bit for bit.
 """
@@ -33,6 +35,7 @@ from safetensors.torch import load_file
 
 from trainer.models import VAE, save_vae
 from trainer.regularizers import MollifySchedule, mollify
+from vaegen import tracking
 from vaegen.seeding import torch_generator
 from vaegen.vaerun import SNAPSHOTS
 
@@ -49,6 +52,9 @@ class Regime:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def on_start(self, config: dict) -> None:
         pass
 
     def epoch_inputs(self, epoch: int) -> Iterator[torch.Tensor] | None:
@@ -88,6 +94,10 @@ class Regimes(Regime):
     def load_state_dict(self, state):
         for regime in self.regimes:
             regime.load_state_dict(state)
+
+    def on_start(self, config):
+        for regime in self.regimes:
+            regime.on_start(config)
 
     def epoch_inputs(self, epoch):
         replaced = [inputs for regime in self.regimes if (inputs := regime.epoch_inputs(epoch)) is not None]
@@ -215,6 +225,23 @@ class GapTracking(Regime):
     def on_epoch_end(self, epoch, last):
         if self.is_main and (last or any(epoch % every == 0 for every in self.every)):
             save_vae(self.vae, self.out / SNAPSHOTS, name=snapshot_name(epoch), config_name=None)
+
+
+class TrackerLogging(Regime):
+    """--report-to: the run's config once, then every metrics.jsonl line at its epoch, to the tracker. Last in
+    the list, so it logs what the other regimes added to the line."""
+
+    def __init__(self, accelerator, report_to: str, out: Path, group: str | None):
+        self.accelerator, self.report_to, self.out, self.group = accelerator, report_to, out, group
+
+    def on_start(self, config):
+        tracking.start_trackers(self.accelerator, self.report_to, self.out, self.group, config)
+
+    def on_evaluation(self, metrics):
+        tracking.log_values(self.accelerator, metrics, step=metrics["epoch"])
+
+    def on_finish(self, record):
+        tracking.finish_trackers(self.accelerator)
 
 
 def snapshot_name(epoch: int) -> str:

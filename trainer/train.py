@@ -53,7 +53,15 @@ from trainer.data import (
 )
 from trainer.likelihoods import DEFAULT_N_MIX, DEFAULT_SIGMA, LIKELIHOOD_CLASSES
 from trainer.models import VAE, build_vae, save_vae
-from trainer.regimes import EarlyStopping, GapTracking, Mollification, Regime, Regimes, ReverseHalfAsleep
+from trainer.regimes import (
+    EarlyStopping,
+    GapTracking,
+    Mollification,
+    Regime,
+    Regimes,
+    ReverseHalfAsleep,
+    TrackerLogging,
+)
 from trainer.regularizers import MollifySchedule, validation_split
 from vaegen.data import get_spec, open_dataset
 from vaegen.errors import VaegenError
@@ -69,6 +77,7 @@ from vaegen.provenance import (
 )
 from vaegen.runlock import run_lock
 from vaegen.seeding import SPLIT, derive, numpy_rng, torch_generator
+from vaegen.tracking import accelerator_kwargs
 from vaegen.vaerun import CONFIG_NAME, DONE_NAME, METRICS_NAME
 
 DEFAULT_LR = {"fc": 1e-3, "conv": 2e-4}
@@ -107,6 +116,8 @@ class TrainConfig:
     checkpoint_every: int = 10
     bf16: bool = False
     pool_on_device: str = "auto"  # keep the decoded shard pool on the device: auto | on | off (same batches)
+    report_to: str = "none"  # experiment tracker (vaegen/tracking.py): none | tensorboard | wandb | mlflow
+    tracker_group: str | None = None  # the tracker's project / experiment grouping runs (a study); default vaegen
     resume: bool = False
     # --- beyond plain ELBO training on the chosen data (trainer/regularizers.py) ---
     epoch_size: int | None = None  # images per effective epoch (default |D_train|): k*N real images at N's compute
@@ -127,9 +138,9 @@ class TrainConfig:
 
 
 # Keys of config.json that may differ between a run and its resumption: the flag itself, where the pool is kept
-# (the batches are the same), and the description of the data source (the generator may add shards and
+# (the batches are the same), where progress is shown, and the description of the data source (the generator may add shards and
 # rewrite generation.json; only the pool size matters).
-RUN_CONTROL_KEYS = ("resume", "pool_on_device", "data")
+RUN_CONTROL_KEYS = ("resume", "pool_on_device", "report_to", "tracker_group", "data")
 TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
@@ -314,7 +325,7 @@ def _train(cfg: TrainConfig) -> Path:
         click.echo(f"{out} already finished (done.json); nothing to resume", err=True)
         return out
     train_images, validation = split_validation(cfg, train_real.images)
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", **accelerator_kwargs(cfg.report_to, out))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     source, source_info = build_source(cfg, train_images, rank, world, device)
     vae_config = model_config(cfg, train_images.shape[1])
@@ -338,6 +349,7 @@ def _train(cfg: TrainConfig) -> Path:
     step = resume_state(accelerator, out, regimes) if start_epoch > 0 else 0
     if accelerator.is_main_process:
         start_run_dir(out, start_epoch, saved)
+    regimes.on_start(saved)
     train_eval = eval_subset(train_images, "train", cfg.eval_images, cfg.seed)
     test_eval = eval_subset(test_real.images, "test", cfg.eval_images, cfg.seed)
     images_per_epoch = [source.share_size(e) * world for e in range(cfg.epochs)]
@@ -432,6 +444,8 @@ def build_regimes(cfg: TrainConfig, vae: VAE, source: BatchSource, validation: d
     if cfg.track_gaps:
         regimes.append(GapTracking(vae, Path(cfg.out), cfg.track_amortization_every, cfg.track_robustness_every,
                                    is_main))
+    if cfg.report_to != "none":
+        regimes.append(TrackerLogging(accelerator, cfg.report_to, Path(cfg.out), cfg.tracker_group))
     return Regimes(regimes)
 
 
