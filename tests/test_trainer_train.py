@@ -471,3 +471,42 @@ def test_report_to_wandb_offline_logs_the_config_and_the_metrics_lines(tmp_path,
     config = {key(item): item.value_json for r in records if r.WhichOneof("record_type") == "config"
               for item in r.config.update}
     assert json.loads(config["dataset"]) == "fmnist" and json.loads(config["model.arch"]) == "fc"
+
+
+def test_checkpoints_are_swapped_in_whole_pruned_to_the_newest_and_a_kill_between_renames_leaves_one(tmp_path,
+                                                                                                  monkeypatch):
+    import os
+
+    from accelerate import Accelerator
+
+    import vaegen.checkpoints as ckpt
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        ckpt.save_checkpoint(accelerator, tmp_path / "checkpoints" / f"step-{step:08d}", prune="step-*", keep=2)
+    assert [p.name for p in ckpt.checkpoints(tmp_path / "checkpoints", "step-*")] == ["step-00000002", "step-00000003"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+
+    ckpt.save_checkpoint(accelerator, tmp_path / "checkpoint", {"epoch": 1}, "state.json")
+    real_replace, calls = os.replace, []
+
+    def killed_before_the_second_rename(src, dst):  # os is one module: only count the checkpoint's renames
+        if Path(dst).parent == tmp_path:
+            calls.append(dst)
+            if len(calls) == 2:
+                raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", killed_before_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(accelerator, tmp_path / "checkpoint", {"epoch": 2}, "state.json")
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert not (tmp_path / "checkpoint").exists()  # moved aside, the new one not yet in place
+    found = ckpt.resume_point(tmp_path / "checkpoint")
+    assert found.name == ".checkpoint.old" and ckpt.load_checkpoint(accelerator, found, "state.json") == {"epoch": 1}
+    ckpt.save_checkpoint(accelerator, tmp_path / "checkpoint", {"epoch": 2}, "state.json")
+    assert ckpt.resume_point(tmp_path / "checkpoint").name == "checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint", "checkpoints"]

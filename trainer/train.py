@@ -27,8 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -63,6 +61,7 @@ from trainer.regimes import (
     TrackerLogging,
 )
 from trainer.regularizers import MollifySchedule, validation_split
+from vaegen.checkpoints import load_checkpoint, resume_point, save_checkpoint
 from vaegen.data import get_spec, open_dataset
 from vaegen.errors import VaegenError
 from vaegen.interrupts import StopRequests, set_resume_hint
@@ -81,7 +80,7 @@ from vaegen.tracking import accelerator_kwargs
 from vaegen.vaerun import CONFIG_NAME, DONE_NAME, METRICS_NAME
 
 DEFAULT_LR = {"fc": 1e-3, "conv": 2e-4}
-CHECKPOINT, STATE_NAME = "checkpoint", "trainer_state.json"
+CHECKPOINT, STATE_NAME = "checkpoint", "trainer_state.json"  # vaegen/checkpoints.py: replaced at every save
 
 
 @dataclass(frozen=True)
@@ -269,37 +268,11 @@ def prepare_out_dir(cfg: TrainConfig, saved: dict) -> int:
         if changed:
             raise VaegenError(f"{out} was started with different settings ({', '.join(changed)}); resume with "
                               "the same options or choose another --out")
-        checkpoint = latest_checkpoint(out)
+        checkpoint = resume_point(out / CHECKPOINT)
         return read_json(checkpoint / STATE_NAME)["epoch"] if checkpoint else 0
     if out.exists() and any(out.iterdir()):
         raise VaegenError(f"{out} exists and is not a training run directory; choose another --out")
     return 0
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """checkpoint/, or checkpoint.old/ if a crash hit between the two renames of `save_checkpoint`."""
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        if (out / name / STATE_NAME).is_file():
-            return out / name
-    return None
-
-
-def save_checkpoint(accelerator: Accelerator, out: Path, state: dict) -> None:
-    """Write the checkpoint under a temporary name, then swap it in: a crash leaves the last good one."""
-    tmp, final, old = out / (CHECKPOINT + ".tmp"), out / CHECKPOINT, out / (CHECKPOINT + ".old")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_NAME, state)
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 def truncate_metrics(path: Path, epoch: int) -> None:
@@ -396,7 +369,8 @@ def _train(cfg: TrainConfig) -> Path:
             regimes.on_epoch_end(done, last=done == cfg.epochs or stop_early)
             interrupted = stops.agreed(accelerator) and done < cfg.epochs and not stop_early
             if done % cfg.checkpoint_every == 0 or done == cfg.epochs or interrupted or stop_early:
-                save_checkpoint(accelerator, out, {"epoch": done, "step": step, **regimes.state_dict()})
+                save_checkpoint(accelerator, out / CHECKPOINT, {"epoch": done, "step": step, **regimes.state_dict()},
+                                STATE_NAME)
             if interrupted:
                 raise stops.interrupted(f"checkpoint saved after epoch {done} of {cfg.epochs}; rerun the same "
                                         "command with --resume to continue")
@@ -460,9 +434,7 @@ def split_validation(cfg: TrainConfig, images: np.ndarray) -> tuple[np.ndarray, 
 
 def resume_state(accelerator: Accelerator, out: Path, regimes: Regime) -> int:
     """Load the latest checkpoint into the prepared model/optimizer and the regimes; returns the step count."""
-    checkpoint = latest_checkpoint(out)
-    accelerator.load_state(str(checkpoint))
-    state = read_json(checkpoint / STATE_NAME)
+    state = load_checkpoint(accelerator, resume_point(out / CHECKPOINT), STATE_NAME)
     regimes.load_state_dict(state)
     return state["step"]
 
