@@ -305,7 +305,7 @@ def _train(cfg: TrainConfig) -> Path:
     torch.manual_seed(derive(cfg.seed, "vae-init"))
     vae = build_vae(vae_config)
 
-    def evaluate(images: np.ndarray, split: str) -> float:
+    def evaluate(images: np.ndarray, split: str) -> float:  # the mean ELBO the metrics and regimes log
         return mean_elbo(vae, images, split, accelerator, cfg.eval_batch_size, cfg.seed)
 
     regimes = build_regimes(cfg, vae, source, validation, evaluate, accelerator)
