@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.augment import OPS, Augmenter, augmentation_ops
-from trainer.data import AugmentedSource, RealSource
+from trainer.data import RealSource
 from vaegen.errors import VaegenError
 
 torch.set_num_threads(1)
@@ -257,8 +257,8 @@ def test_wrong_images_are_one_line_errors():
 def test_augmented_source_yields_augmented_uint8_batches_reproducibly():
     images = smooth_images(100, 1).numpy()
     plain = RealSource(images, 32, seed=0)
-    aug = AugmentedSource(RealSource(images, 32, seed=0), Augmenter(["xflip"], p=1.0))
-    again = AugmentedSource(RealSource(images, 32, seed=0), Augmenter(["xflip"], p=1.0))
+    aug = RealSource(images, 32, seed=0, augmenter=Augmenter(["xflip"], p=1.0))
+    again = RealSource(images, 32, seed=0, augmenter=Augmenter(["xflip"], p=1.0))
     for epoch in range(2):
         a, b, c = (list(s.batches(epoch)) for s in (plain, aug, again))
         assert [x.shape for x in a] == [x.shape for x in b] and all(x.dtype == torch.uint8 for x in b)
@@ -267,10 +267,46 @@ def test_augmented_source_yields_augmented_uint8_batches_reproducibly():
         assert 0.3 < flipped < 0.7
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_batches_stay_on_the_gpu_and_are_seeded():
     images = smooth_images(256, 3).cuda()
     augment = Augmenter(augmentation_ops("naive", "cifar10", 3), p=0.5)
+    torch.cuda.manual_seed(123)
+    expected_next = torch.rand(1, device="cuda")
+    torch.cuda.manual_seed(123)
     out = augment(images, seed=3)
+    assert torch.equal(torch.rand(1, device="cuda"), expected_next)  # the global CUDA RNG is untouched
     assert out.device == images.device and out.dtype == torch.uint8 and out.shape == images.shape
-    assert torch.equal(out, augment(images, seed=3)) and changed(images, out).any()
+    again, other = augment(images, seed=3), augment(images, seed=4)
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    assert changed(images, out).float().mean() > 0.9  # at p = 0.5 nearly every image meets one of the ops
+
+
+def test_float_output_brightness_shifts_a_black_image_by_exactly_its_drawn_offset_without_clamping():
+    augment = Augmenter(["brightness"], p=1.0, output="float")
+    _, colour = augment.matrices(N, seed=4)
+    offset = colour[:, 0, 3]  # the drawn brightness offset, in ADA's [-1, 1] units
+    out = augment(torch.zeros(N, 1, 32, 32, dtype=torch.uint8), seed=4)
+    assert out.dtype == torch.float32 and (out == out[:, :, :1, :1]).all()
+    torch.testing.assert_close(out[:, 0, 0, 0], offset / 2, rtol=0, atol=1e-6)  # [0, 1] units: half of it
+    assert (out < 0).float().mean() > 0.4  # half the offsets darken black: nothing clamps them
+    clamped = Augmenter(["brightness"], p=1.0)(torch.zeros(N, 1, 32, 32, dtype=torch.uint8), seed=4)
+    assert clamped.min() == 0 and torch.equal(clamped[:, 0, 0, 0], (offset * 127.5).round().clamp(0, 255).byte())
+
+
+def test_float_output_mixed_source_gives_model_inputs_with_synthetic_rows_exactly_u8_over_255(tmp_path, support):
+    from trainer.data import MixedSource, open_shard_pool
+
+    n = 40
+    real = support.numbered_images(n, start=10_000)
+    pool = open_shard_pool(support.shard_run(tmp_path, n, 20), "fmnist", (1, 32, 32), n, scale=1)
+    source = MixedSource(real, pool, 0.5, 16, seed=0, augmenter=Augmenter(["brightness"], p=1.0, output="float"))
+    plain = MixedSource(real, pool, 0.5, 16, seed=0)
+    for a, b in zip(source.batches(0), plain.batches(0), strict=True):
+        synthetic = torch.from_numpy(support.image_ids(b) < 10_000)
+        assert a.dtype == torch.float32 and 0 < synthetic.sum() < len(b)
+        assert torch.equal(a[synthetic], b[synthetic].float() / 255)  # what VAE.preprocess makes of them
+        assert not torch.equal(a[~synthetic], b[~synthetic].float() / 255)
+    source.close()
+    plain.close()

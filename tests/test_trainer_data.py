@@ -2,13 +2,16 @@
 
 import numpy as np
 import pytest
+import torch
 
 from trainer.data import (
     MixedSource,
     RealSource,
+    ResidentPool,
     ShardSource,
     assign_pieces,
     epoch_range,
+    keep_pool_on_device,
     open_shard_pool,
     pieces_in_range,
 )
@@ -134,3 +137,58 @@ def test_mixed_source_takes_the_stated_fraction_of_each_epoch_from_real_data(tmp
     assert set(epoch_ids(source, 0, support)[epoch_ids(source, 0, support) >= 10_000]) != set(
         epoch_ids(source, 1, support)[epoch_ids(source, 1, support) >= 10_000])  # fresh real images each epoch
     source.close()
+
+
+def batches_of(source, epochs):
+    return [batch.clone() for epoch in epochs for batch in source.batches(epoch)]
+
+
+def test_a_device_resident_pool_gives_the_streamed_batches_byte_for_byte_across_epochs_and_ranks(tmp_path, support):
+    # 7 shards of 100 (the last 50) cut unevenly by the epoch ranges; scale 2, so epochs 2-3 repeat 0-1's sets.
+    pool = open_shard_pool(support.shard_run(tmp_path, 650, 100), "fmnist", (1, 32, 32), 300, scale=2)
+    resident = ResidentPool(pool, (1, 32, 32), "cpu")
+    assert resident.images.shape == (600, 1, 32, 32)
+    for world in (1, 2):
+        for rank in range(world):
+            streamed = ShardSource(pool, 300, 64, seed=3, rank=rank, world_size=world)
+            kept = ShardSource(pool, 300, 64, seed=3, rank=rank, world_size=world, resident=resident)
+            a, b = batches_of(streamed, range(4)), batches_of(kept, range(4))
+            assert len(a) == len(b) == 4 * streamed.batches_in_epoch(0)
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), (world, rank)
+            assert not kept.prefetches and kept._prefetch is None  # no loader thread
+            streamed.close()
+    real = support.numbered_images(300, start=10_000)
+    mixed = [MixedSource(real, pool, 0.25, 50, seed=1, resident=r) for r in (None, resident)]
+    assert all(torch.equal(x, y) for x, y in zip(*(batches_of(m, range(3)) for m in mixed), strict=True))
+    mixed[0].close()
+
+
+def test_auto_keeps_the_pool_on_the_device_only_when_it_fits_and_is_read_in_full(tmp_path, support, monkeypatch):
+    import psutil
+
+    pool = open_shard_pool(support.shard_run(tmp_path, 600, 100), "fmnist", (1, 32, 32), 300, scale=2)
+    shape = (1, 32, 32)
+    assert keep_pool_on_device("auto", pool, shape, "cpu", images_streamed=600)
+    assert not keep_pool_on_device("auto", pool, shape, "cpu", images_streamed=300)  # one epoch reads half of it
+    assert not keep_pool_on_device("off", pool, shape, "cpu", images_streamed=600)
+
+    class TightMemory:
+        available = 600 * 1024 + 1  # the pool fits, but not in half of what is free
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: TightMemory)
+    assert not keep_pool_on_device("auto", pool, shape, "cpu", images_streamed=600)
+    assert keep_pool_on_device("on", pool, shape, "cpu", images_streamed=300)
+    TightMemory.available = 1000
+    with pytest.raises(VaegenError, match="does not fit"):
+        keep_pool_on_device("on", pool, shape, "cpu", images_streamed=600)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_pool_resident_on_the_gpu_gives_the_streamed_batches(tmp_path, support):
+    pool = open_shard_pool(support.shard_run(tmp_path, 650, 100), "fmnist", (1, 32, 32), 300, scale=2)
+    streamed = ShardSource(pool, 300, 64, seed=3)
+    kept = ShardSource(pool, 300, 64, seed=3, resident=ResidentPool(pool, (1, 32, 32), "cuda"))
+    a, b = batches_of(streamed, range(3)), batches_of(kept, range(3))
+    assert all(y.is_cuda and torch.equal(x, y.cpu()) for x, y in zip(a, b, strict=True))
+    streamed.close()

@@ -85,6 +85,41 @@ def test_dmol_samples_and_means_are_images_on_the_256_level_grid():
 def test_discrete_likelihoods_never_exceed_probability_one():
     x = grid_images(3, 1, 8, 8)
     for lik in (build_likelihood("dmol", n_mix=2), Bernoulli()):
-        params = torch.randn(3, lik.num_params(1), 8, 8) * 4
+        params = torch.randn(3, lik.num_params(1), 8, 8, generator=torch.Generator().manual_seed(7)) * 4
         target = x.round() if lik.name == "bernoulli" else x
         assert (lik.log_prob(target, params) <= 0).all()
+
+
+def test_calibrated_gaussian_trains_with_the_batch_optimal_sigma_and_scores_with_its_running_average():
+    lik = build_likelihood("gaussian-calibrated")
+    g = torch.Generator().manual_seed(8)
+    batches = [(grid_images(6, 1, 8, 8, seed=s), torch.rand(6, 1, 8, 8, generator=g) * 0.5 + 0.2) for s in range(3)]
+    mses = []
+    for x, mu in batches:  # train mode: sigma* = sqrt(batch MSE), the maximum-likelihood sigma of the batch
+        mse = (x - mu).square().mean()
+        mses.append(mse.double())
+        expected = torch.distributions.Normal(mu, mse.sqrt()).log_prob(x).flatten(1).sum(1)
+        torch.testing.assert_close(lik.log_prob(x, mu), expected)
+        for factor in (0.97, 1.03):  # any other shared sigma scores the batch lower
+            assert Gaussian(mse.sqrt().item() * factor).log_prob(x, mu).sum() < expected.sum()
+    # eval mode: sigma^2 = the bias-corrected exponential average of the batch MSEs, whatever the batch holds
+    m = lik.MSE_MOMENTUM
+    average = sum(m * (1 - m) ** (2 - i) * v for i, v in enumerate(mses)) / (1 - (1 - m) ** 3)
+    lik.eval()
+    x, mu = batches[0]
+    expected = torch.distributions.Normal(mu, average.sqrt().float()).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(lik.log_prob(x, mu), expected)
+    torch.testing.assert_close(lik.log_prob(x[:1], mu[:1]), expected[:1])
+    assert torch.equal(lik.log_prob(x, mu), lik.log_prob(x, mu))  # scoring changes nothing
+
+
+def test_calibrated_gaussian_gradient_is_the_same_as_through_sigma_star():
+    # The loss is stationary in sigma at sigma*, so not differentiating through it changes no gradient.
+    lik = build_likelihood("gaussian-calibrated")
+    x = grid_images(5, 1, 6, 6, seed=9)
+    mu = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(10), requires_grad=True)
+    (grad,) = torch.autograd.grad(-lik.log_prob(x, mu).mean(), mu)
+    sigma = (x - mu).square().mean().sqrt()  # differentiated through
+    through = -torch.distributions.Normal(mu, sigma).log_prob(x).flatten(1).sum(1).mean()
+    (expected,) = torch.autograd.grad(through, mu)
+    torch.testing.assert_close(grad, expected)

@@ -13,6 +13,7 @@ import trainer.train as train_module
 from studies.cli import main
 from trainer.models import FCVAE, load_vae
 from trainer.train import TrainConfig, train
+from vaegen.errors import VaegenError
 
 torch.set_num_threads(1)
 
@@ -207,12 +208,24 @@ def cli_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
 
 
+def wait_while_running(proc, condition, seconds: float = 120) -> None:
+    """Poll until `condition()` holds or `proc` exits; past `seconds`, kill it and fail (never hang the suite)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and not condition():
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"the condition was not met within {seconds} s")
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_sigkilled_process_resumes_to_the_uninterrupted_runs_exact_metrics(tmp_path, support):
     import signal
     import subprocess
     import sys
-    import time
 
     support.store(tmp_path / "data", n_train=96)
     support.shard_run(tmp_path / "shards", 96 * 4, 50, n_train=96)
@@ -223,8 +236,7 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_runs_exact_metrics(tmp_p
     proc = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
-    while proc.poll() is None and not (state.exists() and json.loads(state.read_text())["epoch"] >= 5):
-        time.sleep(0.05)
+    wait_while_running(proc, lambda: state.exists() and json.loads(state.read_text())["epoch"] >= 5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "done.json").exists(), "the run finished before it could be killed"
@@ -266,7 +278,11 @@ def test_bf16_run_trains_with_float32_elbos(tmp_path, support):
                     "--out", str(out)], check=True, env=cli_env(), capture_output=True, timeout=300)
     points = metrics(out)
     assert json.loads((out / "config.json").read_text())["bf16"] is True
-    assert len(points) == 2 and all(np.isfinite(m["train_elbo"]) for m in points)
+    fp32 = metrics(train(small_config(tmp_path, out=str(tmp_path / "fp32"), epochs=2, eval_every=1)))
+    for half, full in zip(points, fp32, strict=True):
+        for key in ("train_elbo", "test_elbo", "batch_elbo"):
+            # bf16 matmuls (8-bit mantissa) move the trajectory a little; the float32 ELBO sums keep it close
+            assert half[key] != full[key] and half[key] == pytest.approx(full[key], rel=0.02), (key, half, full)
 
 
 @pytest.mark.slow
@@ -276,7 +292,6 @@ def test_a_signal_finishes_the_epoch_checkpoints_it_and_the_resumed_run_is_ident
     import signal
     import subprocess
     import sys
-    import time
 
     support.store(tmp_path / "data", n_train=96)
     args = [sys.executable, "-m", "trainer", "--dataset", "fmnist", "--source", "real", "--data-root",
@@ -286,8 +301,7 @@ def test_a_signal_finishes_the_epoch_checkpoints_it_and_the_resumed_run_is_ident
     proc = subprocess.Popen([*args, "--out", str(tmp_path / "signalled")], env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "signalled" / "metrics.jsonl"
-    while proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.02)
+    wait_while_running(proc, lambda: log.exists() and len(log.read_text().splitlines()) >= 2)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
@@ -299,3 +313,200 @@ def test_a_signal_finishes_the_epoch_checkpoints_it_and_the_resumed_run_is_ident
     subprocess.run([*args, "--out", str(tmp_path / "signalled"), "--resume"], check=True, env=cli_env(),
                    capture_output=True)
     assert metrics(tmp_path / "signalled") == metrics(tmp_path / "full")
+
+
+def test_sigma_is_in_every_runs_config_and_a_resume_with_another_sigma_is_refused(tmp_path, support):
+    support.store(tmp_path / "data")
+    support.store(tmp_path / "data", dataset="binary-mnist")
+    for dataset, model_sigma in (("fmnist", 0.2), ("binary-mnist", None)):
+        out = train(small_config(tmp_path, dataset=dataset, sigma=0.2, epochs=1, out=str(tmp_path / dataset)))
+        assert json.loads((out / "config.json").read_text())["sigma"] == 0.2
+        assert json.loads((out / "model.json").read_text()).get("sigma") == model_sigma  # only where it matters
+    (tmp_path / "fmnist" / "done.json").unlink()
+    result, errors = run_cli("--dataset", "fmnist", "--source", "real", "--data-root", tmp_path / "data",
+                             "--epochs", 1, "--batch-size", 16, "--eval-every", 2, "--checkpoint-every", 2,
+                             "--eval-batch-size", 16, "--out", tmp_path / "fmnist", "--resume")
+    assert result.exit_code == 2 and len(errors) == 1 and "different settings (model, sigma)" in errors[0], result.output
+
+
+def test_a_run_started_before_a_setting_existed_resumes_with_that_settings_default(tmp_path, support):
+    support.store(tmp_path / "data")
+    run = train(small_config(tmp_path, epochs=2))
+    config = json.loads((run / "config.json").read_text())
+    del config["augment_output"]  # as written by a version without --augment-output
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "done.json").unlink()
+    with pytest.raises(VaegenError, match=r"different settings \(augment, augment_output\)"):
+        train(small_config(tmp_path, epochs=2, resume=True, augment="naive", augment_output="float"))
+    train(small_config(tmp_path, epochs=2, resume=True))  # the default is what the old run did
+    assert (run / "done.json").exists()
+
+
+def test_float_augmentation_needs_a_gaussian_likelihood_and_trains_on_unclamped_inputs(tmp_path, support,
+                                                                                      monkeypatch):
+    support.store(tmp_path / "data")
+    support.store(tmp_path / "data", dataset="binary-mnist")
+    base = ["--source", "real", "--data-root", tmp_path / "data", "--epochs", 1, "--augment", "naive",
+            "--augment-output", "float"]
+    result, errors = run_cli("--dataset", "binary-mnist", *base, "--out", tmp_path / "b")
+    assert result.exit_code == 2 and len(errors) == 1 and "needs --augment and a Gaussian" in errors[0]
+    assert not (tmp_path / "b").exists()
+    inputs = []
+    real_forward = FCVAE.forward
+
+    def record(self, x, *args):
+        inputs.append(x.detach().clone())
+        return real_forward(self, x, *args)
+
+    monkeypatch.setattr(FCVAE, "forward", record)
+    out = train(small_config(tmp_path, epochs=1, augment="naive", augment_p=1.0, augment_output="float"))
+    assert json.loads((out / "config.json").read_text())["augment_output"] == "float"
+    seen = torch.cat(inputs)
+    assert seen.min() < 0 or seen.max() > 1  # brightness/contrast left unclamped
+    assert not torch.equal(seen * 255, (seen * 255).round())  # and unrounded
+
+
+def test_calibrated_gaussian_run_saves_its_sigma_so_the_saved_model_scores_what_the_trainer_logged(tmp_path,
+                                                                                                  support):
+    from accelerate import Accelerator
+
+    support.store(tmp_path / "data")
+    out = train(small_config(tmp_path, likelihood="gaussian-calibrated", epochs=4))
+    points = metrics(out)
+    assert points[-1]["train_elbo"] > points[0]["train_elbo"]
+    vae = load_vae(out)  # what the evaluator loads: model.json + model.safetensors
+    assert vae.likelihood.name == "gaussian-calibrated" and "sigma" not in vae.config
+    sigma = vae.likelihood.log_sigma().exp().item()
+    assert 0.01 < sigma < 0.5 and sigma != pytest.approx(0.1, rel=0.01)  # fitted, not the fixed default
+    from vaegen.data import open_dataset
+
+    test = open_dataset("fmnist", "test", root=tmp_path / "data").images
+    assert train_module.mean_elbo(vae, test, "test", Accelerator(cpu=True), 16, 0) == points[-1]["test_elbo"]
+
+
+def test_a_run_from_a_device_resident_pool_ends_with_the_streamed_runs_exact_weights(tmp_path, support):
+    support.store(tmp_path / "data")
+    support.shard_run(tmp_path / "shards", 48 * 3, 40, n_train=48)
+    runs = {mode: train(small_config(tmp_path, out=str(tmp_path / mode), source="shards", epochs=4, scale=3,
+                                     shards=str(tmp_path / "shards"), mix_real=0.25, pool_on_device=mode))
+            for mode in ("off", "on")}
+    assert [json.loads((runs[m] / "config.json").read_text())["data"]["pool_on_device"] for m in runs] == [False, True]
+    assert metrics(runs["off"]) == metrics(runs["on"])
+    assert (runs["off"] / "model.safetensors").read_bytes() == (runs["on"] / "model.safetensors").read_bytes()
+    (runs["on"] / "done.json").unlink()  # where the pool lives is no setting of the run: a resume may change it
+    train(small_config(tmp_path, out=str(runs["on"]), source="shards", epochs=4, scale=3, resume=True,
+                       shards=str(tmp_path / "shards"), mix_real=0.25, pool_on_device="off"))
+    assert (runs["on"] / "done.json").exists()
+
+
+def test_report_to_tensorboard_logs_the_config_and_the_same_elbos_as_metrics_jsonl(tmp_path, support):
+    pytest.importorskip("tensorboard")  # the `tracking` extra
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    support.store(tmp_path / "data")
+    out = train(small_config(tmp_path, report_to="tensorboard", early_stopping_split=0.25))
+    points = metrics(out)
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    for key in ("train_elbo", "test_elbo", "val_elbo", "batch_elbo"):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == [m["epoch"] for m in points] == [2, 4, 6]
+        assert [e.value for e in logged] == [np.float32(m[key]) for m in points]  # TensorBoard keeps float32
+    (logged_config,) = [path.read_text() for path in (out / "tensorboard").glob("*/hparams.yml")]
+    assert "dataset: fmnist" in logged_config and "model.arch: fc" in logged_config
+
+
+def test_a_tracker_whose_package_is_missing_is_a_one_line_error_before_anything_is_written(tmp_path, support,
+                                                                                         monkeypatch):
+    import vaegen.tracking as tracking
+
+    support.store(tmp_path / "data")
+    monkeypatch.setitem(tracking._AVAILABLE, "mlflow", lambda: False)
+    result, errors = run_cli("--dataset", "fmnist", "--source", "real", "--data-root", tmp_path / "data",
+                             "--epochs", 1, "--report-to", "mlflow", "--out", tmp_path / "run")
+    assert result.exit_code == 2 and len(errors) == 1 and "needs the mlflow package" in errors[0], result.output
+    assert not (tmp_path / "run").exists()
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of an offline W&B run's transaction log (run-*.wandb): a 7-byte W&B header, then
+    LevelDB's log format (32 KiB blocks of chunks: crc32c, length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, records, pending = path.read_bytes(), 7, [], b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+@pytest.mark.slow
+def test_report_to_wandb_offline_logs_the_config_and_the_metrics_lines(tmp_path, support, monkeypatch):
+    pytest.importorskip("wandb")  # the `tracking` extra
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    support.store(tmp_path / "data")
+    out = train(small_config(tmp_path, report_to="wandb", tracker_group="a-study", epochs=4))
+    (log,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(log)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.project == "a-study" and run.display_name == "run"
+    def key(item):
+        return item.key or "/".join(item.nested_key)
+
+    history = [{"_step": r.history.step.num, **{key(item): json.loads(item.value_json) for item in r.history.item}}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    points = metrics(out)
+    assert [h["_step"] for h in history] == [m["epoch"] for m in points] == [2, 4]
+    assert all(h["test_elbo"] == m["test_elbo"] and h["train_elbo"] == m["train_elbo"] for h, m in zip(history, points))
+    config = {key(item): item.value_json for r in records if r.WhichOneof("record_type") == "config"
+              for item in r.config.update}
+    assert json.loads(config["dataset"]) == "fmnist" and json.loads(config["model.arch"]) == "fc"
+
+
+def test_checkpoints_are_swapped_in_whole_pruned_to_the_newest_and_a_kill_between_renames_leaves_one(tmp_path,
+                                                                                                  monkeypatch):
+    import os
+
+    from accelerate import Accelerator
+
+    import vaegen.checkpoints as ckpt
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        ckpt.save_checkpoint(accelerator, tmp_path / "checkpoints" / f"step-{step:08d}", prune="step-*", keep=2)
+    assert [p.name for p in ckpt.checkpoints(tmp_path / "checkpoints", "step-*")] == ["step-00000002", "step-00000003"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+
+    ckpt.save_checkpoint(accelerator, tmp_path / "checkpoint", {"epoch": 1}, "state.json")
+    real_replace, calls = os.replace, []
+
+    def killed_before_the_second_rename(src, dst):  # os is one module: only count the checkpoint's renames
+        if Path(dst).parent == tmp_path:
+            calls.append(dst)
+            if len(calls) == 2:
+                raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", killed_before_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(accelerator, tmp_path / "checkpoint", {"epoch": 2}, "state.json")
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert not (tmp_path / "checkpoint").exists()  # moved aside, the new one not yet in place
+    found = ckpt.resume_point(tmp_path / "checkpoint")
+    assert found.name == ".checkpoint.old" and ckpt.load_checkpoint(accelerator, found, "state.json") == {"epoch": 1}
+    ckpt.save_checkpoint(accelerator, tmp_path / "checkpoint", {"epoch": 2}, "state.json")
+    assert ckpt.resume_point(tmp_path / "checkpoint").name == "checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint", "checkpoints"]

@@ -3,4 +3,5 @@
 from trainer.cli import train
 from vaegen.interrupts import run_command
 
-run_command(train, "python -m trainer")
+if __name__ == "__main__":
+    run_command(train, "python -m trainer")

@@ -44,32 +44,45 @@ Readings of the tables (flag-able where the paper is ambiguous):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from vaegen.errors import VaegenError
 
-GEOMETRIC_OPS = ("xflip", "yflip", "translate", "scale", "rotate", "aniso", "aniso_rotate")
-COLOUR_OPS = ("brightness", "contrast", "hue", "saturation")
-OPS = GEOMETRIC_OPS + COLOUR_OPS  # also the order of application
+
+@dataclass(frozen=True)
+class Op:
+    """What the code needs to know about an op besides how it draws (`Augmenter._draw`)."""
+
+    kind: str                 # "geometric" | "colour" | "modifier": changes how another op draws, nothing alone
+    defaults: dict            # Table 8's parameters; an op given by name alone gets these
+    facts: dict = field(default_factory=dict)  # fixed properties of our implementation, recorded in config.json
+    sized_by_normal: bool = False  # its size is a N(0, s^2) draw, so `sigma_reading` applies
+    modifies: str | None = None    # a modifier's op, which must be in the same set
+
+
+RESAMPLED = {"resample": "once per image, bilinear, reflect about edge pixel centres"}
+OP_SPECS: dict[str, Op] = {  # in order of application
+    "xflip": Op("geometric", {}, RESAMPLED),
+    "yflip": Op("geometric", {}, RESAMPLED),
+    "translate": Op("geometric", {"max_px": 3}, {"integer": True, **RESAMPLED}),
+    "scale": Op("geometric", {"log2_std": 0.2}, RESAMPLED, sized_by_normal=True),
+    "rotate": Op("geometric", {"max_deg": 10.0}, RESAMPLED),
+    "aniso": Op("geometric", {"log2_std": 0.2}, RESAMPLED, sized_by_normal=True),
+    # EDM's aniso_rotate_prob: turns the stretch axis of aniso by a uniform angle (max_deg: the full circle)
+    "aniso_rotate": Op("modifier", {"probability": 0.5}, {"max_deg": 180.0, **RESAMPLED}, modifies="aniso"),
+    "brightness": Op("colour", {"std": 0.2}, {"units": "[-1, 1] pixel range"}, sized_by_normal=True),
+    "contrast": Op("colour", {"log2_std": 0.25}, {"centre": "mid-grey"}, sized_by_normal=True),
+    "hue": Op("colour", {"max_deg": 45.0}),
+    "saturation": Op("colour", {"log2_std": 0.5}, sized_by_normal=True),
+}
+OPS = tuple(OP_SPECS)  # also the order of application
 SIGMA_READINGS = ("std", "range")
 FLIP_READINGS = ("ada", "always")
-
-# Table 8's parameters; an op given by name alone gets these.
-DEFAULTS: dict[str, dict] = {
-    "xflip": {},
-    "yflip": {},
-    "translate": {"max_px": 3},
-    "scale": {"log2_std": 0.2},
-    "rotate": {"max_deg": 10.0},
-    "aniso": {"log2_std": 0.2},
-    "aniso_rotate": {"probability": 0.5},
-    "brightness": {"std": 0.2},
-    "contrast": {"log2_std": 0.25},
-    "hue": {"max_deg": 45.0},
-    "saturation": {"log2_std": 0.5},
-}
+OUTPUTS = ("uint8", "float")
+DEFAULTS = {name: spec.defaults for name, spec in OP_SPECS.items()}
 NAIVE = tuple({"name": name} for name in OPS if name != "yflip")  # Table 8, all datasets
 TUNED_MNIST_LIKE = (  # Table 9: binary-mnist, mnist, fmnist
     {"name": "translate", "max_px": 3},
@@ -137,13 +150,37 @@ def scaling2d(sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
     return affine2d(sx, zero, zero, sy, zero, zero)
 
 
+class Draws:
+    """Per-image random draws (n of each) from one generator. Their order is part of the output bytes: every
+    op draws the same way whether or not it is applied, and ops draw in the order of `OPS`."""
+
+    def __init__(self, augmenter: Augmenter, n: int, generator: torch.Generator, device: torch.device):
+        self.augmenter, self.n, self.generator, self.device = augmenter, n, generator, device
+        self.one, self.zero = torch.ones(n, device=device), torch.zeros(n, device=device)
+
+    def uniform(self, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        return torch.rand(self.n, generator=self.generator, device=self.device) * (high - low) + low
+
+    def applied(self, name: str) -> torch.Tensor:
+        return self.uniform() < self.augmenter.probability(name)
+
+    def normal(self, name: str, key: str) -> torch.Tensor:
+        """The op's N(0, sigma^2) draw (sigma: its parameter `key`, per `sigma_reading`), 0 where not applied."""
+        sigma = self.augmenter.ops[name][key] * (self.uniform() if self.augmenter.sigma_reading == "range" else 1.0)
+        return torch.randn(self.n, generator=self.generator, device=self.device) * sigma * self.applied(name)
+
+
 class Augmenter:
-    """uint8 (B, C, H, W) -> augmented uint8 batch of the same shape and device, seeded per call."""
+    """uint8 (B, C, H, W) -> the augmented batch, same shape and device, seeded per call: uint8, rounded and
+    clamped to [0, 255] like a stored image (`output="uint8"`), or float32 in the model's [0, 1] pixel units,
+    neither rounded nor clamped, as StyleGAN2-ADA's pipeline leaves it (`output="float"`)."""
 
     def __init__(self, ops, p: float = 0.1, image_size: int = 32, sigma_reading: str = "std",
-                 flip_reading: str = "ada"):
+                 flip_reading: str = "ada", output: str = "uint8"):
         if not 0 <= p <= 1:
             raise VaegenError(f"augmentation probability must be in [0, 1], got {p}")
+        if output not in OUTPUTS:
+            raise VaegenError(f"augmentation output must be one of {OUTPUTS}, got {output!r}")
         if sigma_reading not in SIGMA_READINGS or flip_reading not in FLIP_READINGS:
             raise VaegenError(f"sigma_reading must be one of {SIGMA_READINGS} (got {sigma_reading!r}), "
                               f"flip_reading one of {FLIP_READINGS} (got {flip_reading!r})")
@@ -151,10 +188,13 @@ class Augmenter:
         by_name = {op["name"]: op for op in resolved}
         if len(by_name) != len(resolved):
             raise VaegenError(f"augmentation ops listed twice: {[op['name'] for op in resolved]}")
-        if "aniso_rotate" in by_name and "aniso" not in by_name:
-            raise VaegenError("aniso_rotate rotates the axis of the anisotropic scaling; add the aniso op")
+        for name in by_name:
+            if (target := OP_SPECS[name].modifies) and target not in by_name:
+                raise VaegenError(f"{name} changes how {target} draws; add the {target} op")
         self.p, self.image_size = p, image_size
         self.sigma_reading, self.flip_reading = sigma_reading, flip_reading
+        self.mirror_probability = 0.5 if flip_reading == "ada" else 1.0
+        self.output = output
         self.ops = {name: by_name[name] for name in OPS if name in by_name}  # in order of application
 
     def probability(self, name: str) -> float:
@@ -164,23 +204,14 @@ class Augmenter:
         """Every parameter that determines the output, one JSON-ready dict per op (for config.json)."""
         entries = []
         for name, op in self.ops.items():
+            spec = OP_SPECS[name]
             params = {key: value for key, value in op.items() if key not in ("name", "probability")}
             entry = {"name": name, "probability": self.probability(name), **params}
             if name in ("xflip", "yflip"):
-                entry["mirror_probability"] = 0.5 if self.flip_reading == "ada" else 1.0
-            if name == "translate":
-                entry["integer"] = True
-            if name == "aniso_rotate":
-                entry["max_deg"] = 180.0
-            if name in ("scale", "aniso", "brightness", "contrast", "saturation"):
+                entry["mirror_probability"] = self.mirror_probability
+            if spec.sized_by_normal:
                 entry["sigma_reading"] = self.sigma_reading
-            if name in GEOMETRIC_OPS:
-                entry["resample"] = "once per image, bilinear, reflect about edge pixel centres"
-            if name == "brightness":
-                entry["units"] = "[-1, 1] pixel range"
-            if name == "contrast":
-                entry["centre"] = "mid-grey"
-            entries.append(entry)
+            entries.append({**entry, **spec.facts})
         return entries
 
     def matrices(self, n: int, seed: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,62 +221,68 @@ class Augmenter:
         return self._draw(n, generator, torch.device(device))
 
     def _draw(self, n: int, generator: torch.Generator, device: torch.device):
-        def uniform(low=0.0, high=1.0):
-            return torch.rand(n, generator=generator, device=device) * (high - low) + low
-
-        def applied(name):
-            return uniform() < self.probability(name)
-
-        def normal(name, key):  # the op's N(0, sigma^2) draw, zero where the op is not applied
-            sigma = self.ops[name][key] * (uniform() if self.sigma_reading == "range" else 1.0)
-            return torch.randn(n, generator=generator, device=device) * sigma * applied(name)
-
+        draw = Draws(self, n, generator, device)
         geometric = torch.eye(3, device=device).expand(n, 3, 3)
-        one, zero = torch.ones(n, device=device), torch.zeros(n, device=device)
-        for name in (op for op in self.ops if op in GEOMETRIC_OPS):
-            if name in ("xflip", "yflip"):
-                mirror_p = 0.5 if self.flip_reading == "ada" else 1.0
-                sign = 1 - 2 * (applied(name) & (uniform() < mirror_p)).float()
-                step = scaling2d(sign, one) if name == "xflip" else scaling2d(one, sign)
-            elif name == "translate":
-                max_px = self.ops[name]["max_px"]
-                shift = torch.randint(-max_px, max_px + 1, (2, n), generator=generator, device=device)
-                shift = shift * applied(name)
-                step = affine2d(one, zero, zero, one, shift[0].float(), shift[1].float())
-            elif name == "scale":
-                s = normal(name, "log2_std").exp2()
-                step = scaling2d(s, s)
-            elif name == "rotate":
-                max_rad = math.radians(self.ops[name]["max_deg"])
-                step = rotation2d(uniform(-max_rad, max_rad) * applied(name))
-            elif name == "aniso":  # area-preserving stretch, its axis rotated with aniso_rotate's probability
-                s = normal(name, "log2_std").exp2()
-                axis = uniform(-math.pi, math.pi) * applied("aniso_rotate")
-                step = rotation2d(axis) @ scaling2d(s, 1 / s) @ rotation2d(-axis)
-            else:  # aniso_rotate: drawn inside aniso
-                continue
-            geometric = step @ geometric
-
         colour = torch.eye(4, device=device).expand(n, 4, 4)
-        grey = torch.full((3, 1), 3 ** -0.5, device=device)  # unit vector along the grey (luma) axis
-        along_grey = grey @ grey.T
-        across_grey = torch.eye(3, device=device) - along_grey
-        for name in (op for op in self.ops if op in COLOUR_OPS):
-            step = torch.eye(4, device=device).repeat(n, 1, 1)
-            if name == "brightness":
-                step[:, :3, 3] = normal(name, "std")[:, None]
-            elif name == "contrast":
-                step[:, :3, :3] *= normal(name, "log2_std").exp2()[:, None, None]
-            elif name == "hue":  # Rodrigues rotation about the grey axis
-                max_rad = math.radians(self.ops[name]["max_deg"])
-                theta = (uniform(-max_rad, max_rad) * applied(name))[:, None, None]
-                cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=device) * 3 ** -0.5
-                step[:, :3, :3] = along_grey + theta.cos() * across_grey + theta.sin() * cross
-            elif name == "saturation":
-                s = normal(name, "log2_std").exp2()[:, None, None]
-                step[:, :3, :3] = along_grey + s * across_grey
-            colour = step @ colour
+        for name in self.ops:
+            kind = OP_SPECS[name].kind
+            if kind == "geometric":
+                geometric = getattr(self, f"_{name}")(draw) @ geometric
+            elif kind == "colour":
+                step = torch.eye(4, device=device).repeat(n, 1, 1)
+                getattr(self, f"_{name}")(draw, step[:, :3])  # fills the step's rows in place
+                colour = step @ colour
         return geometric, colour
+
+    # --- geometric ops: per-image 3x3 matrices on pixel positions about the image centre ---------------------
+
+    def _flip(self, draw: Draws, name: str) -> torch.Tensor:
+        return 1 - 2 * (draw.applied(name) & (draw.uniform() < self.mirror_probability)).float()
+
+    def _xflip(self, draw):
+        return scaling2d(self._flip(draw, "xflip"), draw.one)
+
+    def _yflip(self, draw):
+        return scaling2d(draw.one, self._flip(draw, "yflip"))
+
+    def _translate(self, draw):
+        max_px = self.ops["translate"]["max_px"]
+        shift = torch.randint(-max_px, max_px + 1, (2, draw.n), generator=draw.generator, device=draw.device)
+        shift = (shift * draw.applied("translate")).float()
+        return affine2d(draw.one, draw.zero, draw.zero, draw.one, shift[0], shift[1])
+
+    def _scale(self, draw):
+        s = draw.normal("scale", "log2_std").exp2()
+        return scaling2d(s, s)
+
+    def _rotate(self, draw):
+        max_rad = math.radians(self.ops["rotate"]["max_deg"])
+        return rotation2d(draw.uniform(-max_rad, max_rad) * draw.applied("rotate"))
+
+    def _aniso(self, draw):  # area-preserving stretch; aniso_rotate turns its axis
+        s = draw.normal("aniso", "log2_std").exp2()
+        axis = draw.uniform(-math.pi, math.pi) * draw.applied("aniso_rotate")
+        return rotation2d(axis) @ scaling2d(s, 1 / s) @ rotation2d(-axis)
+
+    # --- colour ops: the (n, 3, 4) rows [RGB matrix | offset] of a 4x4 matrix on [-1, 1] RGB ------------------
+
+    def _brightness(self, draw, rows):
+        rows[:, :, 3] = draw.normal("brightness", "std")[:, None]
+
+    def _contrast(self, draw, rows):
+        rows[:, :, :3] *= draw.normal("contrast", "log2_std").exp2()[:, None, None]
+
+    def _hue(self, draw, rows):  # Rodrigues rotation about the grey axis
+        max_rad = math.radians(self.ops["hue"]["max_deg"])
+        theta = (draw.uniform(-max_rad, max_rad) * draw.applied("hue"))[:, None, None]
+        cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=draw.device) * 3 ** -0.5
+        along, across = grey_projections(draw.device)
+        rows[:, :, :3] = along + theta.cos() * across + theta.sin() * cross
+
+    def _saturation(self, draw, rows):
+        s = draw.normal("saturation", "log2_std").exp2()[:, None, None]
+        along, across = grey_projections(draw.device)
+        rows[:, :, :3] = along + s * across
 
     def __call__(self, images_u8: torch.Tensor, seed: int) -> torch.Tensor:
         n, channels, height, width = images_u8.shape
@@ -254,22 +291,21 @@ class Augmenter:
                               f"images, got {images_u8.dtype} {tuple(images_u8.shape)}")
         if channels not in (1, 3):
             raise VaegenError(f"augmentation handles 1- or 3-channel images, got {channels}")
-        # aniso_rotate only turns the axis of aniso, so on its own it changes nothing.
-        active = [name for name in self.ops if self.probability(name) > 0 and name != "aniso_rotate"]
+        active = {OP_SPECS[name].kind for name in self.ops if self.probability(name) > 0} - {"modifier"}
         if not active:
-            return images_u8.clone()
+            return images_u8.float() / 255 if self.output == "float" else images_u8.clone()
         generator = torch.Generator(images_u8.device).manual_seed(seed)
         geometric, colour = self._draw(n, generator, images_u8.device)
         x = images_u8.float() / 127.5 - 1  # ADA's pixel range; colour parameters are in these units
 
-        if any(name in GEOMETRIC_OPS for name in active):
+        if "geometric" in active:
             # Output pixel -> input pixel in grid_sample's coordinates (+-1: edge pixel centres).
             half = torch.tensor([(width - 1) / 2, (height - 1) / 2, 1.0], device=x.device)
             theta = torch.diag(1 / half) @ torch.linalg.inv_ex(geometric).inverse @ torch.diag(half)
             grid = F.affine_grid(theta[:, :2], list(x.shape), align_corners=True)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
 
-        if any(name in COLOUR_OPS for name in active):
+        if "colour" in active:
             pixels = x.flatten(2)
             if channels == 3:
                 pixels = colour[:, :3, :3] @ pixels + colour[:, :3, 3:]
@@ -277,4 +313,13 @@ class Augmenter:
                 rows = colour[:, :3].mean(dim=1, keepdim=True)
                 pixels = pixels * rows[:, :, :3].sum(dim=2, keepdim=True) + rows[:, :, 3:]
             x = pixels.view_as(x)
+        if self.output == "float":
+            return (x + 1) / 2
         return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def grey_projections(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projections of RGB onto the grey (luma) axis and onto the plane across it (3x3 each)."""
+    grey = torch.full((3, 1), 3 ** -0.5, device=device)
+    along = grey @ grey.T
+    return along, torch.eye(3, device=device) - along

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import click
 
+from trainer.augment import FLIP_READINGS, OUTPUTS, SIGMA_READINGS
+from trainer.data import POOL_ON_DEVICE
+from trainer.likelihoods import LIKELIHOODS
 from trainer.train import TrainConfig as Defaults
 from vaegen.options import CONTEXT, dataset_options
+from vaegen.tracking import REPORT_TO
 
 
 @click.command(context_settings=CONTEXT)
@@ -22,21 +26,25 @@ from vaegen.options import CONTEXT, dataset_options
                    "with --mix-real, of the real part only.")
 @click.option("--augment-p", default=Defaults.augment_p, type=click.FloatRange(0, 1),
               help="b: the probability of each op (the paper names 0.1 and 0.12).")
-@click.option("--augment-sigma-reading", default=Defaults.augment_sigma_reading, type=click.Choice(["std", "range"]),
+@click.option("--augment-sigma-reading", default=Defaults.augment_sigma_reading, type=click.Choice(SIGMA_READINGS),
               help="Tables' 'sigma in [0, s]': std = log2 factor ~ N(0, s^2) (ADA); range = sigma ~ U(0, s) per image.")
-@click.option("--augment-flip-reading", default=Defaults.augment_flip_reading, type=click.Choice(["ada", "always"]),
+@click.option("--augment-flip-reading", default=Defaults.augment_flip_reading, type=click.Choice(FLIP_READINGS),
               help="ada: an applied flip mirrors with probability 1/2 (ADA's xflip); always: it always mirrors.")
+@click.option("--augment-output", default=Defaults.augment_output, type=click.Choice(OUTPUTS),
+              help="uint8: augmented images rounded and clamped to [0, 255], like stored images; float: left as "
+                   "unclamped floats, as StyleGAN2-ADA does (Gaussian likelihoods only).")
 @click.option("--mix-real", default=Defaults.mix_real, type=click.FloatRange(0, 1, max_open=True),
               help="Fraction of every epoch drawn from D_train when training on shards.")
 @click.option("--epochs", default=Defaults.epochs, type=click.IntRange(min=1), help="Effective epochs of N = |D_train| images.")
 @click.option("--seed", default=Defaults.seed, type=click.IntRange(min=0), help="Seed of init, data order and all noise.")
 @click.option("--arch", default=None, type=click.Choice(["fc", "conv"]),
               help="VAE architecture [default: fc for 1-channel datasets, conv for cifar10].")
-@click.option("--likelihood", default=None, type=click.Choice(["bernoulli", "gaussian", "dmol"]),
+@click.option("--likelihood", default=None, type=click.Choice(LIKELIHOODS),
               help="Decoder likelihood [default: the dataset's: gaussian fmnist/mnist, bernoulli binary-mnist, "
-                   "dmol cifar10].")
+                   "dmol cifar10]; gaussian-calibrated: one sigma fitted to the data (Rybkin et al. 2021).")
 @click.option("--sigma", default=Defaults.sigma, type=click.FloatRange(min=0, min_open=True),
-              help="Fixed standard deviation of the Gaussian likelihood (pixels in [0, 1]).")
+              help="Fixed standard deviation of the gaussian likelihood (pixels in [0, 1]); gaussian-calibrated "
+                   "sets its own.")
 @click.option("--n-mix", default=Defaults.n_mix, type=click.IntRange(min=1), help="Mixture components of the dmol likelihood.")
 @click.option("--mz", default=Defaults.mz, type=click.IntRange(min=1), help="Conv VAE latent channels (d_z = 64*mz).")
 @click.option("--nc", default=Defaults.nc, type=click.IntRange(min=1), help="Conv VAE width.")
@@ -50,6 +58,15 @@ from vaegen.options import CONTEXT, dataset_options
 @click.option("--eval-batch-size", default=Defaults.eval_batch_size, type=click.IntRange(min=1), help="Images per evaluation step.")
 @click.option("--checkpoint-every", default=Defaults.checkpoint_every, type=click.IntRange(min=1), help="Epochs between checkpoints.")
 @click.option("--bf16", is_flag=True, help="bf16 autocast (GPU); likelihoods and the ELBO stay float32.")
+@click.option("--pool-on-device", default=Defaults.pool_on_device, type=click.Choice(POOL_ON_DEVICE),
+              help="Keep the decoded shard pool on the training device and draw batches from it (the same batches "
+                   "as streaming); auto: when it takes at most half the free memory and the run would stream it "
+                   "all anyway.")
+@click.option("--report-to", default=Defaults.report_to, type=click.Choice(REPORT_TO),
+              help="Experiment tracker for the config and every metrics.jsonl line (tensorboard: RUN_DIR/tensorboard; "
+                   "wandb: WANDB_MODE=offline works without an account).")
+@click.option("--tracker-group", default=None,
+              help="Tracker project (W&B) / experiment (MLflow) grouping runs, e.g. the study's name [default: vaegen].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--epoch-size", default=None, type=click.IntRange(min=1),
               help="--source real: images per effective epoch [default: |D_train|]; a larger D_train then gives "

@@ -8,9 +8,9 @@ one effective epoch is N = |D_train| images summed over all processes.
                      so K epochs see fresh samples and epoch K repeats epoch 0's set (in a new order).
     RealSource       the zarr training split (optionally a subset store), reshuffled every epoch.
     MixedSource      a fraction f of each epoch's N images real (a fresh random f*N of D_train), the rest the
-                     first (1 - f)*N samples of the epoch's pool range; optionally the real part augmented.
-    AugmentedSource  any source with ADA-style augmentation applied to each batch (trainer.augment), on the
-                     training device (a GPU batch stays on the GPU).
+                     first (1 - f)*N samples of the epoch's pool range.
+With an augmenter (trainer.augment, ADA-style), a source augments each batch on the training device (a GPU
+batch stays on the GPU): all of it, or for MixedSource its real images only.
 
 Multi-process (Accelerate): shards are split between processes whole (disjoint shards per process), by a
 seeded per-epoch assignment that balances image counts; real images by a seeded per-epoch permutation.
@@ -19,8 +19,8 @@ the same number of equally sized batches (like torch's DistributedSampler). We a
 than with webdataset's `split_by_node` because that splits round-robin without balancing or equalizing counts.
 
 An epoch's share (at most N images: 60 MB for FashionMNIST, 150 MB for CIFAR-10) is decoded once, block by
-block, into one array while the previous epoch trains (a background thread), then shuffled and cut into
-batches: the loader never waits on per-image decoding and the shuffle is a true permutation of the epoch.
+block, into one array while the previous epoch trains (`EpochPrefetch`, a background thread), then shuffled and
+cut into batches: the loader never waits on per-image decoding and the shuffle is a true permutation of the epoch.
 Everything random is a function of (seed, epoch, process), so an epoch can be replayed exactly on resume.
 """
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import webdataset as wds
 from tqdm import tqdm
@@ -197,14 +198,11 @@ def assign_pieces(pieces: list[Piece], world_size: int, seed: int, epoch: int) -
     return shares
 
 
-def read_pieces(pieces: list[Piece], image_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Stream the shards of `pieces` with webdataset; keep the images in each piece's range.
-    Returns (images (n, C, H, W) uint8, pool positions (n,))."""
-    if not pieces:
-        return np.zeros((0, *image_shape), np.uint8), np.zeros(0, np.int64)
+def stream_blocks(pieces: list[Piece], image_shape: tuple[int, int, int]):
+    """Stream the shards of `pieces` with webdataset, block by block, in the order streaming always reads them;
+    yields (piece, images (k, C, H, W) uint8, pool positions (k,)) for the images in each piece's range."""
     by_path = {str(p.shard.path): p for p in pieces}
     pipeline = wds.DataPipeline(wds.SimpleShardList(list(by_path)), wds.tarfile_to_samples())
-    images, positions = [], []
     try:
         for sample in pipeline:
             piece = by_path[sample["__url__"]]
@@ -215,20 +213,87 @@ def read_pieces(pieces: list[Piece], image_shape: tuple[int, int, int]) -> tuple
             pos = indices - piece.shard.first + piece.shard.offset
             keep = (pos >= piece.lo) & (pos < piece.hi)
             if keep.any():
-                images.append(block[keep])
-                positions.append(pos[keep])
+                yield piece, block[keep], pos[keep]
     except (OSError, ValueError, KeyError) as e:  # a tar or npy that went bad after verification
         raise VaegenError(f"cannot read shards ({type(e).__name__}: {e}); run `vaegen shards verify`") from None
-    images, positions = np.concatenate(images), np.concatenate(positions)
+
+
+def check_count(pieces: list[Piece], got: int) -> None:
     expected = sum(p.count for p in pieces)
-    if len(images) != expected:
-        raise VaegenError(f"shards {', '.join(by_path)} yielded {len(images)} of the {expected} images their "
-                          "markers promise; run `vaegen shards verify`")
+    if got != expected:
+        raise VaegenError(f"shards {', '.join(str(p.shard.path) for p in pieces)} yielded {got} of the {expected} "
+                          "images their markers promise; run `vaegen shards verify`")
+
+
+def read_pieces(pieces: list[Piece], image_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The images of `pieces`, in streaming order: (images (n, C, H, W) uint8, pool positions (n,))."""
+    if not pieces:
+        return np.zeros((0, *image_shape), np.uint8), np.zeros(0, np.int64)
+    blocks = [(images, positions) for _, images, positions in stream_blocks(pieces, image_shape)]
+    if not blocks:
+        check_count(pieces, 0)
+    images, positions = np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+    check_count(pieces, len(images))
     return images, positions
 
 
+class ResidentPool:
+    """A whole shard pool decoded once into one uint8 tensor on a device (row = pool position), plus the order
+    in which streaming reads each shard, so an epoch drawn from it holds the streamed epoch's images in the
+    streamed order: the same batches, byte for byte, with no loader."""
+
+    def __init__(self, pool: ShardPool, image_shape: tuple[int, int, int], device="cpu"):
+        self.device = torch.device(device)
+        pieces = [Piece(s, s.offset, min(s.offset + s.count, pool.size)) for s in pool.shards]
+        self.images = torch.empty((pool.size, *image_shape), dtype=torch.uint8, device=self.device)
+        order: dict[Path, list[np.ndarray]] = {piece.shard.path: [] for piece in pieces}
+        for piece, images, positions in tqdm(stream_blocks(pieces, image_shape), desc="pool to device",
+                                             unit="block", leave=False, disable=len(pieces) < 8):
+            self.images[torch.from_numpy(positions).to(self.device)] = torch.from_numpy(images).to(self.device)
+            order[piece.shard.path].append(positions)
+        self.stream_order = {path: np.concatenate(parts) if parts else np.zeros(0, np.int64)
+                             for path, parts in order.items()}
+        check_count(pieces, sum(len(o) for o in self.stream_order.values()))
+
+    def share(self, pieces: list[Piece], size: int) -> torch.Tensor:
+        """The images streaming would read for `pieces`, padded to `size` rows like `pad_to`."""
+        ranges = [(order := self.stream_order[p.shard.path])[(order >= p.lo) & (order < p.hi)] for p in pieces]
+        positions = pad_to(np.concatenate(ranges) if ranges else np.zeros(0, np.int64), size)
+        return self.images.index_select(0, torch.from_numpy(positions).to(self.device))
+
+
+POOL_ON_DEVICE = ("auto", "on", "off")
+POOL_MEMORY_FRACTION = 0.5  # auto: the pool may take this much of the device's free memory
+
+
+def keep_pool_on_device(mode: str, pool: ShardPool, image_shape: tuple[int, int, int], device,
+                        images_streamed: int) -> bool:
+    """--pool-on-device: `on`, `off`, or `auto`: on when the pool takes at most POOL_MEMORY_FRACTION of the
+    device's free memory (host memory for the CPU) and loading it once reads no more images than streaming
+    would (`images_streamed`: the synthetic images of all the run's epochs). On the CPU too: gathering batches
+    from memory is ~2x the streaming rate and leaves the core the decoding thread would use (README)."""
+    if mode not in POOL_ON_DEVICE:
+        raise VaegenError(f"--pool-on-device must be one of {', '.join(POOL_ON_DEVICE)}, got {mode!r}")
+    if mode == "off":
+        return False
+    device = torch.device(device)
+    needed = pool.size * math.prod(image_shape)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "cpu":
+        free = psutil.virtual_memory().available
+    else:
+        free = 0  # no free-memory figure: auto streams
+    if mode == "on":
+        if needed > free:
+            raise VaegenError(f"--pool-on-device on: the pool ({needed / 2**30:.2f} GiB) does not fit in the free "
+                              f"memory of {device} ({free / 2**30:.2f} GiB); use auto or off")
+        return True
+    return needed <= POOL_MEMORY_FRACTION * free and pool.size <= images_streamed
+
+
 def pad_to(images: np.ndarray, target: int) -> np.ndarray:
-    """Repeat images cyclically to `target` rows (equal shares on every process)."""
+    """Repeat images (or positions) cyclically to `target` rows (equal shares on every process)."""
     if len(images) == target:
         return images
     if len(images) == 0:
@@ -238,48 +303,82 @@ def pad_to(images: np.ndarray, target: int) -> np.ndarray:
 
 # --- sources ----------------------------------------------------------------------------------------------
 
-class BatchSource(abc.ABC):
-    """Per-epoch uint8 batches for one process. Subclasses say which images form the epoch's share."""
+class EpochPrefetch:
+    """Loads epoch e+1's share in a background thread while epoch e trains (one thread per training source)."""
 
-    def __init__(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, load):
+        self.load = load
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-prefetch")
+        self._next: tuple[int, Future] | None = None
+
+    def share(self, epoch: int):
+        ready = self._next is not None and self._next[0] == epoch
+        share = self._next[1].result() if ready else self.load(epoch)
+        self._next = (epoch + 1, self._executor.submit(self.load, epoch + 1))
+        return share
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class BatchSource(abc.ABC):
+    """Per-epoch batches for one process. Subclasses say which images form the epoch's share; this base
+    shuffles the share into batches and, with an augmenter, augments the rows `augmented_rows` picks (all of
+    them by default) on `device`. Batches are uint8, or with a float-output augmenter float32 model inputs in
+    [0, 1] units (the rows not augmented exactly u8 / 255)."""
+
+    prefetches = True  # load the next epoch's share in the background (not for a device-resident pool)
+
+    def __init__(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, augmenter=None,
+                 device="cpu"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-prefetch")
-        self._prefetched: dict[int, Future] = {}
+        self.augmenter, self.device = augmenter, torch.device(device)
+        self._prefetch: EpochPrefetch | None = None  # started by the first `batches`: parts of a source never start one
 
     @abc.abstractmethod
     def share_size(self, epoch: int) -> int:
         """Images per process in this epoch (the same on every process)."""
 
     @abc.abstractmethod
-    def epoch_share(self, epoch: int) -> np.ndarray:
-        """This process's images of the epoch, uint8 (share_size, C, H, W), in any order."""
+    def epoch_share(self, epoch: int) -> np.ndarray | torch.Tensor:
+        """This process's images of the epoch, uint8 (share_size, C, H, W), in any order: an array, or a tensor
+        where they are already on a device."""
+
+    def augmented_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Which of these rows of the epoch share the augmenter sees (bool)."""
+        return np.ones(len(rows), dtype=bool)
 
     def batches_in_epoch(self, epoch: int) -> int:
         return math.ceil(self.share_size(epoch) / self.batch_size)
 
-    def _share(self, epoch: int) -> np.ndarray:
-        future = self._prefetched.pop(epoch, None)
-        share = future.result() if future is not None else self.epoch_share(epoch)
-        self._prefetched = {epoch + 1: self._executor.submit(self.epoch_share, epoch + 1)}
-        return share
-
     def batches(self, epoch: int):
-        """Yield the epoch's batches (uint8 CPU tensors) in a seeded per-epoch order."""
-        for batch, _ in self._batches_with_rows(epoch):
-            yield batch
-
-    def _batches_with_rows(self, epoch: int):
-        """(batch, the rows of the epoch share it holds)."""
-        share = self._share(epoch)
+        """Yield the epoch's batches (tensors; on `device` when augmented) in a seeded per-epoch order."""
+        if self._prefetch is None and self.prefetches:
+            self._prefetch = EpochPrefetch(self.epoch_share)
+        share = self._prefetch.share(epoch) if self._prefetch else self.epoch_share(epoch)
         order = numpy_rng(self.seed, "batch-order", epoch, self.rank).permutation(len(share))
         for b in range(self.batches_in_epoch(epoch)):
             rows = np.sort(order[b * self.batch_size:(b + 1) * self.batch_size])
-            yield torch.from_numpy(share[rows]), rows
+            if isinstance(share, torch.Tensor):
+                batch = share.index_select(0, torch.from_numpy(rows).to(share.device))
+            else:
+                batch = torch.from_numpy(share[rows])
+            if self.augmenter is not None:
+                batch = self._augmented(batch.to(self.device), rows, derive(self.seed, "augment", epoch, self.rank, b))
+            yield batch
+
+    def _augmented(self, batch: torch.Tensor, rows: np.ndarray, seed: int) -> torch.Tensor:
+        chosen = torch.from_numpy(self.augmented_rows(rows)).to(self.device)
+        out = batch.float() / 255 if self.augmenter.output == "float" else batch
+        if chosen.any():
+            out[chosen] = self.augmenter(batch[chosen], seed)
+        return out
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._prefetch is not None:
+            self._prefetch.close()
 
 
 class RealSource(BatchSource):
@@ -289,8 +388,8 @@ class RealSource(BatchSource):
     k*n DM samples."""
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 epoch_size: int | None = None):
-        super().__init__(batch_size, seed, rank, world_size)
+                 epoch_size: int | None = None, augmenter=None, device="cpu"):
+        super().__init__(batch_size, seed, rank, world_size, augmenter, device)
         if len(images) == 0:
             raise VaegenError("the real training split is empty")
         if epoch_size is not None and not 0 < epoch_size <= len(images):
@@ -326,16 +425,17 @@ class RealSource(BatchSource):
 
 
 class ShardSource(BatchSource):
+    """Streams each epoch's shards, or with `resident` (the pool loaded once on a device) gathers the same
+    images in the same order from it."""
+
     def __init__(self, pool: ShardPool, n_train: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, image_shape: tuple[int, int, int] = (1, 32, 32), synthetic_per_epoch=None):
+                 world_size: int = 1, image_shape: tuple[int, int, int] = (1, 32, 32), synthetic_per_epoch=None,
+                 resident: ResidentPool | None = None):
         super().__init__(batch_size, seed, rank, world_size)
         self.pool, self.n_train, self.image_shape = pool, n_train, tuple(image_shape)
+        self.resident, self.prefetches = resident, resident is None
         self.synthetic_per_epoch = n_train if synthetic_per_epoch is None else synthetic_per_epoch
         self.epoch_shares(0)  # an impossible split (fewer shards than processes) fails before training
-
-    @property
-    def scale(self) -> int:
-        return self.pool.size // self.n_train
 
     def epoch_shares(self, epoch: int) -> list[list[Piece]]:
         lo, _ = epoch_range(epoch, self.n_train, self.pool.size)
@@ -349,7 +449,9 @@ class ShardSource(BatchSource):
         """Pool positions this process trains on in `epoch` (before padding); for tests and diagnostics."""
         return read_pieces(self.epoch_shares(epoch)[self.rank], self.image_shape)[1]
 
-    def epoch_share(self, epoch: int) -> np.ndarray:
+    def epoch_share(self, epoch: int) -> np.ndarray | torch.Tensor:
+        if self.resident is not None:
+            return self.resident.share(self.epoch_shares(epoch)[self.rank], self.share_size(epoch))
         images, _ = read_pieces(self.epoch_shares(epoch)[self.rank], self.image_shape)
         return pad_to(images, self.share_size(epoch))
 
@@ -360,8 +462,8 @@ class MixedSource(BatchSource):
 
     def __init__(self, real_images: np.ndarray, pool: ShardPool, real_fraction: float, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, image_shape: tuple[int, int, int] = (1, 32, 32),
-                 augmenter=None, device="cpu"):
-        super().__init__(batch_size, seed, rank, world_size)
+                 augmenter=None, device="cpu", resident: ResidentPool | None = None):
+        super().__init__(batch_size, seed, rank, world_size, augmenter, device)
         n = len(real_images)
         self.n_real = round(real_fraction * n)
         if not 0 < self.n_real < n:
@@ -369,8 +471,8 @@ class MixedSource(BatchSource):
                               "use --source real or --mix-real 0 instead")
         self.real = RealSource(real_images, batch_size, seed, rank, world_size)
         self.synthetic = ShardSource(pool, n, batch_size, seed, rank, world_size, image_shape,
-                                     synthetic_per_epoch=n - self.n_real)
-        self.augmenter, self.device = augmenter, torch.device(device)
+                                     synthetic_per_epoch=n - self.n_real, resident=resident)
+        self.prefetches = resident is None
 
     def real_share_size(self) -> int:
         return math.ceil(self.n_real / self.world_size)
@@ -378,44 +480,12 @@ class MixedSource(BatchSource):
     def share_size(self, epoch: int) -> int:
         return self.real_share_size() + self.synthetic.share_size(epoch)
 
-    def epoch_share(self, epoch: int) -> np.ndarray:
+    def epoch_share(self, epoch: int) -> np.ndarray | torch.Tensor:
         """Real images first (rows < real_share_size), then synthetic ones."""
-        return np.concatenate([self.real.real_share(epoch, self.n_real), self.synthetic.epoch_share(epoch)])
+        real, synthetic = self.real.real_share(epoch, self.n_real), self.synthetic.epoch_share(epoch)
+        if isinstance(synthetic, torch.Tensor):
+            return torch.cat([torch.from_numpy(real).to(synthetic.device), synthetic])
+        return np.concatenate([real, synthetic])
 
-    def batches(self, epoch: int):
-        if self.augmenter is None:
-            yield from super().batches(epoch)
-            return
-        for b, (batch, rows) in enumerate(self._batches_with_rows(epoch)):
-            batch = batch.to(self.device)
-            real = torch.from_numpy(rows < self.real_share_size()).to(self.device)
-            if real.any():
-                batch[real] = self.augmenter(batch[real], derive(self.seed, "augment", epoch, self.rank, b))
-            yield batch
-
-    def close(self) -> None:
-        self.real.close()
-        self.synthetic.close()
-        super().close()
-
-
-class AugmentedSource(BatchSource):
-    """Another source's batches, augmented on `device`."""
-
-    def __init__(self, inner: BatchSource, augmenter, device="cpu"):
-        super().__init__(inner.batch_size, inner.seed, inner.rank, inner.world_size)
-        self.inner, self.augmenter, self.device = inner, augmenter, torch.device(device)
-
-    def share_size(self, epoch: int) -> int:
-        return self.inner.share_size(epoch)
-
-    def epoch_share(self, epoch: int) -> np.ndarray:
-        return self.inner.epoch_share(epoch)
-
-    def batches(self, epoch: int):
-        for b, batch in enumerate(self.inner.batches(epoch)):
-            yield self.augmenter(batch.to(self.device), derive(self.seed, "augment", epoch, self.rank, b))
-
-    def close(self) -> None:
-        self.inner.close()
-        super().close()
+    def augmented_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows < self.real_share_size()

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from trainer.likelihoods import LIKELIHOODS, Likelihood, build_likelihood
+from trainer.likelihoods import DEFAULT_N_MIX, DEFAULT_SIGMA, LIKELIHOODS, Likelihood, build_likelihood
 from vaegen.errors import VaegenError
 from vaegen.provenance import fsync_dir, read_json, write_json_atomic
 
@@ -43,9 +43,8 @@ ARCHS = ("fc", "conv", "linear")
 MODEL_CONFIG_NAME = "model.json"
 MODEL_WEIGHTS_NAME = "model.safetensors"
 
-# Defaults the paper leaves unstated (see README, "Trainer"): sigma=0.1 as in the design probe, n_mix=10 as in
-# PixelCNN++.
-COMMON_DEFAULTS = {"channels": 1, "image_size": 32, "likelihood": "gaussian", "sigma": 0.1, "n_mix": 10}
+COMMON_DEFAULTS = {"channels": 1, "image_size": 32, "likelihood": "gaussian", "sigma": DEFAULT_SIGMA,
+                   "n_mix": DEFAULT_N_MIX}
 ARCH_DEFAULTS = {
     "fc": {"d_z": 16, "hidden": 512},
     "conv": {"m_z": 1, "n_c": 256},
@@ -66,7 +65,7 @@ LINEAR_WEIGHT_KEYS = {
 INFO_KEYS = ("dataset", "parameters")
 
 
-def resolve_config(config: dict) -> dict:
+def resolve_model_config(config: dict) -> dict:
     """Fill in defaults and check a build config; unknown keys are an error (a typo must not pass silently)."""
     arch = config.get("arch")
     if arch not in ARCHS:
@@ -99,8 +98,9 @@ class VAE(nn.Module, metaclass=abc.ABCMeta):
         self.config = config
         self.channels = config["channels"]
         self.image_size = config["image_size"]
-        self.likelihood: Likelihood = build_likelihood(config["likelihood"], config.get("sigma", 0.1),
-                                                       config.get("n_mix", 10))
+        # resolve_model_config keeps only the chosen likelihood's hyperparameter
+        hyper = {key: config[key] for key in ("sigma", "n_mix") if key in config}
+        self.likelihood: Likelihood = build_likelihood(config["likelihood"], **hyper)
         self.num_params = self.likelihood.num_params(self.channels)
         self.latent_dim: int = 0  # set by the architecture
 
@@ -333,9 +333,9 @@ ARCH_CLASSES = {"fc": FCVAE, "conv": ConvVAE, "linear": LinearVAE}
 
 
 def build_vae(config: dict) -> VAE:
-    """A freshly initialized VAE from a plain-JSON config (see `resolve_config`); the linear arch also takes
+    """A freshly initialized VAE from a plain-JSON config (see `resolve_model_config`); the linear arch also takes
     explicit weights under the keys of LINEAR_WEIGHT_KEYS."""
-    resolved = resolve_config(config)
+    resolved = resolve_model_config(config)
     vae = ARCH_CLASSES[resolved["arch"]](resolved)
     if resolved["arch"] == "linear":
         params = dict(vae.named_parameters())

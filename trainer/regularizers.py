@@ -1,4 +1,4 @@
-"""What the paper compares DMaaPx with, besides augmentation (the loop in trainer/train.py calls these):
+"""What the paper compares DMaaPx with, besides augmentation (trainer/regimes.py hooks them into the loop):
 
 Aug.Mollify (Tran et al. 2023, "One-line-of-code data mollification"): during the first part of training the
     inputs are replaced by x~ = sqrt(1 - v) x + sqrt(v) eps, eps ~ N(0, I), in the data's [-1, 1] range

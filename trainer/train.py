@@ -1,12 +1,14 @@
 """Stage 2: train a VAE on shards of diffusion-model samples (DMaaPx), on real data, or on augmented data.
 
-The whole loop is in `train` below. Progress is counted in effective epochs of N = |D_train| images. Every
-`eval_every` epochs the mean ELBO on the *real* training set and on the test set goes to metrics.jsonl; every
-`checkpoint_every` epochs (and at the end) an Accelerate checkpoint (model, optimizer, RNG states) plus the
-epoch number is saved. The data of an epoch, the binarization noise and the reparameterization noise of every
-step are functions of (seed, epoch, batch, process) (`vaegen.seeding`), so resuming from a checkpoint at an
-epoch boundary continues exactly as if the run had never stopped. On SIGINT or SIGTERM the epoch in flight
-finishes and is checkpointed before the process exits (130 / 143); a second signal abandons it at once.
+The loop is `_train` below; the regimes beyond plain ELBO training (RHA, Aug.Mollify, early stopping, gap
+tracking) are hooks it calls at named points (trainer/regimes.py). Progress is counted in effective epochs of
+N = |D_train| images. Every `eval_every` epochs the mean ELBO on the *real* training set and on the test set goes
+to metrics.jsonl; every `checkpoint_every` epochs (and at the end) an Accelerate checkpoint (model, optimizer,
+RNG states) plus the epoch number is saved. The data of an epoch, the binarization noise and the
+reparameterization noise of every step are functions of (seed, epoch, batch, process) (`vaegen.seeding`), so
+resuming from a checkpoint at an epoch boundary continues exactly as if the run had never stopped. On SIGINT or
+SIGTERM the epoch in flight finishes and is checkpointed before the process exits (130 / 143); a second signal
+abandons it at once.
 
 Output directory (runs/vae/NAME):
     config.json          the resolved TrainConfig, the model config, N, the shard pool, provenance
@@ -25,9 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,20 +36,32 @@ import click
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 from tqdm import tqdm
 
+from trainer.augment import OUTPUTS as AUGMENT_OUTPUTS
 from trainer.augment import Augmenter, augmentation_ops
 from trainer.data import (
-    AugmentedSource,
     BatchSource,
     MixedSource,
     RealSource,
+    ResidentPool,
     ShardSource,
+    keep_pool_on_device,
     open_shard_pool,
 )
+from trainer.likelihoods import DEFAULT_N_MIX, DEFAULT_SIGMA, LIKELIHOOD_CLASSES
 from trainer.models import VAE, build_vae, save_vae
-from trainer.regularizers import MollifySchedule, mollify, validation_split
+from trainer.regimes import (
+    EarlyStopping,
+    GapTracking,
+    Mollification,
+    Regime,
+    Regimes,
+    ReverseHalfAsleep,
+    TrackerLogging,
+)
+from trainer.regularizers import MollifySchedule, validation_split
+from vaegen.checkpoints import load_checkpoint, resume_point, save_checkpoint
 from vaegen.data import get_spec, open_dataset
 from vaegen.errors import VaegenError
 from vaegen.interrupts import StopRequests, set_resume_hint
@@ -63,11 +76,11 @@ from vaegen.provenance import (
 )
 from vaegen.runlock import run_lock
 from vaegen.seeding import SPLIT, derive, numpy_rng, torch_generator
-from vaegen.vaerun import CONFIG_NAME, DONE_NAME, METRICS_NAME, SNAPSHOTS
+from vaegen.tracking import accelerator_kwargs
+from vaegen.vaerun import CONFIG_NAME, DONE_NAME, METRICS_NAME
 
 DEFAULT_LR = {"fc": 1e-3, "conv": 2e-4}
-CHECKPOINT, STATE_NAME = "checkpoint", "trainer_state.json"
-BEST_NAME = "best-model.safetensors"  # early stopping: the weights with the best validation ELBO so far
+CHECKPOINT, STATE_NAME = "checkpoint", "trainer_state.json"  # vaegen/checkpoints.py: replaced at every save
 
 
 @dataclass(frozen=True)
@@ -84,13 +97,14 @@ class TrainConfig:
     augment_p: float = 0.1  # the paper's b (0.1 or 0.12)
     augment_sigma_reading: str = "std"  # "2^sigma, sigma in [0, s]": log2 factor ~ N(0, s^2) | per-image U(0, s)
     augment_flip_reading: str = "ada"  # an applied flip mirrors with probability 1/2 (ADA) | always
+    augment_output: str = "uint8"  # rounded and clamped like a stored image | float: unclamped (StyleGAN2-ADA)
     mix_real: float = 0.0  # fraction of every epoch drawn from D_train when training on shards
     epochs: int = 1000
     seed: int = 0
     arch: str | None = None  # default: fc for 1-channel datasets, conv for cifar10
     likelihood: str | None = None  # default: the dataset's (store attrs)
-    sigma: float = 0.1
-    n_mix: int = 10
+    sigma: float = DEFAULT_SIGMA
+    n_mix: int = DEFAULT_N_MIX
     mz: int = 1
     nc: int = 256
     batch_size: int = 128  # per process
@@ -100,6 +114,9 @@ class TrainConfig:
     eval_batch_size: int = 500
     checkpoint_every: int = 10
     bf16: bool = False
+    pool_on_device: str = "auto"  # keep the decoded shard pool on the device: auto | on | off (same batches)
+    report_to: str = "none"  # experiment tracker (vaegen/tracking.py): none | tensorboard | wandb | mlflow
+    tracker_group: str | None = None  # the tracker's project / experiment grouping runs (a study); default vaegen
     resume: bool = False
     # --- beyond plain ELBO training on the chosen data (trainer/regularizers.py) ---
     epoch_size: int | None = None  # images per effective epoch (default |D_train|): k*N real images at N's compute
@@ -119,12 +136,14 @@ class TrainConfig:
     track_robustness_seeds: int = 10
 
 
-# Keys of config.json that may differ between a run and its resumption: the flag itself, and the description
-# of the data source (the generator may add shards and rewrite generation.json; only the pool size matters).
-RUN_CONTROL_KEYS = ("resume", "data")
+# Keys of config.json that may differ between a run and its resumption: the flag itself, where the pool is kept
+# (the batches are the same), where progress is shown, and the description of the data source (the generator may add shards and
+# rewrite generation.json; only the pool size matters).
+RUN_CONTROL_KEYS = ("resume", "pool_on_device", "report_to", "tracker_group", "data")
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
-def resolve_config(cfg: TrainConfig, store_attrs: dict) -> TrainConfig:
+def resolve_train_config(cfg: TrainConfig, store_attrs: dict) -> TrainConfig:
     """Fill in the per-dataset defaults and refuse contradictory options."""
     if cfg.source not in ("shards", "real"):
         raise VaegenError(f"--source must be shards or real, got {cfg.source!r}")
@@ -149,8 +168,14 @@ def resolve_config(cfg: TrainConfig, store_attrs: dict) -> TrainConfig:
     if cfg.mollify and not 0 < mollify_epochs <= cfg.epochs:
         raise VaegenError(f"--mollify-epochs must be in 1..{cfg.epochs}, got {mollify_epochs}")
     arch = cfg.arch or ("conv" if store_attrs.get("channels", 1) == 3 else "fc")
+    likelihood = cfg.likelihood or store_attrs.get("likelihood") or get_spec(cfg.dataset).likelihood
+    if cfg.augment_output not in AUGMENT_OUTPUTS:
+        raise VaegenError(f"--augment-output must be one of {', '.join(AUGMENT_OUTPUTS)}, got {cfg.augment_output!r}")
+    if cfg.augment_output == "float" and not (cfg.augment and LIKELIHOOD_CLASSES[likelihood].continuous):
+        raise VaegenError(f"--augment-output float feeds unclamped, unrounded pixels to the VAE: it needs --augment and "
+                          f"a Gaussian likelihood (the {likelihood} likelihood scores only levels in [0, 1])")
     return dataclasses.replace(
-        cfg, arch=arch, likelihood=cfg.likelihood or store_attrs.get("likelihood") or get_spec(cfg.dataset).likelihood,
+        cfg, arch=arch, likelihood=likelihood,
         lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[arch],
         rha_start_epoch=rha_start if cfg.rha else None, mollify_epochs=mollify_epochs if cfg.mollify else None)
 
@@ -174,17 +199,20 @@ def build_source(cfg: TrainConfig, train_images: np.ndarray, rank: int, world_si
     augmenter = None
     if cfg.augment:
         augmenter = Augmenter(augmentation_ops(cfg.augment, cfg.dataset, image_shape[0]), cfg.augment_p,
-                              image_shape[1], cfg.augment_sigma_reading, cfg.augment_flip_reading)
+                              image_shape[1], cfg.augment_sigma_reading, cfg.augment_flip_reading, cfg.augment_output)
     if cfg.source == "real":
-        source = RealSource(train_images, cfg.batch_size, cfg.seed, rank, world_size, cfg.epoch_size)
+        source = RealSource(train_images, cfg.batch_size, cfg.seed, rank, world_size, cfg.epoch_size, augmenter,
+                            device)
         if augmenter is None:
             return source, {"kind": "real", "epoch_size": source.epoch_size}
-        return AugmentedSource(source, augmenter, device), {"kind": "real+augment", "augment": cfg.augment,
-                                                            "epoch_size": source.epoch_size,
-                                                            "augmentation": augmenter.describe()}
+        return source, {"kind": "real+augment", "augment": cfg.augment, "epoch_size": source.epoch_size,
+                        "augmentation": augmenter.describe()}
     pool = open_shard_pool(cfg.shards, cfg.dataset, image_shape, n, cfg.scale)
+    on_device = keep_pool_on_device(cfg.pool_on_device, pool, image_shape, device,
+                                    images_streamed=cfg.epochs * (n - round(cfg.mix_real * n)))
+    resident = ResidentPool(pool, image_shape, device) if on_device else None
     described = {"kind": "shards", "run_dir": str(pool.run_dir), "pool_size": pool.size, "scale": pool.size // n,
-                 "shards_used": len(pool.shards), "generation": pool.generation}
+                 "shards_used": len(pool.shards), "generation": pool.generation, "pool_on_device": on_device}
     if pool.generation.get("n_train") not in (None, n) and rank == 0:
         click.echo(f"note: the shards' DM was trained on N={pool.generation.get('n_train')} images, "
                    f"this VAE's D_train has N={n}", err=True)
@@ -193,8 +221,8 @@ def build_source(cfg: TrainConfig, train_images: np.ndarray, rank: int, world_si
         if augmenter is not None:
             described.update(augment=cfg.augment, augmentation=augmenter.describe(), augmented="the real part")
         return MixedSource(train_images, pool, cfg.mix_real, cfg.batch_size, cfg.seed, rank, world_size,
-                           image_shape, augmenter, device), described
-    return ShardSource(pool, n, cfg.batch_size, cfg.seed, rank, world_size, image_shape), described
+                           image_shape, augmenter, device, resident), described
+    return ShardSource(pool, n, cfg.batch_size, cfg.seed, rank, world_size, image_shape, resident=resident), described
 
 
 @torch.no_grad()
@@ -232,43 +260,19 @@ def prepare_out_dir(cfg: TrainConfig, saved: dict) -> int:
         if not cfg.resume:
             raise VaegenError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
         previous = read_json(out / CONFIG_NAME)
-        changed = sorted(k for k, v in saved.items() if k not in RUN_CONTROL_KEYS and previous.get(k) != v)
+        # A setting newer than the run is absent from its config.json; its default is what the run did.
+        changed = sorted(k for k, v in saved.items()
+                         if k not in RUN_CONTROL_KEYS and previous.get(k, TRAIN_DEFAULTS.get(k)) != v)
         if previous.get("data", {}).get("pool_size") != saved["data"].get("pool_size"):
             changed.append("shard pool size")
         if changed:
             raise VaegenError(f"{out} was started with different settings ({', '.join(changed)}); resume with "
                               "the same options or choose another --out")
-        checkpoint = latest_checkpoint(out)
+        checkpoint = resume_point(out / CHECKPOINT)
         return read_json(checkpoint / STATE_NAME)["epoch"] if checkpoint else 0
     if out.exists() and any(out.iterdir()):
         raise VaegenError(f"{out} exists and is not a training run directory; choose another --out")
     return 0
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """checkpoint/, or checkpoint.old/ if a crash hit between the two renames of `save_checkpoint`."""
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        if (out / name / STATE_NAME).is_file():
-            return out / name
-    return None
-
-
-def save_checkpoint(accelerator: Accelerator, out: Path, state: dict) -> None:
-    """Write the checkpoint under a temporary name, then swap it in: a crash leaves the last good one."""
-    tmp, final, old = out / (CHECKPOINT + ".tmp"), out / CHECKPOINT, out / (CHECKPOINT + ".old")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_NAME, state)
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 def truncate_metrics(path: Path, epoch: int) -> None:
@@ -285,97 +289,62 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg: TrainConfig) -> Path:
-    # --- inputs: D_train, D_test, the data source; nothing is written before they all check out ----------
+    # --- inputs: D_train, D_test, the data source, the model; nothing is written before they all check out --
     train_real = open_dataset(cfg.dataset, "train", cfg.subset, cfg.subset_seed, cfg.data_root)
     test_real = open_dataset(cfg.dataset, "test", cfg.subset, cfg.subset_seed, cfg.data_root)
-    cfg = resolve_config(cfg, train_real.attrs)
+    cfg = resolve_train_config(cfg, train_real.attrs)
     out = Path(cfg.out)
     if cfg.resume and (out / DONE_NAME).exists():
         click.echo(f"{out} already finished (done.json); nothing to resume", err=True)
         return out
-    train_images, validation = train_real.images, None
-    if cfg.early_stopping_split:
-        kept, held_out = validation_split(len(train_images), cfg.early_stopping_split, cfg.seed)
-        train_images, validation = train_images[kept], train_images[held_out]
-        validation_info = {"fraction": cfg.early_stopping_split, "n": len(held_out), "indices": held_out.tolist()}
-    n_train, channels = len(train_images), train_images.shape[1]
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    train_images, validation = split_validation(cfg, train_real.images)
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", **accelerator_kwargs(cfg.report_to, out))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     source, source_info = build_source(cfg, train_images, rank, world, device)
-    steps_per_epoch = source.batches_in_epoch(0)
-    mollifier = MollifySchedule(cfg.mollify_epochs * steps_per_epoch) if cfg.mollify else None
-    saved = {**dataclasses.asdict(cfg), "model": model_config(cfg, channels), "n_train": n_train,
+    vae_config = model_config(cfg, train_images.shape[1])
+    torch.manual_seed(derive(cfg.seed, "vae-init"))
+    vae = build_vae(vae_config)
+
+    def evaluate(images: np.ndarray, split: str) -> float:  # the mean ELBO the metrics and regimes log
+        return mean_elbo(vae, images, split, accelerator, cfg.eval_batch_size, cfg.seed)
+
+    regimes = build_regimes(cfg, vae, source, validation, evaluate, accelerator)
+    saved = {**dataclasses.asdict(cfg), "model": vae_config, "n_train": len(train_images),
              "n_test": len(test_real.images), "num_processes": world, "data": source_info,
-             "optimizer": "AdamW" if cfg.weight_decay else "Adam",
-             **({"mollify_schedule": mollifier.describe()} if mollifier else {}),
-             **({"validation": validation_info} if validation is not None else {})}
+             "optimizer": "AdamW" if cfg.weight_decay else "Adam", **regimes.describe()}
     start_epoch = prepare_out_dir(cfg, saved)
     accelerator.wait_for_everyone()
 
-    # --- model, optimizer, resume -----------------------------------------------------------------------
-    torch.manual_seed(derive(cfg.seed, "vae-init"))
-    vae = build_vae(saved["model"])
-    if cfg.weight_decay:
-        optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    # --- optimizer, resume --------------------------------------------------------------------------------
+    optimizer = (torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.weight_decay
+                 else torch.optim.Adam(vae.parameters(), lr=cfg.lr))
     model, optimizer = accelerator.prepare(vae, optimizer)
-    vae = accelerator.unwrap_model(model)
-    state = {"epoch": 0, "step": 0, "best_val_elbo": None, "best_epoch": None, "evals_since_best": 0}
-    if start_epoch > 0:
-        checkpoint = latest_checkpoint(out)
-        accelerator.load_state(str(checkpoint))
-        state.update(read_json(checkpoint / STATE_NAME))
+    step = resume_state(accelerator, out, regimes) if start_epoch > 0 else 0
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(out / METRICS_NAME, start_epoch)
-        write_json_atomic(out / CONFIG_NAME, {**saved, "run_record": run_record()})
+        start_run_dir(out, start_epoch, saved)
+    regimes.on_start(saved)
     train_eval = eval_subset(train_images, "train", cfg.eval_images, cfg.seed)
     test_eval = eval_subset(test_real.images, "test", cfg.eval_images, cfg.seed)
     images_per_epoch = [source.share_size(e) * world for e in range(cfg.epochs)]
-    bar = tqdm(total=sum(images_per_epoch), initial=sum(images_per_epoch[:start_epoch]), unit="img",
-               unit_scale=True, dynamic_ncols=True, disable=not accelerator.is_local_main_process,
-               desc=f"train {out.name}")
-    started = time.monotonic()
-    metrics: dict = {}
-    stopped_early = False
+    bar = tqdm(total=sum(images_per_epoch), initial=sum(images_per_epoch[:start_epoch]), unit="img", unit_scale=True,
+               dynamic_ncols=True, disable=not accelerator.is_local_main_process, desc=f"train {out.name}")
+    started, metrics, done = time.monotonic(), {}, start_epoch
 
-    # --- the loop ---------------------------------------------------------------------------------------
-    stops = StopRequests("this epoch")  # a signal ends the run after the current epoch, with a checkpoint
-    with stops:
+    # --- the loop; a signal ends the run after the current epoch, with a checkpoint -------------------------
+    with StopRequests("this epoch") as stops, closing(source), closing(bar):
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
-            rha = cfg.rha and epoch >= cfg.rha_start_epoch
-            if rha:  # the decoder is frozen: no gradient steps, and its BatchNorm statistics stay as they are
-                vae.decoder.eval()
-            if rha:  # as many model samples as the epoch's real batches hold, batch by batch
-                share = source.share_size(epoch)
-                batches = [min(cfg.batch_size, share - i) for i in range(0, share, cfg.batch_size)]
-            else:
-                batches = source.batches(epoch)
+            inputs = regimes.epoch_inputs(epoch) or data_inputs(vae, source, regimes, cfg.seed, epoch, rank,
+                                                                device, first_step=step)
             elbo_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for b, images in enumerate(batches):
-                if rha:  # RHA: the encoder learns to infer the model's own samples, z ~ p(z), x ~ p(x|z)
-                    with torch.no_grad():
-                        x = vae.sample(images, torch_generator(cfg.seed, "vae-rha-sample", epoch, rank, b,
-                                                               device=device))
-                else:
-                    images = images.to(device, non_blocking=True)
-                    x = vae.preprocess(images, torch_generator(cfg.seed, "vae-binarize", epoch, rank, b,
-                                                               device=device))
-                    if mollifier is not None:
-                        x = mollify(x, mollifier.variance(state["step"]),
-                                    torch_generator(cfg.seed, "vae-mollify", epoch, rank, b, device=device),
-                                    clamp=vae.likelihood.name != "gaussian")
+            for b, x in enumerate(inputs):
                 elbo = model(x, 1, torch_generator(cfg.seed, "vae-reparam", epoch, rank, b, device=device))
                 loss = -elbo.float().mean()
                 accelerator.backward(loss)
-                if rha:
-                    for p in vae.decoder.parameters():
-                        p.grad = None  # Adam (and AdamW's decay) skip parameters without a gradient
+                regimes.after_backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
+                step += 1
                 elbo_sum += elbo.detach().double().sum()
                 bar.update(len(x) * world)
                 if b % 50 == 0:
@@ -383,66 +352,102 @@ def _train(cfg: TrainConfig) -> Path:
                                     test=f"{metrics.get('test_elbo', float('nan')):.1f}", refresh=False)
             batch_elbo = accelerator.reduce(elbo_sum, reduction="sum").item() / images_per_epoch[epoch]
             if not math.isfinite(batch_elbo):
-                bar.close()
-                source.close()
                 raise VaegenError(f"the training loss became {batch_elbo} in epoch {epoch + 1}; stopped, the last "
                                   f"good checkpoint in {out / CHECKPOINT} is kept (try a lower --lr)")
 
-            done = state["epoch"] = epoch + 1
+            done = epoch + 1
             if done % cfg.eval_every == 0 or done == cfg.epochs:
                 model.eval()
-                train_elbo = mean_elbo(vae, train_eval, "train", accelerator, cfg.eval_batch_size, cfg.seed)
-                test_elbo = mean_elbo(vae, test_eval, "test", accelerator, cfg.eval_batch_size, cfg.seed)
-                metrics = {"epoch": done, "step": state["step"], "images": sum(images_per_epoch[:done]),
-                           "train_elbo": train_elbo, "test_elbo": test_elbo,
-                           "generalization_gap": train_elbo - test_elbo, "batch_elbo": batch_elbo,
+                metrics = {"epoch": done, "step": step, "images": sum(images_per_epoch[:done]),
+                           **real_elbos(evaluate, train_eval, test_eval), "batch_elbo": batch_elbo,
                            "seconds": round(time.monotonic() - started, 2)}
-                if validation is not None:
-                    metrics["val_elbo"] = mean_elbo(vae, validation, "validation", accelerator,
-                                                    cfg.eval_batch_size, cfg.seed)
-                    stopped_early = early_stopping_step(state, metrics["val_elbo"], cfg.early_stopping_patience)
-                    if state["best_epoch"] == done and accelerator.is_main_process:
-                        save_vae(vae, out, name=BEST_NAME, config_name=None)
+                regimes.on_evaluation(metrics)
                 if accelerator.is_main_process:
                     append_jsonl(out / METRICS_NAME, metrics)
-                bar.set_postfix(epoch=done, elbo=f"{batch_elbo:.1f}", test=f"{test_elbo:.1f}")
-            if cfg.track_gaps and accelerator.is_main_process and (
-                    done % cfg.track_amortization_every == 0 or done % cfg.track_robustness_every == 0
-                    or done == cfg.epochs or stopped_early):
-                save_vae(vae, out / SNAPSHOTS, name=snapshot_name(done), config_name=None)
-            stopping = stops.agreed(accelerator) and done < cfg.epochs and not stopped_early
-            if done % cfg.checkpoint_every == 0 or done == cfg.epochs or stopping or stopped_early:
-                save_checkpoint(accelerator, out, state)
-            if stopping:
-                bar.close()
-                source.close()
+                bar.set_postfix(epoch=done, elbo=f"{batch_elbo:.1f}", test=f"{metrics['test_elbo']:.1f}")
+            stop_early = regimes.should_stop()
+            regimes.on_epoch_end(done, last=done == cfg.epochs or stop_early)
+            interrupted = stops.agreed(accelerator) and done < cfg.epochs and not stop_early
+            if done % cfg.checkpoint_every == 0 or done == cfg.epochs or interrupted or stop_early:
+                save_checkpoint(accelerator, out / CHECKPOINT, {"epoch": done, "step": step, **regimes.state_dict()},
+                                STATE_NAME)
+            if interrupted:
                 raise stops.interrupted(f"checkpoint saved after epoch {done} of {cfg.epochs}; rerun the same "
                                         "command with --resume to continue")
-            if stopped_early:
+            if stop_early:
                 break
-    bar.close()
-    source.close()
 
     if accelerator.is_main_process:
-        final = {"epochs": state["epoch"], "steps": state["step"], "final": metrics}
-        if validation is not None:  # the model kept is the one with the best validation ELBO
-            vae.load_state_dict(load_file(str(out / BEST_NAME), device=str(device)))
-            final.update(best_epoch=state["best_epoch"], best_val_elbo=state["best_val_elbo"],
-                         stopped_early=stopped_early)
-        save_vae(vae, out)
-        write_json_atomic(out / DONE_NAME, run_record(**final))
+        finish_run(vae, out, regimes, {"epochs": done, "steps": step, "final": metrics})
     accelerator.wait_for_everyone()
     return out
 
 
-def early_stopping_step(state: dict, val_elbo: float, patience: int) -> bool:
-    """Record one validation evaluation in `state`; True when training should stop (patience spent)."""
-    if state["best_val_elbo"] is None or val_elbo > state["best_val_elbo"]:
-        state.update(best_val_elbo=val_elbo, best_epoch=state["epoch"], evals_since_best=0)
-    else:
-        state["evals_since_best"] += 1
-    return state["evals_since_best"] >= patience
+def real_elbos(evaluate, train_images: np.ndarray, test_images: np.ndarray) -> dict:
+    train_elbo, test_elbo = evaluate(train_images, "train"), evaluate(test_images, "test")
+    return {"train_elbo": train_elbo, "test_elbo": test_elbo, "generalization_gap": train_elbo - test_elbo}
 
 
-def snapshot_name(epoch: int) -> str:
-    return f"epoch-{epoch:06d}.safetensors"
+def data_inputs(vae: VAE, source: BatchSource, regimes: Regime, seed: int, epoch: int, rank: int, device,
+                first_step: int):
+    """The epoch's data batches as model inputs: on the device, binarized (Bernoulli models), then through
+    the regimes' `on_data_input` (optimizer step `first_step + b` for batch b)."""
+    for b, images in enumerate(source.batches(epoch)):
+        images = images.to(device, non_blocking=True)
+        if images.is_floating_point():  # --augment-output float: already model inputs, unrounded
+            x = images
+        else:
+            x = vae.preprocess(images, torch_generator(seed, "vae-binarize", epoch, rank, b, device=device))
+        yield regimes.on_data_input(x, epoch, b, first_step + b)
+
+
+def build_regimes(cfg: TrainConfig, vae: VAE, source: BatchSource, validation: dict | None, evaluate,
+                  accelerator: Accelerator) -> Regimes:
+    """The regimes the config asks for, in the order the loop calls them."""
+    device, rank, is_main = accelerator.device, accelerator.process_index, accelerator.is_main_process
+    regimes: list[Regime] = []
+    if cfg.rha:
+        regimes.append(ReverseHalfAsleep(vae, cfg.rha_start_epoch, cfg.batch_size, source.share_size, cfg.seed,
+                                         rank, device))
+    if cfg.mollify:
+        schedule = MollifySchedule(cfg.mollify_epochs * source.batches_in_epoch(0))
+        regimes.append(Mollification(schedule, cfg.seed, rank, device, clamp=not vae.likelihood.continuous))
+    if validation is not None:
+        regimes.append(EarlyStopping(vae, validation["images"], validation["describe"], cfg.early_stopping_patience,
+                                     evaluate, Path(cfg.out), is_main))
+    if cfg.track_gaps:
+        regimes.append(GapTracking(vae, Path(cfg.out), cfg.track_amortization_every, cfg.track_robustness_every,
+                                   is_main))
+    if cfg.report_to != "none":
+        regimes.append(TrackerLogging(accelerator, cfg.report_to, Path(cfg.out), cfg.tracker_group))
+    return Regimes(regimes)
+
+
+def split_validation(cfg: TrainConfig, images: np.ndarray) -> tuple[np.ndarray, dict | None]:
+    """D_train without early stopping's held-out rows, and those rows (images + their config.json entry)."""
+    if not cfg.early_stopping_split:
+        return images, None
+    kept, held_out = validation_split(len(images), cfg.early_stopping_split, cfg.seed)
+    describe = {"fraction": cfg.early_stopping_split, "n": len(held_out), "indices": held_out.tolist()}
+    return images[kept], {"images": images[held_out], "describe": describe}
+
+
+def resume_state(accelerator: Accelerator, out: Path, regimes: Regime) -> int:
+    """Load the latest checkpoint into the prepared model/optimizer and the regimes; returns the step count."""
+    state = load_checkpoint(accelerator, resume_point(out / CHECKPOINT), STATE_NAME)
+    regimes.load_state_dict(state)
+    return state["step"]
+
+
+def finish_run(vae: VAE, out: Path, regimes: Regime, record: dict) -> None:
+    """The final model, then done.json; the regimes may change both (early stopping keeps the best model)."""
+    regimes.on_finish(record)
+    save_vae(vae, out)
+    write_json_atomic(out / DONE_NAME, run_record(**record))
+
+
+def start_run_dir(out: Path, start_epoch: int, saved: dict) -> None:
+    """config.json (with provenance), and metrics.jsonl without the lines after the epoch we resume from."""
+    out.mkdir(parents=True, exist_ok=True)
+    truncate_metrics(out / METRICS_NAME, start_epoch)
+    write_json_atomic(out / CONFIG_NAME, {**saved, "run_record": run_record()})
