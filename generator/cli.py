@@ -29,6 +29,7 @@ from vaegen.options import (
     resolve_device,
     set_threads,
     threads_option,
+    tracking_options,
 )
 
 
@@ -74,9 +75,10 @@ dm.add_command(frontier_command)  # `vaegen dm frontier`: defined with its loop 
 @click.option("--snapshot-steps", default=None, metavar="S1,S2,...",
               help="Also export the EMA model at these steps to <out>/snapshots/step-NNNNNNNN/ (graded DMs "
                    "from one run; training is unchanged).")
+@tracking_options
 @threads_option
 def train(dataset, subset, subset_seed, data_root, preset, out, max_steps, max_minutes, batch_size, lr, seed,
-          checkpoint_every, resume, mixed_precision, grid_samples, snapshot_steps, threads):
+          checkpoint_every, resume, mixed_precision, grid_samples, snapshot_steps, report_to, tracker_group, threads):
     """Train an EDM diffusion model on D_train (resumable; output in diffusers format)."""
     from generator.train_dm import DMTrainConfig, train_dm
     from vaegen.dmrun import dm_name
@@ -89,7 +91,8 @@ def train(dataset, subset, subset_seed, data_root, preset, out, max_steps, max_m
                          data_root=data_root, max_steps=max_steps, max_minutes=max_minutes,
                          batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
                          resume=resume, mixed_precision=mixed_precision, grid_samples=grid_samples,
-                         snapshot_steps=parse_steps(snapshot_steps or ""))
+                         snapshot_steps=parse_steps(snapshot_steps or ""), report_to=report_to,
+                         tracker_group=tracker_group)
     click.echo(str(train_dm(config)))
 
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from generator.edm import EDMLoss, edm_scheduler
 from generator.presets import DMPreset, get_preset
 from vaegen import dmrun
+from vaegen.checkpoints import checkpoints, load_checkpoint, save_checkpoint
 from vaegen.data import open_dataset
 from vaegen.errors import VaegenError
 from vaegen.interrupts import StopRequests
@@ -56,6 +57,7 @@ from vaegen.provenance import (
 )
 from vaegen.runlock import run_lock
 from vaegen.seeding import derive, numpy_rng, torch_generator
+from vaegen.tracking import accelerator_kwargs, check_report_to, finish_trackers, log_values, start_trackers
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class DMTrainConfig:
     mixed_precision: str = "auto"       # auto = bf16 on GPUs that have it, else full precision
     grid_samples: int = 64              # images in samples.png (Heun-18, seed 0)
     snapshot_steps: tuple[int, ...] = ()  # also export the EMA model at these steps, to snapshots/step-NNNNNNNN/
+    report_to: str = "none"             # a tracker (vaegen.tracking.REPORT_TO) that gets the loss log too
+    tracker_group: str | None = None    # the tracker's project / experiment (e.g. a study's name)
 
     def resolved(self) -> DMTrainConfig:
         """The config with every preset-dependent None filled in (what gets recorded)."""
@@ -88,7 +92,8 @@ class DMTrainConfig:
 # Settings that may change between a run and its resumption without changing what the run computes
 # (max_steps may grow: the cosine schedule is then re-stretched, which the log records).
 # Snapshots only add files (the loop never reads them), so their steps may change too.
-RESUMABLE_CHANGES = {"max_minutes", "max_steps", "resume", "checkpoint_every", "grid_samples", "snapshot_steps"}
+RESUMABLE_CHANGES = {"max_minutes", "max_steps", "resume", "checkpoint_every", "grid_samples", "snapshot_steps",
+                     "report_to", "tracker_group"}
 
 
 @dataclass
@@ -146,29 +151,8 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, images_seen: int, bat
     torch._foreach_lerp_(ema_params, net_params, 1 - beta)
 
 
-def checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints (only renamed-into-place ones count), oldest first."""
-    directory = dmrun.checkpoint_dir(out)
-    return sorted(directory.glob("step-*")) if directory.is_dir() else []
-
-
-def save_checkpoint(accelerator, out: Path, step: int, keep: int = 2) -> None:
-    """Accelerate state to a temporary name, then rename: a kill mid-save never leaves a bad checkpoint."""
-    final = dmrun.checkpoint_dir(out) / f"step-{step:08d}"
-    tmp = dmrun.checkpoint_dir(out) / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-        for old in checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+def step_checkpoint(out: Path, step: int) -> Path:
+    return dmrun.checkpoint_dir(out) / f"step-{step:08d}"
 
 
 def check_resumable(out: Path, config: DMTrainConfig) -> None:
@@ -266,7 +250,7 @@ def _train(config: DMTrainConfig) -> Path:
 
     preset = get_preset(config.preset)
     out = Path(config.out)
-    existing = checkpoints(out)
+    existing = checkpoints(dmrun.checkpoint_dir(out), "step-*")
     if config.resume and not existing:
         raise VaegenError(f"--resume: no checkpoint in {out}/checkpoints; start without --resume")
     if not config.resume and (existing or dmrun.read_record(out) is not None):
@@ -277,7 +261,8 @@ def _train(config: DMTrainConfig) -> Path:
     mixed_precision = config.mixed_precision
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    check_report_to(config.report_to)
+    accelerator = Accelerator(mixed_precision=mixed_precision, **accelerator_kwargs(config.report_to, out))
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise VaegenError(f"--batch-size {config.batch_size} is not divisible by the {world} processes")
@@ -299,7 +284,7 @@ def _train(config: DMTrainConfig) -> Path:
     state = TrainState()
     accelerator.register_for_checkpointing(ema, state, lr_schedule)
     if config.resume:
-        accelerator.load_state(str(existing[-1]))
+        load_checkpoint(accelerator, existing[-1])
     scheduler = edm_scheduler()  # preconditioning constants only; nothing in it changes during training
     loss_fn = EDMLoss()
 
@@ -310,6 +295,7 @@ def _train(config: DMTrainConfig) -> Path:
         write_json_atomic(out / dmrun.TRAIN_RUN_NAME,
                           {"config": asdict(config), "preset": preset.to_dict(), "starts": starts})
         truncate_log(out / dmrun.TRAIN_LOG_NAME, state.step)
+        start_trackers(accelerator, config.report_to, out, config.tracker_group, asdict(config))
         n_params = sum(p.numel() for p in ema.parameters())
         accelerator.print(f"dm train: {config.dataset} ({len(images)} images), preset {preset.name} "
                           f"({n_params / 1e6:.2f}M parameters), {world} process(es), "
@@ -353,12 +339,13 @@ def _train(config: DMTrainConfig) -> Path:
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
                 if accelerator.is_main_process:
                     append_jsonl(out / dmrun.TRAIN_LOG_NAME, entry)
+                    log_values(accelerator, entry, state.step)
                 interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
             if state.step % config.checkpoint_every == 0:
-                save_checkpoint(accelerator, out, state.step)
+                save_checkpoint(accelerator, step_checkpoint(out, state.step), prune="step-*", keep=2)
     bar.close()
-    if not checkpoints(out) or checkpoints(out)[-1].name != f"step-{state.step:08d}":
-        save_checkpoint(accelerator, out, state.step)
+    if not step_checkpoint(out, state.step).is_dir():
+        save_checkpoint(accelerator, step_checkpoint(out, state.step), prune="step-*", keep=2)
     if stops.requested is not None and state.step < config.max_steps:  # stopped by a signal (on some rank)
         raise stops.interrupted(f"checkpoint saved at step {state.step} of {config.max_steps}; "
                                 "rerun the same command with --resume to continue")
@@ -368,5 +355,5 @@ def _train(config: DMTrainConfig) -> Path:
                            state.step - start_step)
         export_model(copy.deepcopy(ema).eval(), out, record, config.grid_samples)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return out

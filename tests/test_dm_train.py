@@ -148,3 +148,17 @@ def test_data_order_is_a_pure_function_of_the_step_covering_each_epoch_once():
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     assert np.array_equal(batch_indices(3, batch, n, seed=1), stream[12:16])
     assert not np.array_equal(batch_indices(0, batch, n, seed=2), stream[:4])
+
+
+def test_report_to_tensorboard_logs_the_same_losses_as_the_training_log(data_root, tmp_path):
+    pytest.importorskip("tensorboard")  # the `tracking` extra
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tracked"
+    train_dm(DMTrainConfig(out=str(out), data_root=str(data_root), report_to="tensorboard",
+                           **{**RUN, "max_steps": 20}))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    logged = EventAccumulator(str(out / "tensorboard")).Reload().Scalars("loss")
+    assert [e.step for e in logged] == [entry["step"] for entry in log] and len(log) >= 2
+    assert [e.value for e in logged] == [np.float32(entry["loss"]) for entry in log]
+    assert (out / "dm.json").exists()  # the run finished with its trackers closed

@@ -8,8 +8,7 @@ from trainer.augment import FLIP_READINGS, OUTPUTS, SIGMA_READINGS
 from trainer.data import POOL_ON_DEVICE
 from trainer.likelihoods import LIKELIHOODS
 from trainer.train import TrainConfig as Defaults
-from vaegen.options import CONTEXT, dataset_options
-from vaegen.tracking import REPORT_TO
+from vaegen.options import CONTEXT, dataset_options, tracking_options
 
 
 @click.command(context_settings=CONTEXT)
@@ -62,11 +61,7 @@ from vaegen.tracking import REPORT_TO
               help="Keep the decoded shard pool on the training device and draw batches from it (the same batches "
                    "as streaming); auto: when it takes at most half the free memory and the run would stream it "
                    "all anyway.")
-@click.option("--report-to", default=Defaults.report_to, type=click.Choice(REPORT_TO),
-              help="Experiment tracker for the config and every metrics.jsonl line (tensorboard: RUN_DIR/tensorboard; "
-                   "wandb: WANDB_MODE=offline works without an account).")
-@click.option("--tracker-group", default=None,
-              help="Tracker project (W&B) / experiment (MLflow) grouping runs, e.g. the study's name [default: vaegen].")
+@tracking_options
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--epoch-size", default=None, type=click.IntRange(min=1),
               help="--source real: images per effective epoch [default: |D_train|]; a larger D_train then gives "

@@ -44,6 +44,19 @@ threads_option = click.option("--threads", default=None, type=click.IntRange(min
                                    "process is often faster: OpenMP threads spin-wait for busy cores.")
 
 
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")  # vaegen.tracking's trackers (named here without importing it)
+
+
+def tracking_options(f):
+    """--report-to and --tracker-group: an experiment tracker that gets the config and every logged line."""
+    f = click.option("--tracker-group", default=None,
+                     help="Tracker project (W&B) / experiment (MLflow) grouping runs, e.g. the study's name "
+                          "[default: vaegen].")(f)
+    return click.option("--report-to", default="none", type=click.Choice(REPORT_TO),
+                        help="Experiment tracker for the config and every logged line (tensorboard: "
+                             "RUN_DIR/tensorboard; wandb: WANDB_MODE=offline works without an account).")(f)
+
+
 def resolve_device(device: str):
     """`--device` -> torch.device; a one-line error when it names a device this machine does not have."""
     import torch

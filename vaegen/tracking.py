@@ -29,8 +29,8 @@ from accelerate import Accelerator
 from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
 from vaegen.errors import VaegenError
+from vaegen.options import REPORT_TO  # declared with the CLI option
 
-REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 DEFAULT_GROUP = "vaegen"
 TENSORBOARD_DIR = "tensorboard"
 _AVAILABLE = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
