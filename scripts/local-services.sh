@@ -108,7 +108,8 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
+# Requeued and released jobs start within seconds (the main scheduling pass runs every 60 s by default).
+SchedulerParameters=sched_interval=2,bf_interval=1
 ReturnToService=2
 MessageTimeout=10
 KillWait=5
