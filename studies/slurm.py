@@ -56,15 +56,17 @@ class CommandFailed(RuntimeError):
     """A `vaegen` command of a task exited non-zero; the message names it (the driver reports it)."""
 
 
-def _task_env() -> dict:
-    """The task's CPUs as the command's thread count (Slurm sets SLURM_CPUS_PER_TASK with --cpus-per-task)."""
+def _task_env(processes: int = 1) -> dict:
+    """The task's CPUs shared out as thread counts over the command's processes (Slurm sets SLURM_CPUS_PER_TASK
+    with --cpus-per-task): no oversubscribed cores, and the thread count a local run with those CPUs would use."""
     env = dict(os.environ)
-    if threads := os.environ.get("SLURM_CPUS_PER_TASK"):
+    if cpus := os.environ.get("SLURM_CPUS_PER_TASK"):
+        threads = str(max(1, int(cpus) // processes))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     return env
 
 
-def _run_shielded(command: list[str] | None, args: list[str]) -> int:
+def _run_shielded(command: list[str] | None, args: list[str], processes: int = 1) -> int:
     """Run `vaegen *args` (or `command`) with SIGUSR2 blocked in the child, and return its exit code.
 
     Slurm sends SIGUSR2 to every process of the task, and a `vaegen` command would die of it (the default action)
@@ -79,7 +81,7 @@ def _run_shielded(command: list[str] | None, args: list[str]) -> int:
             if command is None:
                 outcome["code"] = run_vaegen(args, _task_env())
             else:
-                outcome["code"] = subprocess.run(command, env=_task_env()).returncode
+                outcome["code"] = subprocess.run(command, env=_task_env(processes)).returncode
         except BaseException as e:  # noqa: B036 - handed to the main thread, which raises it
             outcome["error"] = e
 
@@ -146,7 +148,7 @@ class StageTask:
                 *vaegen_command(self.args)[1:]]  # [-m, module, args...]
 
     def __call__(self) -> None:
-        code = _run_shielded(self.command(), self.args)
+        code = _run_shielded(self.command(), self.args, self.processes)
         if code != 0:
             raise CommandFailed(f"`{shown(self.args)}` exited with {code}")
 
@@ -226,7 +228,7 @@ class SlurmExecutor:
     # --- submission ----------------------------------------------------------------------------------------------
     def _executor(self, gpus: int, **parameters) -> submitit.SlurmExecutor:
         executor = submitit.SlurmExecutor(folder=self.folder)
-        executor.update_parameters(**self.parameters, **({"gpus_per_task": gpus} if gpus else {}), **parameters)
+        executor.update_parameters(**{**self.parameters, **({"gpus_per_task": gpus} if gpus else {}), **parameters})
         return executor
 
     def _recorded(self) -> dict[str, str]:

@@ -96,14 +96,25 @@ def test_srun_two_tasks_train_the_same_vae_as_torchrun(inputs):
     assert metrics(srun_run) == metrics(torchrun_run) and [m["epoch"] for m in metrics(srun_run)] == [1, 2]
 
 
-def test_srun_two_tasks_train_the_same_dm_as_torchrun(inputs):
-    args = ["dm", "train", "--dataset", "fmnist", "--data-root", str(inputs / "data"), "--preset", "tiny",
-            "--max-steps", "3", "--batch-size", "8", "--checkpoint-every", "2", "--grid-samples", "4"]
-    srun(2, "vaegen", [*args, "--out", str(inputs / "dm-srun")])
-    torchrun(2, "vaegen", [*args, "--out", str(inputs / "dm-torchrun")])
+def dm_args(inputs: Path, out: Path) -> list[str]:
+    return ["dm", "train", "--dataset", "fmnist", "--data-root", str(inputs / "data"), "--preset", "tiny",
+            "--max-steps", "3", "--batch-size", "8", "--checkpoint-every", "2", "--grid-samples", "4",
+            "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def torchrun_dm(inputs) -> dict[str, str]:
+    """The weights of a 2-process DM training under torchrun, which the Slurm launches must reproduce."""
+    torchrun(2, "vaegen", dm_args(inputs, inputs / "dm-torchrun"))
+    models = file_hashes(inputs / "dm-torchrun", "*.safetensors")
+    assert models
+    return models
+
+
+def test_srun_two_tasks_train_the_same_dm_as_torchrun(inputs, torchrun_dm):
+    srun(2, "vaegen", dm_args(inputs, inputs / "dm-srun"))
     assert json.loads((inputs / "dm-srun" / "train_run.json").read_text())["starts"][-1]["num_processes"] == 2
-    models = file_hashes(inputs / "dm-srun", "*.safetensors")
-    assert models and models == file_hashes(inputs / "dm-torchrun", "*.safetensors")
+    assert file_hashes(inputs / "dm-srun", "*.safetensors") == torchrun_dm
 
 
 # --- studies on Slurm: studies.slurm.SlurmExecutor -----------------------------------------------------------------
@@ -306,3 +317,28 @@ def test_a_rerun_after_the_driver_died_submits_only_the_missing_run(studies, inp
     assert len(list(folder.glob("*_submission.sh"))) == 2  # the dead driver's and the rerun's, one task each
     assert queued.commands() == [] and missing.commands() == []
     assert f"still queued or running as Slurm job {held}" in capfd.readouterr().err
+
+
+def test_a_prerequisite_is_one_job_waited_for_and_its_failure_is_named(studies, inputs, tmp_path):
+    slurm = executor(studies, tmp_path / "slurm")
+    slurm.run("dm", dm_args(inputs, tmp_path / "dm"))
+    assert (tmp_path / "dm" / "train_run.json").exists()
+    bad = dm_args(tmp_path / "nowhere", tmp_path / "dm-bad")
+    with pytest.raises(VaegenError, match=r"`vaegen dm train .*nowhere.*` exited with 2 in Slurm job \S+ \(log "):
+        slurm.run("dm", bad)
+
+
+def test_a_prerequisite_over_several_gpus_runs_under_accelerate_launch(studies, inputs, tmp_path, torchrun_dm):
+    """The task `run` submits for `prerequisite_gpus=2`, on 2 CPUs here (this cluster has no GPUs; accelerate's
+    --multi_gpu launcher falls back to gloo): the processes accelerate starts inside a Slurm job get their ranks
+    from accelerate, not from the job's SLURM_* variables."""
+    import submitit
+
+    out = tmp_path / "dm"
+    slurm = submitit.SlurmExecutor(folder=tmp_path / "slurm")
+    slurm.update_parameters(time=10, cpus_per_task=2)
+    job = slurm.submit(studies.slurm.StageTask(dm_args(inputs, out), 2))
+    wait_for(job.paths.result_pickle.exists, 300, "the job's result")  # (submitit's job.wait() needs sacct)
+    assert job.exception() is None, job.stdout()
+    assert json.loads((out / "train_run.json").read_text())["starts"][-1]["num_processes"] == 2
+    assert file_hashes(out, "*.safetensors") == torchrun_dm
