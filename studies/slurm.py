@@ -32,7 +32,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import click
@@ -66,8 +68,8 @@ def _task_env(processes: int = 1) -> dict:
     return env
 
 
-def _run_shielded(command: list[str] | None, args: list[str], processes: int = 1) -> int:
-    """Run `vaegen *args` (or `command`) with SIGUSR2 blocked in the child, and return its exit code.
+def _run_shielded(run: Callable[[], int]) -> int:
+    """`run()` (which runs a `vaegen` command and returns its exit code) with SIGUSR2 blocked in the command.
 
     Slurm sends SIGUSR2 to every process of the task, and a `vaegen` command would die of it (the default action)
     in the middle of an epoch. The command is started from a thread that blocks SIGUSR2, so the child inherits the
@@ -78,10 +80,7 @@ def _run_shielded(command: list[str] | None, args: list[str], processes: int = 1
     def target():
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
         try:
-            if command is None:
-                outcome["code"] = run_vaegen(args, _task_env())
-            else:
-                outcome["code"] = subprocess.run(command, env=_task_env(processes)).returncode
+            outcome["code"] = run()
         except BaseException as e:  # noqa: B036 - handed to the main thread, which raises it
             outcome["error"] = e
 
@@ -121,7 +120,7 @@ class RunTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> None:
         for args in self.job.commands():  # computed now: after a requeue, what is left
-            code = _run_shielded(None, args)
+            code = _run_shielded(partial(run_vaegen, args, _task_env()))
             if code != 0:
                 raise CommandFailed(f"`{shown(args)}` exited with {code}")
 
@@ -138,17 +137,18 @@ class StageTask:
     def __init__(self, args: list[str], processes: int):
         self.args, self.processes = args, processes
 
-    def command(self) -> list[str] | None:
+    def run(self) -> int:
         if self.processes <= 1:
-            return None  # run_vaegen
+            return run_vaegen(self.args, _task_env())
         # One port per job, so two jobs sharing a node do not meet at the same rendezvous.
         port = 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-                "--num_processes", str(self.processes), "--main_process_port", str(port),
-                *vaegen_command(self.args)[1:]]  # [-m, module, args...]
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                  "--num_processes", str(self.processes), "--main_process_port", str(port),
+                  *vaegen_command(self.args)[1:]]  # vaegen_command: [python, -m, module, *args]
+        return subprocess.run(launch, env=_task_env(self.processes)).returncode
 
     def __call__(self) -> None:
-        code = _run_shielded(self.command(), self.args, self.processes)
+        code = _run_shielded(self.run)
         if code != 0:
             raise CommandFailed(f"`{shown(self.args)}` exited with {code}")
 
