@@ -49,7 +49,7 @@ test-slow: ## the long tests (all but the GPU ones); CI runs them after `make te
 	$(BIN)/pytest -m "slow and not gpu"
 
 lint: ## ruff
-	$(BIN)/ruff check vaegen generator trainer evaluator tests bench
+	$(BIN)/ruff check vaegen generator trainer evaluator studies tests bench scripts
 
 data: ## data/<DATASET>.zarr from the official files (SUBSET=N for a seeded balanced subset)
 	$(BIN)/vaegen data $(DATASET) $(if $(SUBSET),--subset $(SUBSET) --subset-seed $(SUBSET_SEED))

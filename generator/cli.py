@@ -93,7 +93,9 @@ def train(dataset, subset, subset_seed, data_root, preset, out, max_steps, max_m
                          resume=resume, mixed_precision=mixed_precision, grid_samples=grid_samples,
                          snapshot_steps=parse_steps(snapshot_steps or ""), report_to=report_to,
                          tracker_group=tracker_group)
-    click.echo(str(train_dm(config)))
+    out = train_dm(config)
+    if is_main_process():  # one line per launch, not per rank
+        click.echo(str(out))
 
 
 def parse_steps(text: str) -> tuple[int, ...]:

@@ -7,6 +7,9 @@ first use, so `vaegen --help` and `vaegen data` stay fast (no torch/diffusers im
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 import click
 
 from vaegen import __version__
@@ -116,16 +119,29 @@ def _study_command(kind):
                   help="VAE runs at a time [default: runs-per-gpu x the GPUs, else one per CPU core].")
     @click.option("--runs-per-gpu", default=1, type=click.IntRange(min=1),
                   help="VAE runs sharing one GPU, each in its own process.")
+    @click.option("--executor", default="local", type=click.Choice(["local", "slurm"]),
+                  help="local: subprocesses on this machine; slurm: the prerequisites as Slurm jobs and the VAE runs "
+                       "as one job array (submitit), requeued on preemption.")
+    @click.option("--partition", default=None, help="--executor slurm: the partition [default: the cluster's].")
+    @click.option("--time-min", default=24 * 60, type=click.IntRange(min=1),
+                  help="--executor slurm: each task's time limit in minutes.")
+    @click.option("--cpus-per-task", default=1, type=click.IntRange(min=1), help="--executor slurm.")
+    @click.option("--gpus-per-task", default=0, type=click.IntRange(min=0), help="--executor slurm.")
+    @click.option("--array-parallelism", default=64, type=click.IntRange(min=1),
+                  help="--executor slurm: VAE runs of the array running at once.")
+    @click.option("--sbatch", "sbatch_flags", default="",
+                  help="--executor slurm: more sbatch flags, passed through, e.g. '--account=proj --qos=long'.")
     @click.option("--reuse/--no-reuse", default=True,
                   help="Copy a run that finished in another study directory instead of training it again.")
     @click.option("--out", default=None, type=click.Path(file_okay=False),
                   help="Study directory [default: runs/studies/<study>-<dataset>-<preset>].")
     @data_root_option
     def command(dataset, preset, scales, seeds, subset, epochs, dm_max_steps, sigma, budget_minutes, jobs,
-                runs_per_gpu, reuse, out, data_root):
+                runs_per_gpu, executor, partition, time_min, cpus_per_task, gpus_per_task, array_parallelism,
+                sbatch_flags, reuse, out, data_root):
         from studies.jobs import LocalExecutor, default_jobs
         from studies.presets import get_study_preset
-        from studies.study import run_study
+        from studies.study import default_study_dir, run_study
 
         overrides = {"subset": subset, "epochs": epochs, "dm_max_steps": dm_max_steps, "sigma": sigma,
                      "budget_minutes": budget_minutes, "scales": _ints(scales, "--scales"),
@@ -133,9 +149,18 @@ def _study_command(kind):
         if any(k < 1 for k in overrides["scales"] or ()):
             raise VaegenError("every SCALE must be >= 1")
         chosen = get_study_preset(preset, **overrides)
-        executor = LocalExecutor(jobs or default_jobs(runs_per_gpu), runs_per_gpu)
-        click.echo(f"{kind.name} study of {dataset}, {executor.jobs} job(s), preset {chosen}", err=True)
-        study_dir = run_study(kind, dataset, chosen, out, executor, data_root, reuse)
+        study_dir = Path(out) if out else default_study_dir(kind.name, dataset, chosen.name)
+        if executor == "slurm":
+            try:
+                from studies.slurm import SlurmExecutor
+            except ImportError:
+                raise VaegenError("--executor slurm needs submitit: pip install 'vaegen[slurm]'") from None
+            runner = SlurmExecutor(study_dir / "slurm", partition, time_min, cpus_per_task, gpus_per_task,
+                                   array_parallelism, shlex.split(sbatch_flags))
+        else:
+            runner = LocalExecutor(jobs or default_jobs(runs_per_gpu), runs_per_gpu)
+        click.echo(f"{kind.name} study of {dataset}, {executor} executor, preset {chosen}", err=True)
+        study_dir = run_study(kind, dataset, chosen, str(study_dir), runner, data_root, reuse)
         click.echo(str(study_dir / "report.md"))
 
     return command

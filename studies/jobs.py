@@ -56,6 +56,11 @@ def vaegen_command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "studies", *args]
 
 
+def run_vaegen(args: list[str], env: dict | None = None) -> int:
+    """Run `vaegen *args` to its end in this interpreter; its exit code."""
+    return subprocess.run(vaegen_command(args), env=env).returncode
+
+
 def shown(args: list[str]) -> str:
     return shlex.join(["vaegen", *args])
 

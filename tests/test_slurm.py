@@ -119,55 +119,10 @@ def test_srun_two_tasks_train_the_same_dm_as_torchrun(inputs, torchrun_dm):
 
 # --- studies on Slurm: studies.slurm.SlurmExecutor -----------------------------------------------------------------
 
-# Stand-ins for the lead's studies/jobs.py (RunJob, run_vaegen, vaegen_command) until it lands in this branch: a
-# package portion of `studies` in a temporary directory, importable here and in the Slurm tasks (PYTHONPATH).
-JOBS_STAND_IN = '''
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-
-from vaegen.vaerun import DONE_NAME, EVAL_DIR, GAPS_NAME
-
-
-@dataclass(frozen=True)
-class RunJob:
-    label: str
-    out: str
-    train: tuple
-    eval: tuple
-
-    def commands(self):
-        out, commands = Path(self.out), []
-        if not (out / DONE_NAME).exists():
-            commands.append([*self.train, *(["--resume"] if out.exists() else [])])
-        if not (out / EVAL_DIR / GAPS_NAME).exists():
-            commands.append(list(self.eval))
-        return commands
-
-
-def vaegen_command(args):
-    return [sys.executable, "-m", "vaegen", *args]
-
-
-def run_vaegen(args, env=None):
-    return subprocess.run(vaegen_command(args), env=env).returncode
-'''
-
-
 @pytest.fixture(scope="module")
-def studies(tmp_path_factory):
-    """The `studies` package (the repository's studies/slurm.py and the stand-in jobs module), on this process's
-    path and on the Slurm tasks' PYTHONPATH."""
-    stand_in = tmp_path_factory.mktemp("stand-in")
-    (stand_in / "studies").mkdir()
-    (stand_in / "studies" / "jobs.py").write_text(JOBS_STAND_IN)
-    repo = Path(__file__).resolve().parent.parent
-    paths = [str(stand_in), str(repo)]
+def studies():
+    """studies.jobs and studies.slurm, with the Slurm tasks on one thread and no GPU."""
     with pytest.MonkeyPatch.context() as patch:
-        for path in reversed(paths):
-            patch.syspath_prepend(path)
-        patch.setenv("PYTHONPATH", os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])]))
         patch.setenv("OMP_NUM_THREADS", "1")
         patch.setenv("CUDA_VISIBLE_DEVICES", "")
         yield SimpleNamespace(jobs=importlib.import_module("studies.jobs"),
@@ -179,8 +134,8 @@ def run_job(studies, inputs: Path, out: Path, seed: int, epochs: int = 2, *extra
     train = ("train", "--dataset", "fmnist", "--data-root", str(inputs / "data"), "--shards", str(inputs / "shards"),
              "--epochs", str(epochs), "--eval-every", "1", "--batch-size", "16", "--seed", str(seed), *extra,
              "--out", str(out))
-    return studies.jobs.RunJob(out.name, str(out), train, ("eval", str(out), "--gaps", "generalization",
-                                                           "--iwae-k", "0", "--quick"))
+    return studies.jobs.RunJob(out.name, str(out), train, (("eval", ("eval", str(out), "--gaps", "generalization",
+                                                                     "--iwae-k", "0", "--quick")),))
 
 
 def run_locally(studies, job) -> None:

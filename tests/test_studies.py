@@ -112,6 +112,9 @@ def test_budget_minutes_and_sigma_override_the_preset(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert (chosen["preset"].budget_minutes, chosen["preset"].sigma) == (45, 0.05)
     assert chosen["executor"].jobs == 3 and chosen["reuse"] is False
+    if __import__("shutil").which("sbatch") is None:  # without Slurm, --executor slurm is one line, exit 2
+        result = CliRunner().invoke(main, ["study", "ablation", "--executor", "slurm", "--out", str(tmp_path / "s")])
+        assert result.exit_code == 2 and "sbatch" in result.output and len(result.output.strip().splitlines()) == 1
     result = CliRunner().invoke(main, ["study", "ablation", "--preset", "cpu", "--budget-minutes", "-1"])
     assert result.exit_code == 2
 

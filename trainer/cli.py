@@ -8,6 +8,7 @@ from trainer.augment import FLIP_READINGS, OUTPUTS, SIGMA_READINGS
 from trainer.data import POOL_ON_DEVICE
 from trainer.likelihoods import LIKELIHOODS
 from trainer.train import TrainConfig as Defaults
+from vaegen.launch import is_main_process
 from vaegen.options import CONTEXT, dataset_options, tracking_options
 
 
@@ -99,4 +100,6 @@ def train(**options):
     """
     from trainer.train import train as run_training
 
-    click.echo(str(run_training(Defaults(**options))))
+    out = run_training(Defaults(**options))
+    if is_main_process():  # one line per launch, not per rank
+        click.echo(str(out))
