@@ -124,9 +124,9 @@ def test_score_json_reports_every_metric_and_the_real_vs_real_floor(data_root, i
 @needs_fmnist
 def test_score_ranks_a_longer_trained_model_above_a_barely_trained_one_on_every_metric(
         data_root, isolated_cache, tmp_path):
-    config = dict(data_root=str(data_root), n=300, classifier_steps=300, sampler=SamplerConfig(steps=8))
+    config = dict(data_root=str(data_root), n=200, classifier_steps=200, sampler=SamplerConfig(steps=6))
     barely = score_dm(ScoreConfig(dm=str(train_tiny(tmp_path / "barely", data_root, 5)), **config))
-    longer = score_dm(ScoreConfig(dm=str(train_tiny(tmp_path / "longer", data_root, 400)), **config))
+    longer = score_dm(ScoreConfig(dm=str(train_tiny(tmp_path / "longer", data_root, 250)), **config))
     worse, better = barely["samples"], longer["samples"]
     assert better["fd"] < worse["fd"]
     assert better["precision"] > worse["precision"]
