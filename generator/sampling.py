@@ -23,19 +23,37 @@ ending at sigma = 0; `steps` N costs N network evaluations except for edm-heun.
                   EDM models; for VP models first-order DPM-Solver++, which is the same update (Lu et al. 2022)
                   and, unlike diffusers' DDIMScheduler, runs on Karras sigmas.
 
-Determinism. Sample i's initial noise comes only from a CPU `torch.Generator` seeded by (seed, i) (every
-sampler is deterministic after that), and the network always runs on fixed-shape chunks of
-`SamplerConfig.chunk` images, padding the last one. The padding matters: CPU kernels (oneDNN convolutions,
-MKL GEMM) choose their algorithm by batch size, so without it an image's last bits would depend on how many
-images were sampled beside it. With it, `sample(dm, [5], ...)` equals `sample(dm, [3, 4, 5], ...)[2]`
-bit for bit on CPU.
+Noise. Sample i's initial noise is a pure function of (seed, i) and the image shape, so an image never
+depends on the batch, the process count or the device it was sampled with. Two schemes exist; a shard run
+records which one made it (`noise_stream`) and is always resumed with it:
+  philox (NOISE_PHILOX, the default since v2) counter-based, evaluated for a whole batch at once. The bits
+                  are Philox4x64-10 (Salmon et al. 2011, numpy's `np.random.Philox`, checked against the
+                  Random123 known answers) under the key (seed, id of the "sample-noise" seed purpose): image i
+                  owns counter blocks [i*B, (i+1)*B), B = ceil(D/8) for D = C*H*W values, so a run of
+                  consecutive images is one `random_raw` call. Word k of an image (64 bits) gives u1 (its high
+                  32 bits) and u2 (low 32), each (b + 0.5) / 2^32 in (0, 1), and the Box-Muller pair
+                  z[k] = r cos(2 pi u2), z[k + D/2] = r sin(2 pi u2), r = sqrt(-2 ln u1). The bits are made
+                  on the CPU (exact integers everywhere); the transform runs in float64 on the sampling device
+                  (CUDA) or the CPU and is rounded to float32, so CPU and CUDA agree bit for bit except where
+                  their float64 log/cos/sin differ by an ulp right at a float32 rounding boundary (about one
+                  value in 10^8-10^9).
+  per-image generator (NOISE_PER_IMAGE_GENERATOR, "v1") a CPU `torch.Generator` seeded by (seed, i) per
+                  image (`vaegen.seeding`): ~40 us per image, kept only so that runs made with it resume.
+
+Determinism. Every sampler is deterministic after the noise, and the network always runs on fixed-shape
+chunks of `SamplerConfig.chunk` images, padding the last one. The padding matters: CPU kernels (oneDNN
+convolutions, MKL GEMM) choose their algorithm by batch size, so without it an image's last bits would depend
+on how many images were sampled beside it. With it, `sample(dm, [5], ...)` equals
+`sample(dm, [3, 4, 5], ...)[2]` bit for bit on CPU.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,7 +72,9 @@ from tqdm.auto import tqdm
 
 from generator.edm import edm_denoise
 from vaegen.errors import VaegenError
-from vaegen.seeding import torch_generator
+from vaegen.provenance import sha256_file
+from vaegen.seeding import PURPOSES, torch_generator
+from vaegen.shardformat import LEGACY_NOISE_STREAM
 
 SAMPLERS = ("edm-heun", "dpm-solver++", "dpm-solver++3m", "unipc", "ddim")
 SOLVER_ORDER = {"ddim": 1, "dpm-solver++": 2, "dpm-solver++3m": 3}  # the scheduler-loop samplers
@@ -160,13 +180,7 @@ def weights_sha256(unet_dir: Path) -> str:
                    if p.name in WEIGHT_FILES or re.fullmatch(r"diffusion_pytorch_model-\d+-of-\d+\.\w+", p.name))
     if not files:
         raise VaegenError(f"{unet_dir} has a UNet config but no weights file ({WEIGHT_FILES[0]})")
-    digests = []
-    for f in files:
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-        digests.append(digest.hexdigest())
+    digests = [sha256_file(f) for f in files]
     return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
@@ -239,13 +253,77 @@ def load_dm(path: str, device: str | torch.device = "cpu") -> DiffusionModel:
 
 # --- sampling ---------------------------------------------------------------------------------------------
 
-def initial_noise(indices: Sequence[int] | np.ndarray, seed: int, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Standard normal noise (n, C, H, W), row i drawn on CPU from its own generator seeded by (seed, i)."""
-    rows = []
-    for i in indices:
-        g = torch_generator(seed, "sample-noise", int(i))
-        rows.append(torch.randn(shape, generator=g))
-    return torch.stack(rows) if rows else torch.empty(0, *shape)
+NOISE_PHILOX = "vaegen sample-noise v2: philox4x64-10 (seed, i), box-muller f64"
+NOISE_PER_IMAGE_GENERATOR = LEGACY_NOISE_STREAM  # "vaegen.seeding sample-noise v1"; also runs recording none
+NOISE_STREAMS = (NOISE_PHILOX, NOISE_PER_IMAGE_GENERATOR)
+DEFAULT_NOISE = NOISE_PHILOX
+_WORD_BITS = 2.0**-32
+
+
+def check_noise_stream(noise: str) -> str:
+    if noise not in NOISE_STREAMS:
+        raise VaegenError(f"unknown noise stream {noise!r}; this vaegen knows {', '.join(map(repr, NOISE_STREAMS))}")
+    return noise
+
+
+def contiguous_runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """(first index, length) of each run of consecutive indices, in order: [3, 4, 5, 9] -> [(3, 3), (9, 1)]."""
+    if len(indices) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    lengths = np.diff(np.concatenate([starts, [len(indices)]]))
+    return [(int(indices[s]), int(n)) for s, n in zip(starts, lengths)]
+
+
+_philox = threading.local()  # one numpy Philox per thread, re-keyed per call: constructing one costs ~25 us
+
+
+def philox_words(indices: np.ndarray, seed: int, words_per_image: int) -> np.ndarray:
+    """The Philox4x64-10 words (n, words_per_image) uint64 of images `indices` (see the module docstring)."""
+    if not hasattr(_philox, "bits"):
+        _philox.bits = np.random.Philox()
+    blocks = -(-words_per_image // 4)
+    key = np.array([seed, PURPOSES["sample-noise"][0]], np.uint64)
+    runs = []
+    for first, n in contiguous_runs(indices):
+        # numpy increments the counter before each block, so block b comes from counter b - 1 (mod 2^256).
+        counter = (first * blocks - 1) % 2**256
+        _philox.bits.state = {"bit_generator": "Philox", "buffer": np.zeros(4, np.uint64), "buffer_pos": 4,
+                              "has_uint32": 0, "uinteger": 0,
+                              "state": {"key": key, "counter": np.array([(counter >> s) % 2**64 for s in
+                                                                         (0, 64, 128, 192)], np.uint64)}}
+        runs.append(_philox.bits.random_raw(n * blocks * 4).reshape(n, blocks * 4))
+    words = runs[0] if len(runs) == 1 else np.concatenate([np.empty((0, blocks * 4), np.uint64), *runs])
+    return words[:, :words_per_image] if words_per_image % 4 else words
+
+
+def box_muller(words: torch.Tensor, values: int) -> torch.Tensor:
+    """Standard normals (n, values) float32 from uint64 words (n, ceil(values / 2)) held as int64, in float64."""
+    hi = ((words >> 32) & 0xFFFF_FFFF).to(torch.float64).add_(0.5).mul_(_WORD_BITS)  # >> is arithmetic: mask
+    lo = (words & 0xFFFF_FFFF).to(torch.float64).add_(0.5).mul_(_WORD_BITS)
+    radius = hi.log_().mul_(-2.0).sqrt_()
+    angle = lo.mul_(2 * math.pi)
+    pairs = torch.stack([radius * angle.cos(), radius.mul_(angle.sin_())], dim=1)  # (n, 2, words)
+    return pairs.to(torch.float32).reshape(len(words), 2 * words.shape[1])[:, :values]
+
+
+def initial_noise(indices: Sequence[int] | np.ndarray, seed: int, shape: tuple[int, int, int],
+                  noise: str = DEFAULT_NOISE, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Standard normal noise (n, C, H, W) float32 on `device`; row i a function of (noise, seed, i, shape) only."""
+    check_noise_stream(noise)
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    device = torch.device(device)
+    if noise == NOISE_PER_IMAGE_GENERATOR:
+        rows = [torch.randn(shape, generator=torch_generator(seed, "sample-noise", int(i))) for i in indices]
+        return (torch.stack(rows) if rows else torch.empty(0, *shape)).to(device)
+    if len(indices) and (indices.min() < 0 or seed < 0 or seed >= 2**64):
+        raise ValueError(f"noise needs indices >= 0 and a seed in [0, 2^64), got seed {seed}")
+    values = math.prod(shape)
+    words = torch.from_numpy(philox_words(indices, seed, -(-values // 2)).view(np.int64))
+    # float64 is unsupported on some accelerators (MPS): there the transform stays on the CPU.
+    on = device if device.type == "cuda" else torch.device("cpu")
+    return box_muller(words.to(on, non_blocking=True), values).reshape(len(indices), *shape).to(device)
 
 
 def karras_sigmas(dm: DiffusionModel, config: SamplerConfig) -> torch.Tensor:
@@ -329,10 +407,10 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def sample(dm: DiffusionModel, indices: Sequence[int] | np.ndarray, seed: int, config: SamplerConfig,
            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-           progress: bool = False) -> torch.Tensor:
-    """Images `indices` of the stream defined by (dm, seed, config): uint8 (n, C, H, W) on CPU.
+           progress: bool = False, noise: str = DEFAULT_NOISE) -> torch.Tensor:
+    """Images `indices` of the stream defined by (dm, seed, config, noise): uint8 (n, C, H, W) on CPU.
 
-    Image i depends only on (dm, seed, i, config), never on which other indices are sampled with it.
+    Image i depends only on (dm, seed, i, config, noise), never on which other indices are sampled with it.
     The network runs in `dtype` (bf16 on a GPU is fine); the sampler's state stays float32.
     """
     device = torch.empty(0, device=device).device  # "cuda" -> cuda:0, so the check below is exact
@@ -340,18 +418,20 @@ def sample(dm: DiffusionModel, indices: Sequence[int] | np.ndarray, seed: int, c
         dm.unet.to(device=device, dtype=dtype)
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     shape = (dm.channels, dm.image_size, dm.image_size)
+    all_noise = initial_noise(indices, seed, shape, noise, device)  # one batched draw for every chunk
     out = []
     chunks = range(0, len(indices), config.chunk)
     for start in tqdm(chunks, desc="sampling", unit="chunk", disable=not progress):
-        chunk = indices[start:start + config.chunk]
-        noise = torch.zeros(config.chunk, *shape)
-        noise[:len(chunk)] = initial_noise(chunk, seed, shape)
-        x = solve(dm, noise.to(device), config)
-        out.append(to_uint8(x[:len(chunk)]).cpu())
+        n = min(config.chunk, len(indices) - start)
+        chunk_noise = all_noise[start:start + n]
+        if n < config.chunk:  # pad to the fixed chunk shape (see the module docstring)
+            chunk_noise = torch.cat([chunk_noise, chunk_noise.new_zeros(config.chunk - n, *shape)])
+        x = solve(dm, chunk_noise, config)
+        out.append(to_uint8(x[:n]).cpu())
     return torch.cat(out) if out else torch.empty(0, *shape, dtype=torch.uint8)
 
 
-def sampler_record(dm: DiffusionModel, config: SamplerConfig, seed: int) -> dict:
-    """Everything that determines a sample stream, for manifests and provenance."""
+def sampler_record(dm: DiffusionModel, config: SamplerConfig, seed: int, noise: str = DEFAULT_NOISE) -> dict:
+    """Everything that determines a sample stream, for provenance records (generation.json, score.json)."""
     return {"sampler": asdict(config), "network_evaluations": config.network_evaluations, "seed": seed,
-            "dm": dm.describe()}
+            "noise_stream": noise, "dm": dm.describe()}
