@@ -70,7 +70,6 @@ from diffusers import (
 )
 from tqdm.auto import tqdm
 
-from generator.edm import edm_denoise
 from vaegen.errors import VaegenError
 from vaegen.provenance import sha256_file
 from vaegen.seeding import PURPOSES, torch_generator
@@ -112,6 +111,8 @@ class DiffusionModel:
         self.path = path
         self.sha256 = sha256
         self.channels = int(unet.config.in_channels)
+        self._sigmas: dict[SamplerConfig, list[float]] = {}  # Karras schedules, built once per sampler config
+        self._edm_constants: dict[tuple, tuple] = {}  # preconditioning per (sigma, device, dtype)
         size = unet.config.sample_size
         self.image_size = int(size if isinstance(size, int) else size[0])
         scheduler_class = self.scheduler_config.get("_class_name", "")
@@ -145,10 +146,31 @@ class DiffusionModel:
                 "scheduler": self.scheduler_config.get("_class_name"),
                 "channels": self.channels, "image_size": self.image_size}
 
+    def edm_constants(self, sigma: float, device: torch.device) -> tuple:
+        """(c_in, c_skip, c_out, c_noise) of diffusers' EDM preconditioning at `sigma`, from its own functions on
+        0-d float32 tensors exactly as `edm_denoise` gets them, computed once per sigma: each is ~5 tiny tensor
+        ops per network call otherwise, which cost more than a null network's whole sample on a CPU."""
+        key = (sigma, device, self.unet.dtype)
+        if key not in self._edm_constants:
+            s = torch.tensor(sigma, dtype=torch.float32, device=device)
+            one, zero = torch.ones_like(s), torch.zeros_like(s)
+            self._edm_constants[key] = (
+                self.edm.precondition_inputs(one, s),       # 1 * c_in
+                self.edm.precondition_outputs(one, zero, s),  # c_skip * 1 + c_out * 0
+                self.edm.precondition_outputs(zero, one, s),  # c_skip * 0 + c_out * 1
+                self.edm.precondition_noise(s.reshape(-1)).to(self.unet.dtype))
+        return self._edm_constants[key]
+
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """D(x; sigma): the model's estimate of the clean image, in EDM coordinates (float32)."""
+        """D(x; sigma): the model's estimate of the clean image, in EDM coordinates (float32).
+
+        For an EDM model this is `edm_denoise` (c_skip x + c_out F(c_in x, c_noise)) rounded the same way, with
+        the constants cached per sigma.
+        """
         if self.kind == "edm":
-            return edm_denoise(self.unet, self.edm, x, sigma)
+            c_in, c_skip, c_out, c_noise = self.edm_constants(sigma, x.device)
+            out = self.unet((x * c_in).to(self.unet.dtype), c_noise).sample.float()
+            return (c_skip * x).add_(c_out * out)
         # VP model: x_t = alpha x, c_in = alpha = 1 / sqrt(1 + sigma^2), timestep interpolated in log sigma.
         c_in = 1.0 / (1.0 + sigma**2) ** 0.5
         t = float(np.interp(np.log(sigma), self.vp_log_sigmas, np.arange(len(self.vp_log_sigmas))))
@@ -258,6 +280,7 @@ NOISE_PER_IMAGE_GENERATOR = LEGACY_NOISE_STREAM  # "vaegen.seeding sample-noise 
 NOISE_STREAMS = (NOISE_PHILOX, NOISE_PER_IMAGE_GENERATOR)
 DEFAULT_NOISE = NOISE_PHILOX
 _WORD_BITS = 2.0**-32
+CPU_NOISE_SLICE = 128  # images per float64 transform on a CPU (128 x 512 words x 8 bytes = 512 KiB)
 
 
 def check_noise_stream(noise: str) -> str:
@@ -301,11 +324,14 @@ def philox_words(indices: np.ndarray, seed: int, words_per_image: int) -> np.nda
 def box_muller(words: torch.Tensor, values: int) -> torch.Tensor:
     """Standard normals (n, values) float32 from uint64 words (n, ceil(values / 2)) held as int64, in float64."""
     hi = ((words >> 32) & 0xFFFF_FFFF).to(torch.float64).add_(0.5).mul_(_WORD_BITS)  # >> is arithmetic: mask
-    lo = (words & 0xFFFF_FFFF).to(torch.float64).add_(0.5).mul_(_WORD_BITS)
-    radius = hi.log_().mul_(-2.0).sqrt_()
-    angle = lo.mul_(2 * math.pi)
-    pairs = torch.stack([radius * angle.cos(), radius.mul_(angle.sin_())], dim=1)  # (n, 2, words)
-    return pairs.to(torch.float32).reshape(len(words), 2 * words.shape[1])[:, :values]
+    angle = (words & 0xFFFF_FFFF).to(torch.float64).add_(0.5).mul_(_WORD_BITS * 2 * math.pi)
+    radius = hi.log_().mul_(-2.0).sqrt_().unsqueeze(1)
+    pairs = torch.empty(len(words), 2, words.shape[1], dtype=torch.float64, device=words.device)
+    torch.cos(angle, out=pairs[:, 0])
+    torch.sin(angle, out=pairs[:, 1])
+    out = torch.empty(len(words), 2, words.shape[1], dtype=torch.float32, device=words.device)
+    torch.mul(pairs, radius, out=out)  # the float64 product, rounded once to float32
+    return out.reshape(len(words), 2 * words.shape[1])[:, :values]
 
 
 def initial_noise(indices: Sequence[int] | np.ndarray, seed: int, shape: tuple[int, int, int],
@@ -321,9 +347,14 @@ def initial_noise(indices: Sequence[int] | np.ndarray, seed: int, shape: tuple[i
         raise ValueError(f"noise needs indices >= 0 and a seed in [0, 2^64), got seed {seed}")
     values = math.prod(shape)
     words = torch.from_numpy(philox_words(indices, seed, -(-values // 2)).view(np.int64))
-    # float64 is unsupported on some accelerators (MPS): there the transform stays on the CPU.
-    on = device if device.type == "cuda" else torch.device("cpu")
-    return box_muller(words.to(on, non_blocking=True), values).reshape(len(indices), *shape).to(device)
+    if device.type == "cuda":
+        return box_muller(words.to(device, non_blocking=True), values).reshape(len(indices), *shape)
+    # On a CPU (or an accelerator without float64, MPS) in cache-sized slices: a batch's float64 temporaries
+    # would be fresh allocations of several MiB, whose page faults cost more than the arithmetic.
+    out = torch.empty(len(indices), values)
+    for lo in range(0, len(indices), CPU_NOISE_SLICE):
+        out[lo:lo + CPU_NOISE_SLICE] = box_muller(words[lo:lo + CPU_NOISE_SLICE], values)
+    return out.reshape(len(indices), *shape).to(device)
 
 
 def karras_sigmas(dm: DiffusionModel, config: SamplerConfig) -> torch.Tensor:
@@ -335,15 +366,25 @@ def karras_sigmas(dm: DiffusionModel, config: SamplerConfig) -> torch.Tensor:
 
 
 def heun_sample(dm: DiffusionModel, noise: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
-    """EDM Algorithm 1, deterministic (S_churn = 0): Heun steps with an Euler step to sigma = 0 at the end."""
-    sigmas = karras_sigmas(dm, config).tolist()
+    """EDM Algorithm 1, deterministic (S_churn = 0): Heun steps with an Euler step to sigma = 0 at the end.
+
+    Per step: d = (x - D(x; s)) / s, x' = x + (s' - s) d, then (s' > 0) the correction
+    x' = x + (s' - s)(0.5 d + 0.5 d'). Written in place to save allocations, each operation rounding exactly as
+    that formula does (the same operands, in the same order).
+    """
+    if config not in dm._sigmas:
+        dm._sigmas[config] = karras_sigmas(dm, config).tolist()
+    sigmas = dm._sigmas[config]
     x = noise * sigmas[0]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - dm.denoise(x, sigma)) / sigma
-        x_next = x + (sigma_next - sigma) * d
+        h = sigma_next - sigma
+        denoised = dm.denoise(x, sigma)
+        d = torch.sub(x, denoised, out=denoised).div_(sigma)
+        x_next = (h * d).add_(x)
         if sigma_next > 0:  # 2nd-order correction
-            d_next = (x_next - dm.denoise(x_next, sigma_next)) / sigma_next
-            x_next = x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_next)
+            denoised = dm.denoise(x_next, sigma_next)
+            d_next = torch.sub(x_next, denoised, out=denoised).div_(sigma_next)
+            x_next = d.mul_(0.5).add_(d_next.mul_(0.5)).mul_(h).add_(x)
         x = x_next
     return x
 
@@ -401,7 +442,7 @@ def solve(dm: DiffusionModel, noise: torch.Tensor, config: SamplerConfig) -> tor
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 exactly as the real data is mapped (u8 = round((x + 1) * 127.5), clamped)."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return (x.float() + 1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
 @torch.inference_mode()

@@ -8,11 +8,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel, UniPCMultistepScheduler
 
-from generator.edm import edm_scheduler
+from generator.edm import edm_denoise, edm_scheduler
 from generator.sampling import (
     SAMPLERS,
     SamplerConfig,
     denoiser_sample,
+    heun_sample,
     initial_noise,
     karras_sigmas,
     load_dm,
@@ -80,6 +81,31 @@ def test_every_sampler_is_deterministic_and_independent_of_batch_composition(edm
     assert torch.equal(sample(dm, [9], seed=1, config=config)[0], several[4])
     assert not torch.equal(several[0], several[1])  # different indices, different noise
     assert not torch.equal(sample(dm, [5], seed=2, config=config)[0], several[2])  # the seed matters
+
+
+def test_heun_rounds_exactly_as_edm_algorithm_1_written_out(edm_dir):
+    """The in-place Heun loop with cached preconditioning constants gives, bit for bit, EDM's Algorithm 1 as
+    written (out-of-place, `edm_denoise` from the scheduler at every call): runs made before the rewrite resume
+    with the same bytes."""
+    dm = load_dm(str(edm_dir))
+    config = SamplerConfig(steps=4)
+    noise = initial_noise(np.arange(3), 0, (1, 32, 32))
+
+    def denoise(x, sigma):
+        return edm_denoise(dm.unet, dm.edm, x, sigma)
+
+    with torch.inference_mode():
+        sigmas = karras_sigmas(dm, config).tolist()
+        x = noise * sigmas[0]
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            d = (x - denoise(x, sigma)) / sigma
+            x_next = x + (sigma_next - sigma) * d
+            if sigma_next > 0:
+                d_next = (x_next - denoise(x_next, sigma_next)) / sigma_next
+                x_next = x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_next)
+            x = x_next
+        assert torch.equal(heun_sample(dm, noise, config), x)
+        assert torch.equal(dm.denoise(noise * 3, 2.5), denoise(noise * 3, 2.5))
 
 
 def test_heun_costs_two_evaluations_per_step_but_the_last():
