@@ -93,20 +93,23 @@ class StageTimer:
         self.calls: dict[str, int] = defaultdict(int)
         self.cuda, self.lock, self._undo = cuda, threading.Lock(), []
 
-    def wrap(self, owner, name: str, stage: str) -> None:
+    def wrap(self, owner, name: str, stage: str, device_work: bool = True) -> None:
+        """Time `owner.name` as `stage`; `device_work`: synchronize CUDA around it (the sampling thread's stages;
+        the writer thread's must not wait for the sampler's kernels)."""
         original = getattr(owner, name, None)
         if original is None:  # an older checkout without this function (comparing before and after a change)
             return
+        sync = self.cuda and device_work
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
-            if self.cuda:
+            if sync:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                if self.cuda:
+                if sync:
                     torch.cuda.synchronize()
                 with self.lock:
                     self.seconds[stage] += time.perf_counter() - t0
@@ -128,11 +131,12 @@ def null_model_generation(dm: sampling.DiffusionModel, timer: StageTimer | None)
     sampling.load_dm = lambda path, device="cpu": dm
     if timer is not None:
         for owner, name, stage in ((sampling, "initial_noise", "noise"), (sampling, "solve", "solve"),
-                                   (sampling, "to_uint8", "uint8"), (NullUNet, "forward", "network"),
-                                   (sf.ShardFile, "write_block", "pack+write"), (sf.ShardFile, "commit", "commit"),
+                                   (sampling, "to_uint8", "uint8"), (NullUNet, "forward", "network")):
+            timer.wrap(owner, name, stage)
+        for owner, name, stage in ((sf.ShardFile, "write_block", "pack+write"), (sf.ShardFile, "commit", "commit"),
                                    (sf, "shard_is_current", "resume scan"), (sf, "shard_problems", "final check"),
                                    (sf, "write_index", "index"), (sf, "write_generation", "generation.json")):
-            timer.wrap(owner, name, stage)
+            timer.wrap(owner, name, stage, device_work=False)
     try:
         yield
     finally:
@@ -190,7 +194,7 @@ def bench_reader(args, work: Path) -> dict:
     n = args.reader_images
     rng = np.random.default_rng(0)
     run_dir = work / "reader-run"
-    sf.write_run(run_dir, rng.integers(0, 256, (n, 1, 32, 32), dtype=np.uint8), args.shard_size,
+    sf.write_run(run_dir, rng.integers(0, 256, (n, 1, 32, 32), dtype=np.uint8), args.reader_shard_size,
                  {"dataset": "fmnist", "n_train": n})
     pool = open_shard_pool(run_dir, "fmnist", (1, 32, 32), n, 1)
     rows = {}
@@ -211,7 +215,8 @@ def bench_reader(args, work: Path) -> dict:
             source.close()
         rows[f"{world} process(es)"] = {"images_per_worker": len(share),
                                         "decode_images_per_s": max(decode), "epoch_images_per_s": max(epoch)}
-    return {"pool_images": n, "batch_size": args.reader_batch_size, "shard_size": args.shard_size, "rows": rows}
+    return {"pool_images": n, "batch_size": args.reader_batch_size, "shard_size": args.reader_shard_size,
+            "rows": rows}
 
 
 def report(gen: dict | None, reader: dict | None) -> str:
@@ -253,6 +258,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--shard-size", type=int, default=4096)
     parser.add_argument("--reader-images", type=int, default=60000, help="the shard reader's pool (N, K=1)")
     parser.add_argument("--reader-batch-size", type=int, default=128)
+    parser.add_argument("--reader-shard-size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2, help="untimed runs; the best is reported")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
