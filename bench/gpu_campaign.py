@@ -7,9 +7,9 @@
 Steps, in order of importance. Each runs in its own process under a timeout, so a failing or hung step is
 recorded (steps.jsonl) and the campaign goes on; a step that the budget no longer allows is skipped.
   env           versions, device, nvidia-smi, the TF32 defaults, git commit
-  noise         the initial noise (generator.sampling.initial_noise) on the device: us/image at several batch
-                sizes, the CPU's part of it (the Philox bits), the old per-image generator for reference, and
-                whether the device's noise has the CPU's bytes (float32 mismatches out of some millions)
+  noise         bench/bench_noise.py on the device: the initial noise's us/image at several batch sizes, the
+                CPU's part of it (the Philox bits), the old per-image generator for reference, and whether the
+                device's noise has the CPU's bytes (float32 mismatches out of some millions)
   null          bench/bench_null_pipeline.py on the device: generate_run with a zero-cost denoiser and its stage
                 shares; the trainer's shard reader, images/s per process
   generate      generate_run with the `small` preset's UNet (random weights: speed does not depend on them),
@@ -114,25 +114,6 @@ STEPS = ("env", "noise", "null", "generate", "trainer", "train-cli", "runs-per-g
 COLLECT_RESERVE_S = 10
 
 
-def synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def best_seconds(fn, device: str, repeats: int = 5) -> float:
-    """The fastest of `repeats` calls (the machine may be shared), synchronized with the device."""
-    best = math.inf
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def command_output(cmd: list[str], timeout: float = 20) -> str | None:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -196,35 +177,10 @@ def step_env(args, sizes: Sizes) -> dict:
 # --- noise ------------------------------------------------------------------------------------------------------
 
 def step_noise(args, sizes: Sizes) -> dict:
-    import torch
+    import bench_noise
 
-    from generator.sampling import NOISE_PER_IMAGE_GENERATOR, initial_noise, philox_words
-
-    device = sizes.device
-    initial_noise(np.arange(64), 0, SHAPE, device=device)  # warm-up: CUDA context, kernels
-    rows = []
-    for n in sizes.noise_batches:
-        indices = np.arange(10_000, 10_000 + n)
-        total = best_seconds(lambda indices=indices: initial_noise(indices, 0, SHAPE, device=device), device)
-        bits = best_seconds(lambda indices=indices: philox_words(indices, 0, 512), "cpu")
-        rows.append({"batch": n, "us_per_image": round(total / n * 1e6, 3),
-                     "cpu_bits_us_per_image": round(bits / n * 1e6, 3)})
-        print(f"noise batch {n:5d}: {rows[-1]['us_per_image']:8.2f} us/image on {device} "
-              f"(of which the CPU's Philox bits {rows[-1]['cpu_bits_us_per_image']:.2f})")
-    legacy = best_seconds(lambda: initial_noise(np.arange(256), 0, SHAPE, NOISE_PER_IMAGE_GENERATOR), "cpu", 3)
-    result = {"device": device, "rows": rows, "per_image_generator_us_per_image": round(legacy / 256 * 1e6, 3)}
-    print(f"the old per-image generator: {result['per_image_generator_us_per_image']:.2f} us/image (CPU, batch 256)")
-    if sizes.noise_check_images and device != "cpu":
-        indices = np.arange(sizes.noise_check_images)
-        on_cpu = initial_noise(indices, 0, SHAPE, device="cpu")
-        on_device = initial_noise(indices, 0, SHAPE, device=device).cpu()
-        differ = on_cpu != on_device
-        result["cpu_vs_device"] = {"values": on_cpu.numel(), "mismatches": int(differ.sum()),
-                                   "max_abs_difference": float((on_cpu - on_device).abs().max()),
-                                   "identical": bool(torch.equal(on_cpu, on_device))}
-        print(f"noise on {device} vs CPU: {result['cpu_vs_device']['mismatches']} of "
-              f"{result['cpu_vs_device']['values']} float32 values differ")
-    return result
+    return bench_noise.main(["--device", sizes.device, "--batches", ",".join(map(str, sizes.noise_batches)),
+                             "--check-images", str(sizes.noise_check_images)])
 
 
 # --- null pipeline ----------------------------------------------------------------------------------------------

@@ -422,7 +422,7 @@ def test_a_full_disk_is_one_line_exit_2_and_a_rerun_with_space_resumes(env, refe
     out = tiny_tmpfs / "run"
     args = gen_args(env, out, 4)
     filler = tiny_tmpfs / "filler"
-    filler.write_bytes(b"x" * 70_000)  # leaves room for the manifests and a few shards, not for all eight
+    filler.write_bytes(b"x" * 70_000)  # leaves room for generation.json and a few shards, not for all eight
     import generator.generate as generate_module
 
     real_check = generate_module.check_free_space
