@@ -9,7 +9,7 @@ A run directory ``shards/<dataset>/<run>/`` holds:
                                 <key> is the first sample index zero-padded to 12 digits (no dots).
     shard-000000.done.json      completion marker, written only after the tar was fsynced and renamed:
                                 {"shard", "first", "count", "sha256", "filesize", "sampler", "dm_sha256",
-                                 "seed", "noise_stream", "precision", "channels_last", "compile", "tf32"}
+                                 "seed", "noise_stream", "precision" (fp32, tf32 or bf16), "channels_last", "compile"}
     index.json                  wids-style shard index ({"__kind__": "wids-shard-index-v1", "n_images",
                                 "shardlist": [{"url", "nsamples", "filesize", "sha256", "first", "count"}, ...]}),
                                 urls relative to the run dir. As wids requires, "nsamples" counts WebDataset
