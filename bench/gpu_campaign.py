@@ -74,14 +74,16 @@ class Sizes:
     runs_per_gpu: tuple[int, ...]
 
 
-def generate_config(label, precision="bf16", batch_size=1024, tf32=False, compile_="off", chunk=None) -> dict:
+def generate_config(label, precision="bf16", batch_size=1024, tf32=False, compile_="off", chunk=None,
+                    min_left_s=15) -> dict:
+    """One configuration of the generate step; it starts only with `min_left_s` of the step's time left."""
     return {"label": label, "precision": precision, "tf32": tf32, "compile": compile_,
-            "batch_size": batch_size, "chunk": chunk or batch_size}
+            "batch_size": batch_size, "chunk": chunk or batch_size, "min_left_s": min_left_s}
 
 
 GPU = Sizes(
-    device="cuda", budget_s=540,
-    caps={"env": 30, "noise": 45, "null": 80, "generate": 150, "trainer": 60, "train-cli": 60, "runs-per-gpu": 110},
+    device="cuda", budget_s=500,  # with python start-up and collect, well inside a 600 s call
+    caps={"env": 25, "noise": 40, "null": 75, "generate": 140, "trainer": 55, "train-cli": 55, "runs-per-gpu": 100},
     noise_batches=(1, 64, 1024, 4096), noise_check_images=4096,
     null_runs=(("--images", "131072", "--batch-size", "4096", "--repeats", "2"),
                ("--images", "65536", "--batch-size", "1024", "--repeats", "2", "--skip", "reader")),
@@ -90,7 +92,7 @@ GPU = Sizes(
                       generate_config("bf16 batch 4096", batch_size=4096),
                       generate_config("fp32 TF32 off", precision="fp32"),
                       generate_config("fp32 TF32 on", precision="fp32", tf32=True),
-                      generate_config("bf16 compiled", compile_="on")),
+                      generate_config("bf16 compiled", compile_="on", min_left_s=90)),
     target_s=8.0, max_images=262_144,
     trainer_args=("--n", "60000", "--scale", "2", "--epochs", "4", "--shard-size", "4096"),
     n_train=60_000, epochs=4, runs_per_gpu=(1, 2, 4, 8, 16),
@@ -137,6 +139,11 @@ def shard_fixture(work: Path, n: int) -> tuple[Path, Path]:
         write_store(store_path("fmnist", None, 0, root), split, store_attrs("fmnist"))
         sf.write_run(run, rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8), 4096, {"dataset": "fmnist", "n_train": n})
     return root, run
+
+
+def save_partial(args, name: str, result: dict) -> None:
+    """A step's figures so far: a step killed by its timeout still leaves what it measured."""
+    write_json_atomic(Path(args.out) / "raw" / f"{name}.json", result)
 
 
 # --- env --------------------------------------------------------------------------------------------------------
@@ -188,8 +195,11 @@ def step_noise(args, sizes: Sizes) -> dict:
 def step_null(args, sizes: Sizes) -> dict:
     import bench_null_pipeline
 
-    return {"runs": [{"args": list(run), "result": bench_null_pipeline.main(["--device", sizes.device, *run])}
-                     for run in sizes.null_runs]}
+    result = {"runs": []}
+    for run in sizes.null_runs:
+        result["runs"].append({"args": list(run), "result": bench_null_pipeline.main(["--device", sizes.device, *run])})
+        save_partial(args, "null", result)
+    return result
 
 
 # --- generate ---------------------------------------------------------------------------------------------------
@@ -259,7 +269,7 @@ def step_generate(args, sizes: Sizes) -> dict:
     for cfg in sizes.generate_configs:
         row = {**cfg, "preset": sizes.dm_preset, "sampler": "edm-heun", "steps": sizes.steps, "nfe": nfe}
         left = args.deadline - time.time()
-        if left < 15:
+        if left < cfg["min_left_s"]:
             row.update(status="skipped", error=f"campaign budget: {left:.0f} s left")
         else:
             try:
@@ -272,15 +282,19 @@ def step_generate(args, sizes: Sizes) -> dict:
                                                  f"precision {row['identity_precision']})" if row["status"] == "ok"
                                                  else f"{row['status']}: {row.get('error')}"), flush=True)
         torch._dynamo.reset()  # no compiled graph carries over to the next configuration
+        save_partial(args, "generate", {"rows": rows, "projection": projection(rows)})
+    return {"rows": rows, "projection": projection(rows)}
+
+
+def projection(rows: list[dict]) -> dict | None:
+    """Hours of SCALE = 100 and 1000 for FashionMNIST on one device at the fastest configuration measured."""
     ok = [r for r in rows if r["status"] == "ok"]
-    best = max(ok, key=lambda r: r["images_per_s"]) if ok else None
-    projection = None
-    if best is not None:
-        projection = {f"scale_{k}": {"images": k * FMNIST_TRAIN,
-                                     "hours": round(k * FMNIST_TRAIN / best["images_per_s"] / 3600, 2)}
-                      for k in PROJECT_SCALES}
-        projection["from"] = best["label"]
-    return {"rows": rows, "projection": projection}
+    if not ok:
+        return None
+    best = max(ok, key=lambda r: r["images_per_s"])
+    return {"from": best["label"], **{f"scale_{k}": {"images": k * FMNIST_TRAIN,
+                                                     "hours": round(k * FMNIST_TRAIN / best["images_per_s"] / 3600, 2)}
+                                      for k in PROJECT_SCALES}}
 
 
 # --- trainer ----------------------------------------------------------------------------------------------------
@@ -308,18 +322,21 @@ def training_rate(out: Path) -> float | None:
 
 
 def run_training(commands: list[list[str]], outs: list[Path], deadline: float, log: Path) -> list[float | None]:
-    """Run `vaegen train` commands at once (each its own process); their rates (None for a failed run)."""
+    """Run `vaegen train` commands at once (each its own process, in the step's process group, so the campaign's
+    timeout ends them too); their rates (None for a failed or unfinished run). Runs still going 5 s before the
+    step's deadline are killed, so that the step can save what it has."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     with open(log, "a") as f:
-        procs = [subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-                 for cmd in commands]
+        procs = [subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env) for cmd in commands]
         try:
             for proc in procs:
-                proc.wait(timeout=max(1.0, deadline - time.time()))
+                proc.wait(timeout=max(1.0, deadline - 5 - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
         finally:
             for proc in procs:
                 if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.kill()
                     proc.wait()
     return [training_rate(out) if proc.returncode == 0 else None for proc, out in zip(procs, outs)]
 
@@ -341,6 +358,7 @@ def step_train_cli(args, sizes: Sizes) -> dict:
         rate, = run_training([train_command(root, run, out, sizes, 0, *extra)], [out], args.deadline,
                              Path(args.out) / "logs" / "train-cli-runs.log")
         result[name] = {"images_per_s": rate, "command": " ".join(train_command(root, run, out, sizes, 0, *extra)[1:])}
+        save_partial(args, "train-cli", result)
         print(f"vaegen train {name:15s}: " + (f"{rate:10,.0f} images/s" if rate else "FAILED (see the log)"))
     return result
 
@@ -367,8 +385,13 @@ def step_runs_per_gpu(args, sizes: Sizes) -> dict:
                      "per_run_images_per_s": rates, "aggregate_images_per_s": sum(rates) if ok else None})
         print(f"k={k:2d} concurrent runs: " + (f"{sum(rates):10,.0f} images/s in all, {sum(rates) / k:9,.0f} per run"
                                               if ok else f"FAILED ({rates})"), flush=True)
+        save_partial(args, "runs-per-gpu", runs_per_gpu_result(rows, sizes))
         if not ok:
             break
+    return runs_per_gpu_result(rows, sizes)
+
+
+def runs_per_gpu_result(rows: list[dict], sizes: Sizes) -> dict:
     done = [r for r in rows if r["status"] == "ok"]
     saturated_at = next((a["k"] for a, b in zip(done, done[1:])
                          if b["aggregate_images_per_s"] < 1.1 * a["aggregate_images_per_s"]), None)
@@ -509,7 +532,7 @@ def markdown(res: dict) -> str:
                 lines.append("")
             if reader:
                 lines += [f"Shard reader, one process of {name}: decode {fmt(row['decode_images_per_s'], 0)} images/s, "
-                          f"whole epoch {fmt(row['epoch_images_per_s'], 0)} images/s." for name, row in
+                          f"epochs back to back {fmt(row['epoch_images_per_s'], 0)} images/s." for name, row in
                           reader["rows"].items()] + [""]
     if gen := res["generate"]:
         rows = gen["rows"]
