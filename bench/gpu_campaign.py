@@ -2,7 +2,7 @@
 
     bash bench/gpu_campaign.sh                          # on the GPU machine (finds or sets up a python first)
     SMOKE=1 bash bench/gpu_campaign.sh                  # the same steps at tiny sizes on a CPU (a few minutes)
-    python bench/gpu_campaign.py run --out DIR [--smoke] [--budget-s 540]
+    python bench/gpu_campaign.py run --out DIR [--smoke] [--budget-s 500]
 
 Steps, in order of importance. Each runs in its own process under a timeout, so a failing or hung step is
 recorded (steps.jsonl) and the campaign goes on; a step that the budget no longer allows is skipped.
@@ -576,7 +576,7 @@ def main() -> int:
     parser.add_argument("command", choices=["run", "collect", *STEPS])
     parser.add_argument("--out", required=True, help="results directory")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU (the same steps and code paths)")
-    parser.add_argument("--budget-s", type=float, default=None, help="the whole campaign's budget [540 GPU, 300 SMOKE]")
+    parser.add_argument("--budget-s", type=float, default=None, help="the whole campaign's budget [500 GPU, 300 SMOKE]")
     parser.add_argument("--work", default=None, help="(steps) the campaign's scratch directory")
     parser.add_argument("--deadline", type=float, default=math.inf, help="(steps) epoch seconds the step must end by")
     args = parser.parse_args()

@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_campaign.sh                     # on the GPU machine (needs nothing but this repository)
 #   SMOKE=1 bash bench/gpu_campaign.sh             # the same steps at tiny sizes on a CPU (a few minutes)
-#   OUT=DIR PYTHON=/path/to/python BUDGET_S=540 WHEELS=.whl PACK=1 bash bench/gpu_campaign.sh
+#   OUT=DIR PYTHON=/path/to/python BUDGET_S=500 WHEELS=.whl PACK=1 bash bench/gpu_campaign.sh
 #
 # This script only finds a python that can import the stack (PYTHON, else .venv/bin/python, else python3; if it
 # cannot, it installs the wheels in WHEELS (default .whl/: diffusers, webdataset, zarr, ... carried to an
