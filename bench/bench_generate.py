@@ -1,5 +1,5 @@
-"""Shard generation throughput: end to end (`generate_run`: sampling + writer thread + manifests) vs the same
-sampling calls with no writing, side by side in one process; bytes per image vs raw pixels.
+"""Shard generation throughput: end to end (`generate_run`: sampling + writer thread + index and generation
+records) vs the same sampling calls with no writing, side by side in one process; bytes per image vs raw pixels.
 
     python bench/bench_generate.py                                   # a tiny random UNet, CPU
     python bench/bench_generate.py --dm runs/dm/fmnist-small --n 2048 --steps 18
@@ -22,33 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_null_pipeline import zero_store
 
+from generator.edm import write_random_dm
 from generator.generate import GenerateConfig, generate_run
 from generator.sampling import SamplerConfig, load_dm, sample
-from vaegen.data import get_spec, store_attrs, store_path, write_store
-
-
-def tiny_dm(root: Path) -> Path:
-    """A randomly initialised `tiny`-preset-shaped UNet with EDM preconditioning (no training needed)."""
-    from diffusers import UNet2DModel
-
-    from generator.edm import edm_scheduler
-
-    torch.manual_seed(0)
-    UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-                norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(root)
-    edm_scheduler().save_pretrained(root)
-    return root
-
-
-def fake_store(data_root: Path, dataset: str, n: int) -> int:
-    """data_root/<dataset>.zarr with n training images, so that K=1 generates exactly n samples; its channels."""
-    channels = get_spec(dataset).channels
-    images = np.zeros((n, channels, 32, 32), np.uint8)
-    write_store(store_path(dataset, None, 0, data_root), {"train": (images, np.zeros(n, np.uint8))},
-                store_attrs(dataset))
-    return channels
+from vaegen.data import get_spec
 
 
 def sampling_only(dm, n, cfg: GenerateConfig, sampler: SamplerConfig, device, dtype) -> float:
@@ -85,9 +64,10 @@ def main():
             dm_json = Path(args.dm) / "dm.json"
             meta = json.loads(dm_json.read_text()) if dm_json.is_file() else {}
         else:
-            dm_dir, meta = tiny_dm(work / "dm"), {}
+            dm_dir, meta = write_random_dm(work / "dm", "tiny"), {}
         dataset = meta.get("dataset", "fmnist")
-        channels = fake_store(work / "data", dataset, args.n)
+        zero_store(work / "data", args.n, dataset)
+        channels = get_spec(dataset).channels
         cfg = GenerateConfig(dm=str(dm_dir), scale=1, out="", sampler=args.sampler, steps=args.steps,
                              shard_size=args.shard_size, batch_size=args.batch_size, chunk=args.chunk,
                              dataset=dataset, data_root=str(work / "data"))
@@ -122,7 +102,7 @@ def main():
               f"steps (chunk {sampler.chunk}), {args.n} images, shard size {args.shard_size}, "
               f"batch {args.batch_size}, best of {args.repeats}")
         print(f"sampling only       {ips_only:10.1f} img/s")
-        print(f"end to end          {ips_full:10.1f} img/s   (incl. DM load, checks, manifests)")
+        print(f"end to end          {ips_full:10.1f} img/s   (incl. DM load, checks, index and records)")
         print(f"overhead ratio      {ips_full / ips_only:10.3f}   (end to end / sampling only; target >= 0.95)")
         if device.type == "cpu":
             print(f"CPU-time ratio      {min(cpu_only) / min(cpu_full):10.3f}   (sampling only / end to end CPU "

@@ -21,8 +21,7 @@ import torch
 from diffusers import EDMEulerScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from generator.edm import edm_scheduler
-from generator.presets import get_preset
+from generator.edm import write_random_dm
 from generator.sampling import SamplerConfig, load_dm, sample
 
 
@@ -58,10 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.dm
         if path is None:
-            torch.manual_seed(0)
-            UNet2DModel(**get_preset("small").unet_kwargs(channels=1)).save_pretrained(tmp)
-            edm_scheduler().save_pretrained(tmp)
-            path = tmp
+            path = write_random_dm(tmp, "small")
         dm = load_dm(path, args.device)
         unet = dm.unet
         scheduler = EDMEulerScheduler.from_config(dm.scheduler_config)

@@ -1,409 +1,482 @@
-"""Helper of bench/gpu_campaign.sh: each subcommand is one time-boxed step of the campaign.
+"""The GPU campaign: what issue 24 needs measured on a GPU, in one call of under 10 minutes.
 
-    env      --out FILE                      versions, device, nvidia-smi, git commit -> JSON
-    prepare  --work DIR --presets a,b --out FILE
-                                             random-weight DMs of the presets (UNet + EDM scheduler), the
-                                             evaluator's data store, the CPU cost of the per-image noise -> JSON
-    gen      --work DIR --preset P --configs SPEC[,SPEC...] --rows FILE ...
-                                             shard generation throughput, one row per configuration -> JSONL
-    store    --root DIR --n N                an fmnist store of N zero images (N = |D_train| for the CLI step)
-    collect  --out DIR                       every step's output -> results.json + results.md (printed)
+    bash bench/gpu_campaign.sh                          # on the GPU machine (finds or sets up a python first)
+    SMOKE=1 bash bench/gpu_campaign.sh                  # the same steps at tiny sizes on a CPU (a few minutes)
+    python bench/gpu_campaign.py run --out DIR [--smoke] [--budget-s 500]
 
-A configuration SPEC is precision:compile:mode:chunk:batch, e.g. bf16:on:reduce-overhead:1024:1024 (the
-`vaegen generate` flags --precision, --compile, --compile-mode, --chunk, --batch-size); in `gen`, `best` is the
-fastest successful row of the preset measured so far (in --rows).
-
-How `gen` measures one configuration, all in one process through `generator.generate.generate_run` (the loop
-`vaegen generate` runs), each call on a new run directory and a data store whose N sets the image count:
-  1. warm-up run of one batch: its loop time includes torch.compile, CUDA-graph capture, cuDNN start-up;
-  2. probe run of one batch: sizes the measured run (and shows whether a second generate_run recompiles:
-     the dynamo graph counter is recorded for every run);
-  3. measured run of about --target-s seconds: images/s = generation.json runs[-1] images_per_s_rank0 (the
-     sampling loop with the writer thread, not DM loading or manifests); writer_blocked_s from the same record.
-  compile warm-up = warm-up loop seconds - one batch at the measured rate. Should every generate_run compile
-  afresh (dynamo not reusing the graph for a new UNet instance; the graph counters show it), images/s is
-  taken from the difference of the measured and the probe run, which paid the same compile.
+Steps, in order of importance. Each runs in its own process under a timeout, so a failing or hung step is
+recorded (steps.jsonl) and the campaign goes on; a step that the budget no longer allows is skipped.
+  env           versions, device, nvidia-smi, the TF32 defaults, git commit
+  noise         bench/bench_noise.py on the device: the initial noise's us/image at several batch sizes, the
+                CPU's part of it (the Philox bits), the old per-image generator for reference, and whether the
+                device's noise has the CPU's bytes (float32 mismatches out of some millions)
+  null          bench/bench_null_pipeline.py on the device: generate_run with a zero-cost denoiser and its stage
+                shares; the trainer's shard reader, images/s per process
+  generate      generate_run with the `small` preset's UNet (random weights: speed does not depend on them),
+                Heun-18 (35 network evaluations): bf16 at a few batch sizes, fp32 with TF32 off and on, and bf16
+                compiled; images/s, and the hours SCALE = 100 and 1000 of FashionMNIST would take
+  trainer       bench/bench_trainer.py: the FC VAE from shards (streaming), from a CPU pool, from a pool on the
+                device
+  train-cli     `vaegen train` itself, streaming and with --pool-on-device (when this checkout has the option;
+                until then the step says so and measures streaming only)
+  runs-per-gpu  k concurrent `vaegen train` runs of the compare study's size (FC VAE, batch 128) on one device,
+                k = 1, 2, 4, ...: aggregate images/s, and the k after which it stops growing (>= 10% per
+                doubling), i.e. the figure for `--runs-per-gpu`
+  collect       results.json and results.md (printed), in --out with logs/ and raw/ (every step's figures)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import json
 import math
 import os
 import platform
-import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
-HEUN18_NFE = 35                     # the paper's sampler: EDM Heun, 18 steps
-FMNIST_TRAIN = 60_000               # |D_train| of FashionMNIST: make shards SCALE=K makes K * 60000 images
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # vaegen and the other benches, even from an uninstalled python
+
+from vaegen.provenance import append_jsonl, read_json, read_jsonl, write_json_atomic  # noqa: E402
+
+FMNIST_TRAIN = 60_000  # |D_train|: SCALE K means K * 60000 generated images
 PROJECT_SCALES = (100, 1000)
+SHAPE = (1, 32, 32)
 
 
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """How much each step does: the GPU campaign's, or the CPU smoke run's (same code paths, tiny sizes)."""
+
+    device: str
+    budget_s: int
+    caps: dict                      # step -> its longest allowed time in seconds
+    noise_batches: tuple[int, ...]
+    noise_check_images: int         # images whose CPU and device noise are compared
+    null_runs: tuple[tuple[str, ...], ...]  # bench_null_pipeline arguments, one run each
+    dm_preset: str                  # the UNet the generate step measures
+    steps: int                      # its sampler steps (edm-heun)
+    generate_configs: tuple[dict, ...]
+    target_s: float                 # length of one measured generate run
+    max_images: int
+    trainer_args: tuple[str, ...]
+    n_train: int                    # the train-cli and runs-per-gpu steps' N (and their pool, K = 1)
+    epochs: int
+    runs_per_gpu: tuple[int, ...]
 
 
-def read_json(path: Path, default=None):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return default
+def generate_config(label, precision="bf16", batch_size=1024, tf32=False, compile_="off", chunk=None,
+                    min_left_s=15) -> dict:
+    """One configuration of the generate step; it starts only with `min_left_s` of the step's time left."""
+    return {"label": label, "precision": precision, "tf32": tf32, "compile": compile_,
+            "batch_size": batch_size, "chunk": chunk or batch_size, "min_left_s": min_left_s}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut by a killed step
-    return rows
-
-
-def append_jsonl(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=str) + "\n")
+GPU = Sizes(
+    device="cuda", budget_s=500,  # with python start-up and collect, well inside a 600 s call
+    caps={"env": 25, "noise": 40, "null": 75, "generate": 140, "trainer": 55, "train-cli": 55, "runs-per-gpu": 100},
+    noise_batches=(1, 64, 1024, 4096), noise_check_images=4096,
+    null_runs=(("--images", "131072", "--batch-size", "4096", "--repeats", "2"),
+               ("--images", "65536", "--batch-size", "1024", "--repeats", "2", "--skip", "reader")),
+    dm_preset="small", steps=18,
+    generate_configs=(generate_config("bf16 batch 1024"), generate_config("bf16 batch 256", batch_size=256),
+                      generate_config("bf16 batch 4096", batch_size=4096),
+                      generate_config("fp32 TF32 off", precision="fp32"),
+                      generate_config("fp32 TF32 on", precision="fp32", tf32=True),
+                      generate_config("bf16 compiled", compile_="on", min_left_s=90)),
+    target_s=8.0, max_images=262_144,
+    trainer_args=("--n", "60000", "--scale", "2", "--epochs", "4", "--shard-size", "4096"),
+    n_train=60_000, epochs=4, runs_per_gpu=(1, 2, 4, 8, 16),
+)
+SMOKE = Sizes(
+    device="cpu", budget_s=300,
+    caps={"env": 60, "noise": 60, "null": 90, "generate": 120, "trainer": 60, "train-cli": 90, "runs-per-gpu": 90},
+    noise_batches=(1, 64, 1024), noise_check_images=0,
+    null_runs=(("--images", "2048", "--batch-size", "256", "--chunk", "64", "--steps", "2", "--repeats", "1",
+                "--reader-images", "4096", "--reader-shard-size", "512", "--threads", "1"),),
+    dm_preset="tiny", steps=2,
+    generate_configs=(generate_config("bf16 batch 16", batch_size=16),
+                      generate_config("fp32 TF32 off", precision="fp32", batch_size=16),
+                      generate_config("fp32 TF32 on", precision="fp32", tf32=True, batch_size=16),
+                      generate_config("bf16 compiled", compile_="on", batch_size=16)),
+    target_s=0.5, max_images=64,
+    trainer_args=("--n", "1024", "--scale", "2", "--epochs", "2", "--shard-size", "512"),
+    n_train=512, epochs=2, runs_per_gpu=(1, 2),
+)
+STEPS = ("env", "noise", "null", "generate", "trainer", "train-cli", "runs-per-gpu")
+COLLECT_RESERVE_S = 10
 
 
 def command_output(cmd: list[str], timeout: float = 20) -> str | None:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-# --- env ----------------------------------------------------------------------------------------------------
+# --- fixtures (made once in --work, by the first step that needs them) ------------------------------------------
 
-def cmd_env(args) -> None:
+def shard_fixture(work: Path, n: int) -> tuple[Path, Path]:
+    """(data root with an fmnist store of n random training and 1000 test images, a K=1 shard run of n images)."""
+    from vaegen import shardformat as sf
+    from vaegen.data import store_attrs, store_path, write_store
+
+    root, run = work / f"trainer-data-n{n}", work / f"trainer-shards-n{n}"
+    if not (run / sf.INDEX_NAME).is_file():
+        rng = np.random.default_rng(0)
+        split = {name: (rng.integers(0, 256, (count, *SHAPE), dtype=np.uint8), np.zeros(count, np.uint8))
+                 for name, count in (("train", n), ("test", 1000))}
+        write_store(store_path("fmnist", None, 0, root), split, store_attrs("fmnist"))
+        sf.write_run(run, rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8), 4096, {"dataset": "fmnist", "n_train": n})
+    return root, run
+
+
+def save_partial(args, name: str, result: dict) -> None:
+    """A step's figures so far: a step killed by its timeout still leaves what it measured."""
+    write_json_atomic(Path(args.out) / "raw" / f"{name}.json", result)
+
+
+# --- env --------------------------------------------------------------------------------------------------------
+
+def step_env(args, sizes: Sizes) -> dict:
     import importlib.metadata as md
 
     import torch
 
     info = {"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "smoke": args.smoke}
     for pkg in ("torch", "diffusers", "accelerate", "webdataset", "zarr", "numpy", "triton"):
         try:
             info[f"{pkg}_version"] = md.version(pkg)
         except md.PackageNotFoundError:
             info[f"{pkg}_version"] = None
-    info["cuda_available"] = torch.cuda.is_available()
-    info["torch_cuda"] = torch.version.cuda
-    info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    info["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
-    info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    info.update(cuda_available=torch.cuda.is_available(), torch_cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                default_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                default_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(device=torch.cuda.get_device_name(0), device_count=torch.cuda.device_count(),
                     capability=".".join(map(str, torch.cuda.get_device_capability(0))),
-                    device_memory_gib=round(props.total_memory / 2**30, 1),
-                    bf16_supported=torch.cuda.is_bf16_supported())
+                    device_memory_gib=round(props.total_memory / 2**30, 1), bf16_supported=torch.cuda.is_bf16_supported())
     else:
-        info.update(device=f"cpu ({platform.processor() or platform.machine()})", device_count=0,
-                    bf16_supported=None)
-    info["nvidia_smi"] = command_output(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,"
-                                         "clocks.max.sm,power.limit", "--format=csv,noheader"])
+        info.update(device=f"cpu ({platform.processor() or platform.machine()})", device_count=0, bf16_supported=None)
+    info["nvidia_smi"] = command_output(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm,"
+                                         "power.limit", "--format=csv,noheader"])
     info["git_commit"] = command_output(["git", "-C", str(REPO), "rev-parse", "HEAD"])
     status = command_output(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
     info["git_dirty"] = bool(status) if status is not None else None
-    write_json(Path(args.out), info)
-    print(f"device {info['device']}; torch {info['torch_version']} (CUDA {info['torch_cuda']}), "
-          f"diffusers {info['diffusers_version']}, python {info['python']}, {info['cpu_count']} CPUs")
+    print(f"device {info['device']}; torch {info['torch_version']} (CUDA {info['torch_cuda']}), diffusers "
+          f"{info['diffusers_version']}, python {info['python']}, {info['cpu_count']} CPUs")
+    return info
 
 
-# --- prepare ------------------------------------------------------------------------------------------------
+# --- noise ------------------------------------------------------------------------------------------------------
 
-def cmd_prepare(args) -> None:
-    import numpy as np
+def step_noise(args, sizes: Sizes) -> dict:
+    import bench_noise
+
+    return bench_noise.main(["--device", sizes.device, "--batches", ",".join(map(str, sizes.noise_batches)),
+                             "--check-images", str(sizes.noise_check_images)])
+
+
+# --- null pipeline ----------------------------------------------------------------------------------------------
+
+def step_null(args, sizes: Sizes) -> dict:
+    import bench_null_pipeline
+
+    result = {"runs": []}
+    for run in sizes.null_runs:
+        result["runs"].append({"args": list(run), "result": bench_null_pipeline.main(["--device", sizes.device, *run])})
+        save_partial(args, "null", result)
+    return result
+
+
+# --- generate ---------------------------------------------------------------------------------------------------
+
+def measure_generation(cfg: dict, sizes: Sizes, work: Path, dm_dir: Path) -> dict:
+    """Warm-up, probe and measured generate_run of one configuration, each on a new run directory.
+
+    The warm-up's loop includes one-off costs (CUDA context, cuDNN autotuning, torch.compile); the probe sizes
+    the measured run to about `target_s`. Should every generate_run compile afresh (dynamo does not reuse the
+    graph for a new UNet instance: the graph counter shows it), images/s is taken from the difference of the
+    measured and the probe run, which paid the same compile.
+    """
     import torch
-    from diffusers import UNet2DModel
-
-    from generator.edm import edm_scheduler
-    from generator.presets import get_preset
-    from generator.sampling import initial_noise
-    from vaegen.data import store_attrs, store_path, write_store
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = Path(args.work)
-    info = {"presets": {}}
-    for name in args.presets.split(","):
-        t0 = time.perf_counter()
-        torch.manual_seed(0)
-        unet = UNet2DModel(**get_preset(name).unet_kwargs(1))  # random weights: speed does not depend on them
-        out = work / "dm" / name
-        unet.save_pretrained(out)
-        edm_scheduler().save_pretrained(out)  # EDM preconditioning, as `vaegen dm train` saves it
-        params = sum(p.numel() for p in unet.parameters())
-        info["presets"][name] = {"params": params, "dir": str(out), "build_s": round(time.perf_counter() - t0, 2)}
-        print(f"DM {name}: {params / 1e6:.2f}M parameters (random weights) -> {out}")
-
-    # The evaluator bench reads data/fmnist.zarr's test split: the real store when there is one, else random
-    # images of the same shape (q* speed per Adam step does not depend on pixel values; convergence may).
-    real = REPO / "data" / "fmnist.zarr"
-    if real.is_dir():
-        info["eval_data"] = {"root": str(REPO / "data"), "kind": "real FashionMNIST (data/fmnist.zarr)"}
-    else:
-        rng = np.random.default_rng(0)
-        root = work / "evaldata"
-        n = args.eval_images
-        images = rng.integers(0, 256, (n, 1, 32, 32), dtype=np.uint8)
-        labels = np.zeros(n, np.uint8)
-        write_store(store_path("fmnist", None, 0, root), {"train": (images, labels), "test": (images, labels)},
-                    store_attrs("fmnist"))
-        info["eval_data"] = {"root": str(root), "kind": f"random uint8 images ({n}; no data/fmnist.zarr here)"}
-    print(f"evaluator data: {info['eval_data']['kind']}")
-
-    # Sample i's noise is drawn on the CPU from its own generator, synchronously between network chunks: its
-    # cost per image bounds images/s from above whatever the GPU does.
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        initial_noise(range(1024), 0, (1, 32, 32))
-        best = min(best, time.perf_counter() - t0)
-    info["noise_us_per_image"] = round(best / 1024 * 1e6, 2)
-    info["noise_bound_images_per_s"] = round(1024 / best, 1)
-    print(f"per-image noise on the CPU: {info['noise_us_per_image']} us/image "
-          f"(bounds generation at {info['noise_bound_images_per_s']:.0f} images/s)")
-    write_json(Path(args.out), info)
-
-
-# --- gen ----------------------------------------------------------------------------------------------------
-
-def parse_spec(spec: str) -> dict:
-    try:
-        precision, compile_, mode, chunk, batch = spec.split(":")
-        cfg = {"precision": precision, "compile": compile_, "compile_mode": mode, "chunk": int(chunk),
-               "batch_size": int(batch)}
-    except ValueError:
-        raise SystemExit(f"bad configuration {spec!r}; expected precision:compile:mode:chunk:batch") from None
-    if cfg["batch_size"] % cfg["chunk"]:
-        raise SystemExit(f"{spec}: the batch size must be a multiple of the chunk")
-    return cfg
-
-
-def spec_of(row: dict) -> str:
-    return ":".join(str(row[k]) for k in ("precision", "compile", "compile_mode", "chunk", "batch_size"))
-
-
-def best_row(rows: list[dict], preset: str, nfe: int | None = None) -> dict | None:
-    ok = [r for r in rows if r.get("preset") == preset and r.get("status") == "ok"
-          and (nfe is None or r.get("nfe") == nfe)]
-    return max(ok, key=lambda r: r["images_per_s"]) if ok else None
-
-
-def label_of(cfg: dict) -> str:
-    how = "eager" if cfg["compile"] == "off" else f"compile-{cfg['compile']}/{cfg['compile_mode']}"
-    return f"{cfg['precision']} {how} chunk {cfg['chunk']} batch {cfg['batch_size']}"
-
-
-def zero_store(root: Path, n: int) -> Path:
-    """root/fmnist.zarr with n zero training images (unless there), so that --scale 1 makes n samples."""
-    import numpy as np
-
-    from vaegen.data import store_attrs, store_path, write_store
-
-    if not store_path("fmnist", None, 0, root).exists():
-        write_store(store_path("fmnist", None, 0, root),
-                    {"train": (np.zeros((n, 1, 32, 32), np.uint8), np.zeros(n, np.uint8))}, store_attrs("fmnist"))
-    return root
-
-
-def cmd_store(args) -> None:
-    print(f"{zero_store(Path(args.root), args.n)}: fmnist store of {args.n} zero images")
-
-
-class StoreCache:
-    """Data roots holding an fmnist store of exactly n training images, one per n."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def __call__(self, n: int) -> Path:
-        return zero_store(self.root / f"n{n}", n)
-
-
-def measure(args, cfg: dict, stores: StoreCache, raw: Path) -> dict:
-    """Warm-up, probe and measured generate_run of one configuration (see the module docstring)."""
-    import torch
+    from bench_null_pipeline import zero_store
     from torch._dynamo.utils import counters
 
     from generator.generate import GenerateConfig, generate_run
+
+    batch = cfg["batch_size"]
+    base = GenerateConfig(dm=str(dm_dir), scale=1, out="", steps=sizes.steps, shard_size=4096, batch_size=batch,
+                          chunk=cfg["chunk"], dataset="fmnist", precision=cfg["precision"], tf32=cfg["tf32"],
+                          compile=cfg["compile"])
+
+    def run(n: int, phase: str) -> tuple[dict, dict]:
+        root, out = work / "stores" / f"n{n}", work / "generate" / phase
+        if not root.exists():
+            zero_store(root, n)
+        shutil.rmtree(out, ignore_errors=True)
+        graphs = counters["stats"]["unique_graphs"]
+        record = generate_run(dataclasses.replace(base, out=str(out), data_root=str(root)))
+        shutil.rmtree(out, ignore_errors=True)
+        return dict(record["runs"][-1], new_graphs=counters["stats"]["unique_graphs"] - graphs), record
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    warm, _ = run(batch, "warmup")
+    probe, _ = run(2 * batch, "probe")
+    n = math.ceil((probe["images_per_s_rank0"] or 1.0) * sizes.target_s / batch) * batch
+    n = max(2 * batch, min(n, max(2 * batch, sizes.max_images // batch * batch)))
+    measured, record = run(n, "measure")
+    rate = measured["images_per_s_rank0"]
+    recompiled = measured["new_graphs"] > 0 and probe["new_graphs"] > 0
+    if recompiled and n > 2 * batch and measured["loop_s_rank0"] > probe["loop_s_rank0"]:
+        rate = (n - 2 * batch) / (measured["loop_s_rank0"] - probe["loop_s_rank0"])
+    return {"images": n, "loop_s": measured["loop_s_rank0"], "images_per_s": round(rate, 2),
+            "rate_by_difference": bool(recompiled), "warmup_loop_s": warm["loop_s_rank0"],
+            "writer_blocked_s": measured["writer_blocked_s_rank0"], "writer_busy_s": measured["writer_busy_s_rank0"],
+            "graphs_compiled": {"warmup": warm["new_graphs"], "probe": probe["new_graphs"],
+                                "measure": measured["new_graphs"]},
+            "identity_precision": record["identity"]["precision"], "identity_compile": record["identity"]["compile"],
+            "noise_stream": record["identity"]["noise_stream"], "n_samples": record["n_samples"],
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
+
+
+def step_generate(args, sizes: Sizes) -> dict:
+    import torch
+
+    from generator.edm import write_random_dm
     from generator.sampling import SamplerConfig
 
     work = Path(args.work)
-    cuda = torch.cuda.is_available()
-    nfe = SamplerConfig(name=args.sampler, steps=args.steps).network_evaluations
-    base = GenerateConfig(dm=str(work / "dm" / args.preset), scale=1, out="", sampler=args.sampler,
-                          steps=args.steps, shard_size=args.shard_size, batch_size=cfg["batch_size"],
-                          chunk=cfg["chunk"], dataset="fmnist", precision=cfg["precision"],
-                          compile=cfg["compile"], compile_mode=cfg["compile_mode"])
-    tag = re.sub(r"[^a-z0-9]+", "-", f"{args.preset} {args.step} {label_of(cfg)}".lower()).strip("-")
-
-    def run(n: int, phase: str) -> tuple[dict, dict]:
-        out = work / "runs" / f"{tag}-{phase}"
-        shutil.rmtree(out, ignore_errors=True)
-        graphs = counters["stats"]["unique_graphs"]
-        record = generate_run(dataclasses.replace(base, out=str(out), data_root=str(stores(n))))
-        result = dict(record["runs"][-1], new_graphs=counters["stats"]["unique_graphs"] - graphs)
-        if phase == "measure":
-            shutil.copy(out / "generation.json", raw / f"{tag}.generation.json")
-        shutil.rmtree(out, ignore_errors=True)
-        return result, record
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    batch = cfg["batch_size"]
-    warm, _ = run(batch, "warmup")
-    probe, _ = run(batch, "probe")
-    rate0 = probe["images_per_s_rank0"] or 1.0
-    n = math.ceil(rate0 * args.target_s / batch) * batch
-    n = max(batch * args.min_batches, min(n, max(batch, args.max_images // batch * batch)))
-    meas, record = run(n, "measure")
-    rate = meas["images_per_s_rank0"]
-    recompiled = meas["new_graphs"] > 0 and probe["new_graphs"] > 0 and n > batch
-    if recompiled and meas["loop_s_rank0"] > probe["loop_s_rank0"]:
-        # Every generate_run compiled afresh (dynamo did not reuse the graph for a new UNet instance): the probe
-        # and the measured run paid the same compile, so their difference is the sampling alone.
-        rate = round((n - batch) / (meas["loop_s_rank0"] - probe["loop_s_rank0"]), 3)
-    identity = record["identity"]
-    return {
-        "images": n, "loop_s": meas["loop_s_rank0"], "images_per_s": rate,
-        "images_per_s_loop": meas["images_per_s_rank0"], "rate_by_difference": bool(recompiled),
-        "network_evals_per_s": round(rate * nfe, 1),
-        "heun18_images_per_s_scaled": round(rate * nfe / HEUN18_NFE, 2),
-        "writer_blocked_s": meas["writer_blocked_s_rank0"], "writer_busy_s": meas["writer_busy_s_rank0"],
-        "warmup_loop_s": warm["loop_s_rank0"],
-        "compile_warmup_s": round(max(0.0, warm["loop_s_rank0"] - batch / rate), 2),
-        "probe_images_per_s": probe["images_per_s_rank0"],
-        "graphs_compiled": {"warmup": warm["new_graphs"], "probe": probe["new_graphs"], "measure": meas["new_graphs"]},
-        "measure_wall_s": meas["wall_s"],
-        "resolved_precision": identity.get("precision"), "resolved_compile": identity.get("compile"),
-        "channels_last": identity.get("channels_last"), "device": meas.get("device"),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-    }
-
-
-def cmd_gen(args) -> None:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from generator.presets import get_preset
-    from generator.sampling import SamplerConfig
-
-    work, rows_path = Path(args.work), Path(args.rows)
-    raw = rows_path.parent / "generation"
-    raw.mkdir(parents=True, exist_ok=True)
-    stores = StoreCache(work / "stores")
-    nfe = SamplerConfig(name=args.sampler, steps=args.steps).network_evaluations
-    specs = []
-    for spec in args.configs.split(","):
-        if spec == "best":  # the fastest configuration of this preset in the matrix so far
-            best = best_row([r for r in read_jsonl(rows_path) if r.get("step") != "heun18"], args.preset)
-            if best is None:
-                print(f"{args.preset}: no successful row yet, so no best configuration to measure")
-                continue
-            spec = spec_of(best)
-        if spec not in specs:
-            specs.append(spec)
-    get_preset(args.preset)  # an unknown name fails here, before any work
-    params = (read_json(Path(args.prepared), {}) if args.prepared else {}).get("presets", {}).get(args.preset, {})
-    dynamo_off = "1" in (os.environ.get("TORCHDYNAMO_DISABLE"), os.environ.get("TORCH_COMPILE_DISABLE"))
-    for spec in specs:
-        cfg = parse_spec(spec)  # the flags as given; the row's resolved_* fields say what they resolved to
-        row = {"step": args.step, "preset": args.preset, "params": params.get("params"), "sampler": args.sampler,
-               "steps": args.steps, "nfe": nfe, **cfg, "label": label_of(cfg), "dynamo_disabled": dynamo_off}
-        left = args.deadline - time.time() if args.deadline else math.inf
-        if left < args.min_left:
+    dm_dir = work / f"dm-{sizes.dm_preset}"
+    if not dm_dir.is_dir():
+        write_random_dm(dm_dir, sizes.dm_preset)
+    nfe = SamplerConfig(steps=sizes.steps).network_evaluations
+    rows = []
+    for cfg in sizes.generate_configs:
+        row = {**cfg, "preset": sizes.dm_preset, "sampler": "edm-heun", "steps": sizes.steps, "nfe": nfe}
+        left = args.deadline - time.time()
+        if left < cfg["min_left_s"]:
             row.update(status="skipped", error=f"campaign budget: {left:.0f} s left")
-            append_jsonl(rows_path, row)
-            print(f"{args.preset:6s} {row['label']:52s} skipped ({left:.0f} s of the budget left)")
-            continue
-        t0 = time.perf_counter()
-        try:
-            row.update(measure(args, cfg, stores, raw), status="ok")
-        except Exception as e:  # noqa: BLE001 - recorded, and the campaign goes on
-            traceback.print_exc()
-            first = (str(e).splitlines() or [""])[0][:300]
-            row.update(status="failed", error=f"{type(e).__name__}: {first}")
-        row["config_s"] = round(time.perf_counter() - t0, 1)
-        append_jsonl(rows_path, row)
-        if row["status"] == "ok":
-            print(f"{args.preset:6s} {row['label']:52s} {row['images_per_s']:10.1f} img/s at {nfe} NFE "
-                  f"({row['network_evals_per_s']:.0f} evals/s; Heun-18 scaled {row['heun18_images_per_s_scaled']:.1f}"
-                  f" img/s)  writer blocked {row['writer_blocked_s']:.3f} of {row['loop_s']:.2f} s, compile/warm-up "
-                  f"{row['compile_warmup_s']:.1f} s, {row['images']} images"
-                  + (f", peak {row['peak_memory_gib']} GiB" if row["peak_memory_gib"] is not None else ""),
-                  flush=True)
         else:
-            print(f"{args.preset:6s} {row['label']:52s} FAILED {row['error']}", flush=True)
-        torch._dynamo.reset()  # no graph, guard or dynamic-shape decision carries over to the next configuration
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            try:
+                row.update(measure_generation(cfg, sizes, work, dm_dir), status="ok")
+            except Exception as e:  # noqa: BLE001 - recorded, and the next configuration runs
+                traceback.print_exc()
+                row.update(status="failed", error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+        rows.append(row)
+        print(f"generate {cfg['label']:18s} " + (f"{row['images_per_s']:10,.1f} images/s ({row['images']} images, "
+                                                 f"precision {row['identity_precision']})" if row["status"] == "ok"
+                                                 else f"{row['status']}: {row.get('error')}"), flush=True)
+        torch._dynamo.reset()  # no compiled graph carries over to the next configuration
+        save_partial(args, "generate", {"rows": rows, "projection": projection(rows)})
+    return {"rows": rows, "projection": projection(rows)}
 
 
-# --- collect ------------------------------------------------------------------------------------------------
-
-def parse_trainer(log: str) -> dict:
-    out = {}
-    if m := re.search(r"ratio shards / in-memory = ([\d.]+)", log):
-        out["ratio_shards_over_in_memory"] = float(m.group(1))
-    for name, key in (("in-memory", "in_memory_images_per_s"), ("shards", "shards_images_per_s")):
-        if m := re.search(rf"^\s+{name}\s+([\d.]+) img/s", log, re.M):
-            out[key] = float(m.group(1))
-    if m := re.search(r"^device (\S+), torch threads (\d+), N=(\d+), batch (\d+)", log, re.M):
-        out.update(device=m.group(1).rstrip(","), n=int(m.group(3)), batch_size=int(m.group(4)))
-    return out
-
-
-def parse_evaluator(log: str) -> dict:
-    out = {}
-    if m := re.search(r"q\* optimization, (\d+) points, <= (\d+) Adam steps", log):
-        out.update(points=int(m.group(1)), max_iters=int(m.group(2)))
-    if m := re.search(r"batched\s+([\d.]+) s\s+G_a =\s*([-\d.]+)", log):
-        out.update(batched_s=float(m.group(1)), gap_batched=float(m.group(2)))
-    if m := re.search(r"one at a time\s*([\d.]+) s\s+G_a =\s*([-\d.]+)", log):
-        out.update(one_at_a_time_s=float(m.group(1)), gap_one_at_a_time=float(m.group(2)))
-    if m := re.search(r"speed-up \(one at a time / batched\): ([\d.]+)x", log):
-        out["speedup"] = float(m.group(1))
-    if m := re.search(r"^device (\S+), threads", log, re.M):
-        out["device"] = m.group(1).rstrip(",")
-    return out
-
-
-def projection(row: dict | None, how: str) -> dict | None:
-    if row is None:
+def projection(rows: list[dict]) -> dict | None:
+    """Hours of SCALE = 100 and 1000 for FashionMNIST on one device at the fastest configuration measured."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
         return None
-    rate = row["images_per_s"] if row["nfe"] == HEUN18_NFE else row["heun18_images_per_s_scaled"]
-    out = {"preset": row["preset"], "config": describe(row), "spec": spec_of(row),
-           "heun18_images_per_s": rate, "how": how,
-           "rate_source": ("measured directly at Heun-18 (35 NFE)" if row["nfe"] == HEUN18_NFE else
-                           f"scaled from {row['nfe']} NFE by {row['nfe']}/{HEUN18_NFE} (per-image overhead not "
-                           "scaled: an upper bound on time per image, so a pessimistic rate)")}
-    for k in PROJECT_SCALES:
-        images = k * FMNIST_TRAIN
-        seconds = images / rate + (row.get("compile_warmup_s") or 0)
-        out[f"scale_{k}"] = {"images": images, "seconds": round(seconds), "hours": round(seconds / 3600, 2)}
-    return out
+    best = max(ok, key=lambda r: r["images_per_s"])
+    return {"from": best["label"], **{f"scale_{k}": {"images": k * FMNIST_TRAIN,
+                                                     "hours": round(k * FMNIST_TRAIN / best["images_per_s"] / 3600, 2)}
+                                      for k in PROJECT_SCALES}}
 
 
-def fmt(x, digits=1) -> str:
+# --- trainer ----------------------------------------------------------------------------------------------------
+
+def step_trainer(args, sizes: Sizes) -> dict:
+    import bench_trainer
+
+    return bench_trainer.main(["--device", sizes.device, *sizes.trainer_args])
+
+
+def train_command(root: Path, run: Path, out: Path, sizes: Sizes, seed: int = 0, *extra: str) -> list[str]:
+    """`vaegen train` of a compare-study-sized FC VAE (batch 128) on the K=1 pool, evaluating twice (tiny)."""
+    return [sys.executable, "-m", "vaegen", "train", "--dataset", "fmnist", "--data-root", str(root),
+            "--shards", str(run), "--scale", "1", "--epochs", str(sizes.epochs),
+            "--eval-every", str(max(1, sizes.epochs // 2)), "--eval-images", "256", "--batch-size", "128",
+            "--seed", str(seed), "--out", str(out), *extra]
+
+
+def training_rate(out: Path) -> float | None:
+    """Images/s between the run's last two evaluations (no start-up, no first epoch), from metrics.jsonl."""
+    metrics = read_jsonl(out / "metrics.jsonl")
+    if len(metrics) < 2 or metrics[-1]["seconds"] <= metrics[-2]["seconds"]:
+        return None
+    return (metrics[-1]["images"] - metrics[-2]["images"]) / (metrics[-1]["seconds"] - metrics[-2]["seconds"])
+
+
+def run_training(commands: list[list[str]], outs: list[Path], deadline: float, log: Path) -> list[float | None]:
+    """Run `vaegen train` commands at once (each its own process, in the step's process group, so the campaign's
+    timeout ends them too); their rates (None for a failed or unfinished run). Runs still going 5 s before the
+    step's deadline are killed, so that the step can save what it has."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    with open(log, "a") as f:
+        procs = [subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env) for cmd in commands]
+        try:
+            for proc in procs:
+                proc.wait(timeout=max(1.0, deadline - 5 - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    return [training_rate(out) if proc.returncode == 0 else None for proc, out in zip(procs, outs)]
+
+
+def step_train_cli(args, sizes: Sizes) -> dict:
+    work = Path(args.work)
+    root, run = shard_fixture(work, sizes.n_train)
+    help_text = subprocess.run([sys.executable, "-m", "vaegen", "train", "--help"], capture_output=True,
+                               text=True).stdout
+    result = {"n_train": sizes.n_train, "epochs": sizes.epochs, "pool_on_device_option": "--pool-on-device" in help_text}
+    variants = {"streaming": ()}
+    if result["pool_on_device_option"]:
+        variants["pool on device"] = ("--pool-on-device",)
+    else:
+        print("vaegen train has no --pool-on-device in this checkout: measuring streaming only")
+    for name, extra in variants.items():
+        out = work / "train-cli" / name.replace(" ", "-")
+        shutil.rmtree(out, ignore_errors=True)
+        rate, = run_training([train_command(root, run, out, sizes, 0, *extra)], [out], args.deadline,
+                             Path(args.out) / "logs" / "train-cli-runs.log")
+        result[name] = {"images_per_s": rate, "command": " ".join(train_command(root, run, out, sizes, 0, *extra)[1:])}
+        save_partial(args, "train-cli", result)
+        print(f"vaegen train {name:15s}: " + (f"{rate:10,.0f} images/s" if rate else "FAILED (see the log)"))
+    return result
+
+
+def step_runs_per_gpu(args, sizes: Sizes) -> dict:
+    work = Path(args.work)
+    root, run = shard_fixture(work, sizes.n_train)
+    rows, last_s = [], 0.0
+    for k in sizes.runs_per_gpu:
+        left = args.deadline - time.time()
+        if left < max(20.0, 1.5 * last_s):
+            rows.append({"k": k, "status": "skipped", "error": f"campaign budget: {left:.0f} s left"})
+            print(f"k={k}: skipped ({left:.0f} s left)")
+            break
+        outs = [work / "runs-per-gpu" / f"k{k}-run{i}" for i in range(k)]
+        for out in outs:
+            shutil.rmtree(out, ignore_errors=True)
+        t0 = time.time()
+        rates = run_training([train_command(root, run, out, sizes, i) for i, out in enumerate(outs)], outs,
+                             args.deadline, Path(args.out) / "logs" / "runs-per-gpu-runs.log")
+        last_s = time.time() - t0
+        ok = all(r is not None for r in rates)
+        rows.append({"k": k, "status": "ok" if ok else "failed", "seconds": round(last_s, 1),
+                     "per_run_images_per_s": rates, "aggregate_images_per_s": sum(rates) if ok else None})
+        print(f"k={k:2d} concurrent runs: " + (f"{sum(rates):10,.0f} images/s in all, {sum(rates) / k:9,.0f} per run"
+                                              if ok else f"FAILED ({rates})"), flush=True)
+        save_partial(args, "runs-per-gpu", runs_per_gpu_result(rows, sizes))
+        if not ok:
+            break
+    return runs_per_gpu_result(rows, sizes)
+
+
+def runs_per_gpu_result(rows: list[dict], sizes: Sizes) -> dict:
+    done = [r for r in rows if r["status"] == "ok"]
+    saturated_at = next((a["k"] for a, b in zip(done, done[1:])
+                         if b["aggregate_images_per_s"] < 1.1 * a["aggregate_images_per_s"]), None)
+    return {"n_train": sizes.n_train, "epochs": sizes.epochs, "rows": rows, "growth_stops_after_k": saturated_at,
+            "rule": "the first k whose next doubling adds less than 10% aggregate images/s"}
+
+
+# --- the orchestration ------------------------------------------------------------------------------------------
+
+STEP_FUNCTIONS = {"env": step_env, "noise": step_noise, "null": step_null, "generate": step_generate,
+                  "trainer": step_trainer, "train-cli": step_train_cli, "runs-per-gpu": step_runs_per_gpu}
+
+
+def run_step(name: str, limit: float, args, env: dict) -> dict:
+    """One step in its own process (and process group, so a timeout also ends the runs it started)."""
+    out = Path(args.out)
+    cmd = [sys.executable, str(Path(__file__).resolve()), name, "--out", str(out), "--work", str(args.work),
+           "--deadline", str(time.time() + limit), *(["--smoke"] if args.smoke else [])]
+    t0 = time.time()
+    with open(out / "logs" / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit)
+            status = "ok" if rc == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc, status = proc.wait(), "timeout"
+    return {"step": name, "status": status, "rc": rc, "seconds": round(time.time() - t0, 1),
+            "timeout_s": round(limit, 1), "log": f"logs/{name}.log"}
+
+
+def cmd_run(args) -> int:
+    sizes = SMOKE if args.smoke else GPU
+    t0 = time.time()
+    deadline = t0 + (args.budget_s or sizes.budget_s)
+    out = Path(args.out).resolve()
+    shutil.rmtree(out / "raw", ignore_errors=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "raw").mkdir()
+    (out / "steps.jsonl").unlink(missing_ok=True)
+    args.out = str(out)
+    args.work = tempfile.mkdtemp(prefix="vaegen-gpu-campaign-")
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+               # cold compile caches inside the work dir: compile figures are a first run's, nothing is left behind
+               TORCHINDUCTOR_CACHE_DIR=str(Path(args.work) / "inductor"), TRITON_CACHE_DIR=str(Path(args.work) / "triton"))
+    if args.smoke:
+        # torch.compile takes minutes on a CPU: the compile flags and generate_run's compile branch still run,
+        # and torch.compile returns the module as it is.
+        env.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    write_json_atomic(out / "campaign.json", {"smoke": args.smoke, "started_epoch": t0, "budget_s": deadline - t0,
+                                              "command": " ".join(sys.argv), "python": sys.executable})
+    print(f"vaegen GPU campaign{' (SMOKE)' if args.smoke else ''}: budget {deadline - t0:.0f} s, results in {out}")
+    try:
+        for name in STEPS:
+            limit = min(sizes.caps[name], deadline - COLLECT_RESERVE_S - time.time())
+            if limit < 5:
+                record = {"step": name, "status": "skipped", "rc": None, "seconds": 0, "timeout_s": 0,
+                          "log": None}
+            else:
+                print(f"[{time.time() - t0:4.0f} s] {name} (at most {limit:.0f} s)", flush=True)
+                record = run_step(name, limit, args, env)
+                lines = (out / "logs" / f"{name}.log").read_text(errors="replace").splitlines()
+                shown = lines[-12:] if record["status"] == "ok" else lines[-25:]
+                print("\n".join(f"    {line}" for line in shown), flush=True)
+            if record["status"] != "ok":
+                print(f"    {name}: {record['status']} (rc {record['rc']})")
+            append_jsonl(out / "steps.jsonl", record)
+    finally:
+        shutil.rmtree(args.work, ignore_errors=True)
+    write_json_atomic(out / "campaign.json", {**read_json(out / "campaign.json"), "total_s": round(time.time() - t0)})
+    print(cmd_collect(args))
+    return 0
+
+
+def cmd_step(args) -> int:
+    sizes = SMOKE if args.smoke else GPU
+    result = STEP_FUNCTIONS[args.command](args, sizes)
+    write_json_atomic(Path(args.out) / "raw" / f"{args.command}.json", result)
+    return 0
+
+
+# --- collect ----------------------------------------------------------------------------------------------------
+
+def fmt(x, digits: int = 1) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
@@ -411,210 +484,109 @@ def fmt(x, digits=1) -> str:
     return str(x)
 
 
-def cmd_collect(args) -> None:
+def cmd_collect(args) -> str:
     out = Path(args.out)
-    meta = read_json(out / "campaign.json", {})
-    env = read_json(out / "env.json", {})
-    prepared = read_json(out / "prepare.json", {})
-    steps = read_jsonl(out / "steps.jsonl")
-    rows = read_jsonl(out / "raw" / "gen.jsonl")
-    logs = out / "logs"
-    project_preset = meta.get("project_preset", "paper")
 
-    matrix = [r for r in rows if r.get("step") != "heun18"]
-    heun = [r for r in rows if r.get("step") == "heun18"]
-    best = {p: best_row(matrix, p) for p in sorted({r["preset"] for r in matrix})}
-    best_heun = best_row(heun, project_preset, HEUN18_NFE)
-    for r in heun:  # how far the NFE-scaled estimate of the same configuration was off
-        twin = [m for m in matrix if m.get("status") == "ok" and r.get("status") == "ok" and m["preset"] == r["preset"]
-                and spec_of(m) == spec_of(r)]
-        if twin:
-            r["scaled_estimate_from_matrix"] = twin[0]["heun18_images_per_s_scaled"]
-            r["direct_over_scaled"] = round(r["images_per_s"] / twin[0]["heun18_images_per_s_scaled"], 3)
-    defaults_spec = meta.get("defaults_spec")
-    default_heun = next((r for r in heun if r.get("status") == "ok" and spec_of(r) == defaults_spec), None)
-    default_matrix = next((r for r in matrix if r.get("status") == "ok" and r["preset"] == project_preset
-                           and spec_of(r) == defaults_spec), None)
-    proj = {
-        "best": (projection(best_heun, "best settings found, measured at Heun-18") if best_heun else
-                 projection(best.get(project_preset), "best settings found; no direct Heun-18 row, NFE-scaled")),
-        "make_shards_defaults": projection(default_heun or default_matrix,
-                                           f"what `make shards` runs: --precision auto --compile auto and the "
-                                           f"default chunk and batch ({defaults_spec})"),
-        "dataset": "fmnist", "n_train": FMNIST_TRAIN, "gpus": 1,
-        "note": "sampling into shards only (no DM training, no `shards verify`), one GPU, plus one compile "
-                "warm-up; ranks split whole shards, so k GPUs divide these times by about k",
-    }
+    def raw(name):
+        path = out / "raw" / f"{name}.json"
+        return read_json(path) if path.is_file() else None
 
-    trainer_log = (logs / "trainer.log").read_text() if (logs / "trainer.log").is_file() else ""
-    evaluator_log = (logs / "evaluator.log").read_text() if (logs / "evaluator.log").is_file() else ""
-    cli_run = (read_json(out / "raw" / "cli.generation.json") or {}).get("runs", [{}])[-1]
-    results = {
-        "campaign": meta,
-        "environment": env,
-        "prepare": prepared,
-        "generation": {
-            "how": "generate_run (the `vaegen generate` loop) per configuration: warm-up run of one batch, probe "
-                   "run of one batch, measured run; images/s = generation.json runs[-1].images_per_s_rank0 "
-                   "(sampling loop incl. noise and the writer hand-off, excl. DM loading and compile: "
-                   "compile_warmup_s = warm-up loop - one batch at the measured rate)",
-            "sampler": meta.get("sampler"), "steps": meta.get("steps"), "rows": matrix,
-            "best_per_preset": {p: (r and {"config": r["label"], "images_per_s": r["images_per_s"],
-                                           "heun18_images_per_s_scaled": r["heun18_images_per_s_scaled"]})
-                                for p, r in best.items()},
-        },
-        "heun18": {"rows": heun, "how": "the fastest configuration found (and the Makefile's), at edm-heun 18 "
-                                        "steps, measured the same way"},
-        "cli": {"command": "python -m vaegen generate (tiny preset) + vaegen shards verify",
-                "images_per_s": cli_run.get("images_per_s_rank0"),
-                "writer_blocked_s": cli_run.get("writer_blocked_s_rank0"),
-                "verify": next((s["status"] for s in steps if s.get("step") == "cli-verify"), None)},
-        "projection": proj,
-        "trainer": {"command": meta.get("trainer_command"), **parse_trainer(trainer_log),
-                    "status": next((s["status"] for s in steps if s.get("step") == "trainer"), None)},
-        "evaluator": {"command": meta.get("evaluator_command"), **parse_evaluator(evaluator_log),
-                      "data": prepared.get("eval_data", {}).get("kind"),
-                      "status": next((s["status"] for s in steps if s.get("step") == "evaluator"), None)},
-        "steps": steps,
-    }
-    write_json(out / "results.json", results)
+    results = {"campaign": read_json(out / "campaign.json"), "steps": read_jsonl(out / "steps.jsonl"),
+               **{name: raw(name) for name in STEPS}}
+    write_json_atomic(out / "results.json", results)
     md = markdown(results)
     (out / "results.md").write_text(md)
-    print(md)
-
-
-def numerics(r: dict) -> tuple[str, str, str]:
-    """(precision, compile, mode) as they ran, with the flag beside it where it was `auto`."""
-    prec = r.get("resolved_precision") or r["precision"]
-    compiled = r.get("resolved_compile")
-    if compiled is None:  # the row did not run: the flags
-        comp, mode = r["compile"], r["compile_mode"] if r["compile"] != "off" else "–"
-    else:
-        comp, mode = ("compiled", compiled) if compiled else ("eager", "–")
-    if r["precision"] == "auto":
-        prec += " (auto)"
-    if r["compile"] == "auto":
-        comp += " (auto)"
-    return prec, comp, mode
-
-
-def describe(r: dict) -> str:
-    """A row's configuration as it ran, e.g. 'bf16 (auto), compiled (auto) default, chunk 64, batch 256'."""
-    prec, comp, mode = numerics(r)
-    return f"{prec}, {comp}{'' if mode == '–' else ' ' + mode}, chunk {r['chunk']}, batch {r['batch_size']}"
-
-
-def row_status(r: dict) -> str:
-    status = r["status"] + (f": {r['error']}" if r.get("error") else "")
-    if r.get("dynamo_disabled") and (r.get("resolved_compile") or r["compile"] == "on"):
-        status += " (dynamo disabled: compile was a no-op)"
-    if r.get("status") == "ok" and (r.get("graphs_compiled") or {}).get("measure"):
-        status += (" (every run compiled again: img/s from the measured minus the probe run)"
-                   if r.get("rate_by_difference") else
-                   f" (the measured run compiled {r['graphs_compiled']['measure']} graph(s): img/s includes it)")
-    return status
+    return md
 
 
 def markdown(res: dict) -> str:
-    meta, env, gen = res["campaign"], res["environment"], res["generation"]
-    lines = [f"# GPU campaign {meta.get('started', '')}{' (SMOKE: CPU, tiny sizes)' if meta.get('smoke') else ''}",
-             "",
+    camp, env = res["campaign"], res["env"] or {}
+    lines = [f"# GPU campaign{' (SMOKE: CPU, tiny sizes)' if camp.get('smoke') else ''}", "",
              f"- device: {env.get('device')} ({env.get('nvidia_smi') or 'no nvidia-smi'}); torch "
              f"{env.get('torch_version')} (CUDA {env.get('torch_cuda')}), diffusers {env.get('diffusers_version')}, "
-             f"triton {env.get('triton_version')}, python {env.get('python')}, {env.get('cpu_count')} CPUs",
-             f"- code: {env.get('git_commit')}{' (dirty tree)' if env.get('git_dirty') else ''}; "
-             f"campaign {meta.get('total_s', '?')} s of a {meta.get('budget_s')} s budget",
-             f"- per-image noise on the CPU: {fmt(res['prepare'].get('noise_us_per_image'))} us "
-             f"(bounds generation at {fmt(res['prepare'].get('noise_bound_images_per_s'), 0)} images/s)",
-             "", f"## Shard generation, {gen['sampler']} {gen['steps']} steps", "", gen["how"] + ".", "",
-             "| preset | params | precision | compile | mode | chunk | batch | images | img/s | evals/s | Heun-18 img/s "
-             "(scaled) | writer blocked s | loop s | compile warm-up s | peak GiB | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def gen_line(r):
-        params = f"{r['params'] / 1e6:.2f}M" if r.get("params") else "–"
-        prec, comp, mode = numerics(r)
-        return (f"| {r['preset']} | {params} | {prec} | {comp} | {mode} | {r['chunk']} | {r['batch_size']} | "
-                f"{fmt(r.get('images'))} | {fmt(r.get('images_per_s'))} | {fmt(r.get('network_evals_per_s'), 0)} | "
-                f"{fmt(r.get('heun18_images_per_s_scaled'))} | {fmt(r.get('writer_blocked_s'), 3)} | "
-                f"{fmt(r.get('loop_s'), 2)} | {fmt(r.get('compile_warmup_s'))} | {fmt(r.get('peak_memory_gib'), 2)} | "
-                f"{row_status(r)} |")
-
-    lines += [gen_line(r) for r in gen["rows"]]
-    lines += ["", "## Heun-18 (35 NFE), measured directly", "",
-              "| preset | config | images | img/s | NFE-scaled estimate | direct / scaled | writer blocked s | "
-              "compile warm-up s | status |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in res["heun18"]["rows"]:
-        lines.append(f"| {r['preset']} | {describe(r)} | {fmt(r.get('images'))} | {fmt(r.get('images_per_s'))} | "
-                     f"{fmt(r.get('scaled_estimate_from_matrix'))} | {fmt(r.get('direct_over_scaled'), 3)} | "
-                     f"{fmt(r.get('writer_blocked_s'), 3)} | {fmt(r.get('compile_warmup_s'))} | {row_status(r)} |")
-    lines += ["", "## Projected wall time of `make shards DATASET=fmnist` on one GPU", "",
-              "| settings | preset | config | Heun-18 img/s | rate from | SCALE=100 (6M) | SCALE=1000 (60M) |",
-              "|---|---|---|---|---|---|---|"]
-    for key in ("best", "make_shards_defaults"):
-        p = res["projection"].get(key)
-        if p:
-            lines.append(f"| {key} | {p['preset']} | {p['config']} | {fmt(p['heun18_images_per_s'])} | "
-                         f"{p['rate_source']} | {p['scale_100']['hours']} h | {p['scale_1000']['hours']} h |")
-        else:
-            lines.append(f"| {key} | – | not measured | – | – | – | – |")
-    t, e, c = res["trainer"], res["evaluator"], res["cli"]
-    lines += ["", "## Trainer and evaluator", "",
-              "| bench | figures | status |", "|---|---|---|",
-              f"| VAE training, shards vs in-memory (`{t.get('command')}`) | in-memory "
-              f"{fmt(t.get('in_memory_images_per_s'), 0)} img/s, shards {fmt(t.get('shards_images_per_s'), 0)} img/s, "
-              f"**ratio {fmt(t.get('ratio_shards_over_in_memory'), 3)}** | {t.get('status')} |",
-              f"| q*, batched vs one at a time (`{e.get('command')}`; {e.get('data')}) | {e.get('points')} points: "
-              f"{fmt(e.get('batched_s'), 2)} s vs {fmt(e.get('one_at_a_time_s'), 2)} s, **{fmt(e.get('speedup'))}× "
-              f"faster**, G_a {fmt(e.get('gap_batched'), 2)} vs {fmt(e.get('gap_one_at_a_time'), 2)} | "
-              f"{e.get('status')} |",
-              f"| `python -m vaegen generate` CLI + `vaegen shards verify` | {fmt(c.get('images_per_s'))} img/s, "
-              f"writer blocked {fmt(c.get('writer_blocked_s'), 3)} s | verify {c.get('verify')} |",
-              "", "## Steps", "", "| step | status | rc | seconds | timeout s | log |", "|---|---|---|---|---|---|"]
-    for s in res["steps"]:
-        lines.append(f"| {s.get('step')} | {s.get('status')} | {s.get('rc')} | {s.get('seconds')} | "
-                     f"{s.get('timeout_s')} | {s.get('log')} |")
+             f"python {env.get('python')}, {env.get('cpu_count')} CPUs; code {env.get('git_commit')}"
+             f"{' (dirty tree)' if env.get('git_dirty') else ''}",
+             f"- {camp.get('total_s', '?')} s of a {camp.get('budget_s', 0):.0f} s budget", ""]
+    if noise := res["noise"]:
+        lines += [f"## Initial noise on {noise['device']}", "", "| batch | us/image | of which CPU Philox bits |",
+                  "|---|---|---|"]
+        lines += [f"| {r['batch']} | {fmt(r['us_per_image'], 2)} | {fmt(r['cpu_bits_us_per_image'], 2)} |"
+                  for r in noise["rows"]]
+        lines += ["", f"The old per-image generator: {fmt(noise['per_image_generator_us_per_image'], 2)} us/image."]
+        if check := noise.get("cpu_vs_device"):
+            lines.append(f"Device vs CPU noise: {check['mismatches']} of {check['values']} float32 values differ "
+                         f"(max {check['max_abs_difference']:.3g}).")
+        lines.append("")
+    if null := res["null"]:
+        lines += ["## Null-model pipeline (bench_null_pipeline.py)", ""]
+        for run in null["runs"]:
+            gen, reader = run["result"]["generation"], run["result"]["reader"]
+            if gen:
+                cfg, timed = gen["config"], gen["timed"]
+                lines += [f"**{cfg['sampler']} {cfg['steps']} steps, batch {cfg['batch_size']}, chunk {cfg['chunk']}:** "
+                          f"{fmt(gen['best']['images_per_s'], 0)} images/s", "",
+                          "| thread | stage | share of the loop | us/image |", "|---|---|---|---|"]
+                for thread, key in (("main", "main_thread_s"), ("writer (parallel)", "writer_thread_s")):
+                    lines += [f"| {thread} | {stage} | {100 * s / timed['loop_s']:.1f}% | "
+                              f"{1e6 * s / timed['images']:.2f} |" for stage, s in timed[key].items()]
+                lines.append("")
+            if reader:
+                lines += [f"Shard reader, one process of {name}: decode {fmt(row['decode_images_per_s'], 0)} images/s, "
+                          f"epochs back to back {fmt(row['epoch_images_per_s'], 0)} images/s." for name, row in
+                          reader["rows"].items()] + [""]
+    if gen := res["generate"]:
+        rows = gen["rows"]
+        lines += [f"## `vaegen generate`, {rows[0]['preset']} preset (random weights), edm-heun {rows[0]['steps']} steps "
+                  f"({rows[0]['nfe']} NFE)", "",
+                  "| configuration | precision (identity) | compile | batch | images | images/s | writer blocked s | "
+                  "warm-up loop s | peak GiB | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['label']} | {r.get('identity_precision', '–')} | {r['compile']} | {r['batch_size']} | "
+                  f"{fmt(r.get('images'))} | {fmt(r.get('images_per_s'))} | {fmt(r.get('writer_blocked_s'), 3)} | "
+                  f"{fmt(r.get('warmup_loop_s'), 2)} | {fmt(r.get('peak_memory_gib'), 2)} | {r['status']}"
+                  f"{' (rate from measured - probe: every run compiled)' if r.get('rate_by_difference') else ''}"
+                  f"{': ' + r['error'] if r.get('error') else ''} |" for r in rows]
+        if p := gen.get("projection"):
+            lines += ["", f"One device at the best configuration ({p['from']}): SCALE=100 (6M images) "
+                          f"{p['scale_100']['hours']} h, SCALE=1000 (60M) {p['scale_1000']['hours']} h."]
+        lines.append("")
+    if trainer := res["trainer"]:
+        lines += [f"## FC VAE training throughput (bench_trainer.py, N={trainer['n']}, batch {trainer['batch_size']})", ""]
+        lines += [f"- {name}: {fmt(rate, 0)} images/s" for name, rate in trainer["images_per_s"].items()]
+        lines += [f"- ratio shards / in-memory: {fmt(trainer['ratio_shards_over_in_memory'], 3)}", ""]
+    if cli := res["train-cli"]:
+        lines += [f"## `vaegen train` (N={cli['n_train']}, {cli['epochs']} epochs)", "",
+                  f"- streaming: {fmt((cli.get('streaming') or {}).get('images_per_s'), 0)} images/s",
+                  "- pool on device: " + (f"{fmt(cli['pool on device']['images_per_s'], 0)} images/s"
+                                         if cli.get("pool on device") else
+                                         "not measured: this checkout's `vaegen train` has no --pool-on-device"), ""]
+    if runs := res["runs-per-gpu"]:
+        lines += ["## Concurrent compare-sized VAE runs on one device", "",
+                  "| k | aggregate images/s | per run | seconds | status |", "|---|---|---|---|---|"]
+        lines += [f"| {r['k']} | {fmt(r.get('aggregate_images_per_s'), 0)} | "
+                  f"{fmt(r['aggregate_images_per_s'] / r['k'] if r.get('aggregate_images_per_s') else None, 0)} | "
+                  f"{fmt(r.get('seconds'))} | {r['status']} |" for r in runs["rows"]]
+        lines += ["", f"Throughput stops growing after k = {fmt(runs['growth_stops_after_k'])} ({runs['rule']}).", ""]
+    lines += ["## Steps", "", "| step | status | rc | seconds | timeout s |", "|---|---|---|---|---|"]
+    lines += [f"| {s['step']} | {s['status']} | {s['rc']} | {s['seconds']} | {s['timeout_s']} |" for s in res["steps"]]
     return "\n".join(lines) + "\n"
 
 
-# --- main ---------------------------------------------------------------------------------------------------
-
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("env")
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("prepare")
-    p.add_argument("--work", required=True)
-    p.add_argument("--presets", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--eval-images", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=None)
-    p = sub.add_parser("gen")
-    p.add_argument("--work", required=True)
-    p.add_argument("--preset", required=True)
-    p.add_argument("--configs", required=True, help="comma-separated precision:compile:mode:chunk:batch or best")
-    p.add_argument("--rows", required=True, help="JSONL file the rows are appended to")
-    p.add_argument("--step", default="matrix", help="the campaign step (heun18 rows are kept apart)")
-    p.add_argument("--prepared", default=None, help="prepare's JSON (parameter counts)")
-    p.add_argument("--sampler", default="edm-heun")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--shard-size", type=int, default=4096)
-    p.add_argument("--target-s", type=float, default=3.0, help="length of the measured run")
-    p.add_argument("--min-batches", type=int, default=2, help="the measured run's minimum, in batches")
-    p.add_argument("--max-images", type=int, default=131072)
-    p.add_argument("--deadline", type=float, default=None, help="epoch seconds; configurations left then are skipped")
-    p.add_argument("--min-left", type=float, default=20.0, help="seconds a configuration needs to be started")
-    p.add_argument("--threads", type=int, default=None)
-    p = sub.add_parser("store")
-    p.add_argument("--root", required=True)
-    p.add_argument("--n", type=int, required=True)
-    p = sub.add_parser("collect")
-    p.add_argument("--out", required=True)
+    parser.add_argument("command", choices=["run", "collect", *STEPS])
+    parser.add_argument("--out", required=True, help="results directory")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU (the same steps and code paths)")
+    parser.add_argument("--budget-s", type=float, default=None, help="the whole campaign's budget [500 GPU, 300 SMOKE]")
+    parser.add_argument("--work", default=None, help="(steps) the campaign's scratch directory")
+    parser.add_argument("--deadline", type=float, default=math.inf, help="(steps) epoch seconds the step must end by")
     args = parser.parse_args()
-    commands = {"env": cmd_env, "prepare": cmd_prepare, "gen": cmd_gen, "store": cmd_store, "collect": cmd_collect}
-    commands[args.command](args)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "collect":
+        print(cmd_collect(args))
+        return 0
+    return cmd_step(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from generator.frontier import frontier_command
+from generator.frontier import FrontierConfig
 from generator.generate import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, GenerateConfig
 from generator.presets import PRESETS
 from generator.sampling import SAMPLERS, SamplerConfig
@@ -38,7 +38,7 @@ def sampler_options(f):
     f = click.option("--chunk", default=SamplerConfig.chunk, type=click.IntRange(min=1),
                      help="Images per network call (fixed, so an image never depends on its batch).")(f)
     f = click.option("--seed", default=0, type=click.IntRange(min=0),
-                     help="Sample i's noise comes from a generator seeded by (seed, i).")(f)
+                     help="Sample i's noise is a function of (seed, i) (counter-based Philox).")(f)
     f = click.option("--steps", default=SamplerConfig.steps, type=click.IntRange(min=1),
                      help="Sampler steps (edm-heun: 2*steps-1 network evaluations).")(f)
     f = click.option("--sampler", default=SamplerConfig.name, type=click.Choice(SAMPLERS), help="Sampler.")(f)
@@ -49,8 +49,6 @@ def sampler_options(f):
 def dm():
     """Train, sample and score the diffusion model p_DM."""
 
-
-dm.add_command(frontier_command)  # `vaegen dm frontier`: defined with its loop in generator/frontier.py
 
 
 @dm.command(context_settings=CONTEXT)
@@ -181,6 +179,54 @@ def score(dm_path, dataset, data_root, n, out, classifier_steps, sampler, steps,
     click.echo(result["summary"])
 
 
+# --- the sampler frontier (its loop: generator/frontier.py) ------------------------------------------------
+
+def comma_list(kind):
+    """A click callback parsing "a,b,c" into a tuple of `kind`, with a one-line error."""
+    def parse(ctx, param, value: str) -> tuple:
+        try:
+            items = tuple(kind(v.strip()) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise VaegenError(f"--{param.name} {value!r}: expected a comma-separated list of {kind.__name__}") from None
+        if not items:
+            raise VaegenError(f"--{param.name} is empty")
+        return items
+    return parse
+
+
+@dm.command("frontier", context_settings=CONTEXT)
+@click.option("--dm", "dm_path", required=True, help="DM directory (ours, a diffusers UNet or pipeline dir).")
+@click.option("--samplers", default=",".join(FrontierConfig.samplers), callback=comma_list(str),
+              help=f"Comma-separated samplers, of {', '.join(SAMPLERS)}.")
+@click.option("--nfe", default=",".join(map(str, FrontierConfig.nfe)), callback=comma_list(int),
+              help="Comma-separated target network evaluations per image (edm-heun: the closest 2*steps-1).")
+@click.option("--seeds", default=",".join(map(str, FrontierConfig.seeds)), callback=comma_list(int),
+              help="Comma-separated sampling seeds; the noise band needs at least 2.")
+@click.option("--n", default=FrontierConfig.n, type=click.IntRange(min=20), help="Samples per point.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output directory "
+              "[default: <dm>/frontier]; existing point files there are kept (resume).")
+@click.option("--dataset", default=None, type=click.Choice(DATASET_NAMES),
+              help="Real data to compare with [default: the DM's dm.json].")
+@data_root_option
+@click.option("--classifier-steps", default=FrontierConfig.classifier_steps, type=click.IntRange(min=1),
+              help="Training steps of the cached feature classifier (as in `dm score`).")
+@click.option("--chunk", default=FrontierConfig.chunk, type=click.IntRange(min=1), help="Images per network call.")
+@device_option
+@threads_option
+def frontier_command(dm_path, samplers, nfe, seeds, n, out, dataset, data_root, classifier_steps, chunk, device,
+                     threads):
+    """Quality per network evaluation of every sampler, and the cheapest one as good as Heun at 35."""
+    from generator.frontier import FrontierConfig, frontier
+
+    set_threads(threads)
+    config = FrontierConfig(dm=dm_path, samplers=samplers, nfe=nfe, seeds=seeds, n=n, out=out, dataset=dataset,
+                            data_root=data_root, device=str(resolve_device(device)), chunk=chunk,
+                            classifier_steps=classifier_steps)
+    best = frontier(config)["recommendation"]["point"]
+    click.echo(f"recommended: {best['sampler']} at NFE {best['nfe']} ({best['steps']} steps)" if best
+               else "no recommendation: the reference's noise band needs at least 2 seeds")
+
+
 # --- shards ------------------------------------------------------------------------------------------------
 
 class ScaleType(click.ParamType):
@@ -206,7 +252,7 @@ class ScaleType(click.ParamType):
 @click.option("--steps", default=GenerateConfig.steps, type=click.IntRange(min=1),
               help="Sampler steps (edm-heun 18 = 35 network evaluations).")
 @click.option("--seed", default=GenerateConfig.seed, type=click.IntRange(min=0),
-              help="Sample i's noise is seeded by (seed, i).")
+              help="Sample i's noise is a function of (seed, i) (counter-based Philox).")
 @click.option("--shard-size", default=DEFAULT_SHARD_SIZE, type=click.IntRange(min=1), help="Samples per shard.")
 @click.option("--batch-size", default=DEFAULT_BATCH_SIZE, type=click.IntRange(min=1),
               help="Images per sampling call and process; keep it a multiple of --chunk (no padded chunks).")
@@ -221,11 +267,14 @@ class ScaleType(click.ParamType):
 @click.option("--compile-mode", default=GenerateConfig.compile_mode,
               type=click.Choice(["default", "reduce-overhead", "max-autotune"]),
               help="torch.compile mode; reduce-overhead replays CUDA graphs (part of the run's identity).")
+@click.option("--tf32/--no-tf32", default=GenerateConfig.tf32,
+              help="fp32 on CUDA with TF32 tensor cores (convolutions, matmuls); recorded as precision tf32 (part "
+                   "of the run's identity).")
 @click.option("--channels-last/--no-channels-last", default=GenerateConfig.channels_last,
               help="channels_last memory format for the UNet.")
 @threads_option
 def generate(dm, scale, out, sampler, steps, seed, shard_size, batch_size, chunk, dataset, subset, subset_seed,
-             data_root, precision, compile_, compile_mode, channels_last, threads):
+             data_root, precision, compile_, compile_mode, tf32, channels_last, threads):
     """Precompute SCALE x |D_train| samples of the DM into WebDataset shards (resumable, any process count)."""
     from generator.generate import generate_run
 
@@ -233,7 +282,7 @@ def generate(dm, scale, out, sampler, steps, seed, shard_size, batch_size, chunk
     cfg = GenerateConfig(dm=dm, scale=scale, out=out, sampler=sampler, steps=steps, seed=seed,
                          shard_size=shard_size, batch_size=batch_size, chunk=chunk, dataset=dataset, subset=subset,
                          subset_seed=subset_seed, data_root=data_root, precision=precision, compile=compile_,
-                         compile_mode=compile_mode, channels_last=channels_last)
+                         compile_mode=compile_mode, tf32=tf32, channels_last=channels_last)
     record = generate_run(cfg)
     if is_main_process():
         click.echo(f"{out}: {record['n_samples']} samples (K={record['scale']} x N={record['n_train']}) "

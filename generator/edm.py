@@ -14,9 +14,12 @@ config saved next to the UNet is how `load_dm` knows the UNet expects EDM precon
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import EDMEulerScheduler, UNet2DModel
+
+from vaegen.seeding import derive
 
 SIGMA_DATA = 0.5
 
@@ -25,6 +28,20 @@ def edm_scheduler(sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float 
     """The scheduler saved with every DM we train: it records EDM preconditioning and the sampling range."""
     return EDMEulerScheduler(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=SIGMA_DATA,
                              sigma_schedule="karras", prediction_type="epsilon", rho=rho)
+
+
+def write_random_dm(root: str | Path, preset: str = "tiny", channels: int = 1, seed: int = 0,
+                    **unet_changes) -> Path:
+    """A DM directory of `preset`'s UNet (changed by `unet_changes`, diffusers UNet2DModel arguments) with
+    random weights and EDM preconditioning, laid out as `vaegen dm train` writes it but without dm.json, so it
+    reads as a foreign DM. For benches and tests, where speed or code paths matter and the weights do not."""
+    from generator.presets import get_preset
+
+    torch.manual_seed(derive(seed, "dm-init"))
+    unet = UNet2DModel(**{**get_preset(preset).unet_kwargs(channels), **unet_changes})
+    unet.save_pretrained(root)
+    edm_scheduler().save_pretrained(root)
+    return Path(root)
 
 
 def edm_denoise(unet: UNet2DModel, scheduler: EDMEulerScheduler, x: torch.Tensor,

@@ -32,14 +32,12 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import click
 import numpy as np
 from tqdm.auto import tqdm
 
 from generator.sampling import SAMPLERS, SamplerConfig, sample
 from generator.score import ScoreConfig, Scorer
 from vaegen.errors import VaegenError
-from vaegen.options import CONTEXT, DATASET_NAMES, device_option, resolve_device, set_threads, threads_option
 from vaegen.provenance import read_json, run_record, write_json_atomic, write_text_atomic
 from vaegen.runlock import run_lock
 
@@ -243,48 +241,3 @@ def _frontier(config: FrontierConfig, out: Path) -> dict:
     plot(summary, recommendation, out / "frontier.png")
     write_json_atomic(out / "frontier.json", result)  # last: its presence means the frontier is complete
     return result
-
-
-def comma_list(kind):
-    """A click callback parsing "a,b,c" into a tuple of `kind`, with a one-line error."""
-    def parse(ctx, param, value: str) -> tuple:
-        try:
-            items = tuple(kind(v.strip()) for v in value.split(",") if v.strip())
-        except ValueError:
-            raise VaegenError(f"--{param.name} {value!r}: expected a comma-separated list of {kind.__name__}") from None
-        if not items:
-            raise VaegenError(f"--{param.name} is empty")
-        return items
-    return parse
-
-
-@click.command("frontier", context_settings=CONTEXT)
-@click.option("--dm", "dm_path", required=True, help="DM directory (ours, a diffusers UNet or pipeline dir).")
-@click.option("--samplers", default=",".join(FrontierConfig.samplers), callback=comma_list(str),
-              help=f"Comma-separated samplers, of {', '.join(SAMPLERS)}.")
-@click.option("--nfe", default=",".join(map(str, FrontierConfig.nfe)), callback=comma_list(int),
-              help="Comma-separated target network evaluations per image (edm-heun: the closest 2*steps-1).")
-@click.option("--seeds", default=",".join(map(str, FrontierConfig.seeds)), callback=comma_list(int),
-              help="Comma-separated sampling seeds; the noise band needs at least 2.")
-@click.option("--n", default=FrontierConfig.n, type=click.IntRange(min=20), help="Samples per point.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output directory "
-              "[default: <dm>/frontier]; existing point files there are kept (resume).")
-@click.option("--dataset", default=None, type=click.Choice(DATASET_NAMES),
-              help="Real data to compare with [default: the DM's dm.json].")
-@click.option("--data-root", default=FrontierConfig.data_root, type=click.Path(file_okay=False),
-              help="Where the stores are.")
-@click.option("--classifier-steps", default=FrontierConfig.classifier_steps, type=click.IntRange(min=1),
-              help="Training steps of the cached feature classifier (as in `dm score`).")
-@click.option("--chunk", default=FrontierConfig.chunk, type=click.IntRange(min=1), help="Images per network call.")
-@device_option
-@threads_option
-def frontier_command(dm_path, samplers, nfe, seeds, n, out, dataset, data_root, classifier_steps, chunk, device,
-                     threads):
-    """Quality per network evaluation of every sampler, and the cheapest one as good as Heun at 35."""
-    set_threads(threads)
-    config = FrontierConfig(dm=dm_path, samplers=samplers, nfe=nfe, seeds=seeds, n=n, out=out, dataset=dataset,
-                            data_root=data_root, device=str(resolve_device(device)), chunk=chunk,
-                            classifier_steps=classifier_steps)
-    best = frontier(config)["recommendation"]["point"]
-    click.echo(f"recommended: {best['sampler']} at NFE {best['nfe']} ({best['steps']} steps)" if best
-               else "no recommendation: the reference's noise band needs at least 2 seeds")

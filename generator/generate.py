@@ -3,8 +3,10 @@
 The loop is `generate_run`, read top-down: what the run is (its dataset and identity), which shards are left
 to do, then sampling batches handed to a writer thread that turns them into shards. Sample i in [0, K*N) is
 drawn from noise seeded by (seed, i) and shard j holds samples [j*S, (j+1)*S), so a run's bytes depend only on
-its identity (DM, sampler, seed, S and the numerics: precision, channels_last, compile): not on the number of
-processes or nodes, the batch size, or how often it was interrupted. Raising SCALE only adds shards.
+its identity (DM, sampler, seed, noise stream, S and the numerics: precision, channels_last, compile): not on
+the number of processes or nodes, the batch size, or how often it was interrupted. Raising SCALE only adds
+shards. A run keeps the noise stream it was made with (`generator.sampling`: runs made before the counter-based
+scheme resume with the per-image generator one).
 
     vaegen-generate --dm runs/dm/fmnist --scale 100 --out shards/fmnist/heun18-s0
     accelerate launch --num_processes 8 -m generator --dm ... --scale 100 --out ...   # same bytes
@@ -17,6 +19,7 @@ every verified shard and redoes the rest (resume after a crash, a kill, a signal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import shutil
@@ -28,18 +31,17 @@ from pathlib import Path
 import click
 import numpy as np
 
+from vaegen import dmrun
 from vaegen import shardformat as sf
 from vaegen.data import IMAGE_SIZE, get_spec, store_path
 from vaegen.errors import VaegenError
 from vaegen.interrupts import set_resume_hint
 from vaegen.launch import launch_state
-from vaegen.provenance import read_json, run_record, write_json_atomic
+from vaegen.provenance import run_record
 from vaegen.runlock import run_lock
 
 DEFAULT_SHARD_SIZE = 4096  # 4 MiB of grey (12 MiB of RGB) 32x32 pixels; 16 blocks; the unit of resume
 DEFAULT_BATCH_SIZE = 256
-# Bumped when the mapping (seed, i) -> initial noise changes: shards of two versions must never share a run.
-NOISE_STREAM = "vaegen.seeding sample-noise v1"
 
 
 @dataclass(frozen=True)
@@ -58,30 +60,37 @@ class GenerateConfig:
     subset_seed: int = 0
     data_root: str = "data"
     precision: str = "auto"       # auto | fp32 | bf16 (auto: bf16 on CUDA devices that support it)
+    tf32: bool = False            # fp32 on CUDA: TF32 tensor cores for convolutions and matmuls (identity: "tf32")
     compile: str = "auto"         # auto | on | off (auto: on for CUDA)
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" replays CUDA graphs (GPU)
     channels_last: bool = True
     writer_queue: int = 8         # batches in flight between sampler and writer thread
+    noise: str | None = None      # noise stream; None: the run's own when resuming, else the current default
 
 
 # --- what the run is ----------------------------------------------------------------------------------------
 
-def resolve_dataset(cfg: GenerateConfig) -> dict:
-    """Dataset, subset and N = |D_train| for the DM: from its dm.json, else from --dataset/--subset."""
+@dataclass(frozen=True)
+class TrainingData:
+    """What the DM was trained on: its dataset (and balanced subset) and N = |D_train|, read from the store."""
+
+    dataset: str
+    subset: int | None
+    subset_seed: int | None       # None when there is no subset
+    n_train: int
+    channels: int
+    image_size: int = IMAGE_SIZE
+
+
+def resolve_dataset(cfg: GenerateConfig) -> TrainingData:
+    """The DM's training data (its dm.json, vaegen.dmrun) with N read from its store."""
     import zarr
 
     dm_dir = Path(cfg.dm)
     if not dm_dir.is_dir():
         raise VaegenError(f"no diffusion model directory at {dm_dir}; train one with `vaegen dm train` (make dm)")
-    dm_json = read_json(dm_dir / "dm.json") if (dm_dir / "dm.json").is_file() else {}
-    dataset = dm_json.get("dataset") or cfg.dataset
-    subset, subset_seed = dm_json.get("subset", cfg.subset), dm_json.get("subset_seed", cfg.subset_seed)
-    if isinstance(subset, dict):  # the store attrs' form {"n": N, "seed": S}
-        subset, subset_seed = subset.get("n"), subset.get("seed", subset_seed)
-    if dataset is None:
-        raise VaegenError(f"{dm_dir} has no dm.json saying what it was trained on; pass --dataset (and --subset)")
-    if cfg.dataset is not None and cfg.dataset != dataset:
-        raise VaegenError(f"--dataset {cfg.dataset} but {dm_dir}/dm.json says the DM was trained on {dataset}")
+    data = dmrun.training_data(dm_dir, cfg.dataset, cfg.subset, cfg.subset_seed)
+    dataset, subset, subset_seed, train_images = data.dataset, data.subset, data.subset_seed or 0, data.train_images
     spec = get_spec(dataset)
     store = store_path(dataset, subset, subset_seed, cfg.data_root)
     try:
@@ -90,42 +99,66 @@ def resolve_dataset(cfg: GenerateConfig) -> dict:
         how = f" --subset {subset} --subset-seed {subset_seed}" if subset is not None else ""
         raise VaegenError(f"cannot read the training split of {store} (N = |D_train| comes from it); "
                           f"build it with `vaegen data {dataset}{how}` or pass --data-root") from None
-    if dm_json.get("train_images") not in (None, n_train):
-        raise VaegenError(f"{dm_dir} was trained on {dm_json['train_images']} images but {store} holds {n_train}; "
+    if train_images not in (None, n_train):
+        raise VaegenError(f"{dm_dir} was trained on {train_images} images but {store} holds {n_train}; "
                           "rebuild the store the DM was trained on or pass the right --data-root")
-    return {"dataset": dataset, "subset": subset, "subset_seed": subset_seed if subset is not None else None,
-            "n_train": n_train, "channels": spec.channels, "image_size": IMAGE_SIZE}
+    return TrainingData(dataset, subset, subset_seed if subset is not None else None, n_train, spec.channels)
 
 
-def identity_of(cfg: GenerateConfig, data: dict, dm_sha256: str, sampler: dict, numerics: dict) -> dict:
+def identity_of(cfg: GenerateConfig, data: TrainingData, dm_sha256: str, sampler: dict, numerics: dict,
+                noise: str) -> dict:
     """What a run directory's bytes depend on; a run may only be extended with exactly this.
 
     `numerics` (precision, channels_last, compile) is included because each changes which kernels run, and
     so the last bits of some pixels.
     """
-    return {"dm_sha256": dm_sha256, "sampler": sampler, "seed": cfg.seed, "noise_stream": NOISE_STREAM,
-            "shard_size": cfg.shard_size, **numerics, "dataset": data["dataset"], "subset": data["subset"],
-            "subset_seed": data["subset_seed"], "n_train": data["n_train"], "channels": data["channels"],
-            "image_size": data["image_size"]}
+    return {"dm_sha256": dm_sha256, "sampler": sampler, "seed": cfg.seed, "noise_stream": noise,
+            "shard_size": cfg.shard_size, **numerics, "dataset": data.dataset, "subset": data.subset,
+            "subset_seed": data.subset_seed, "n_train": data.n_train, "channels": data.channels,
+            "image_size": data.image_size}
 
 
-def check_run_dir(out: Path, identity: dict) -> dict | None:
-    """The run's existing generation.json (None for a new run); refuse a directory holding another run."""
-    gen_path = out / sf.GENERATION_NAME
-    if not gen_path.is_file():
+def existing_run(out: Path) -> dict | None:
+    """The generation.json of the run in `out` (None for a new run); refuse a directory holding something else."""
+    if not (out / sf.GENERATION_NAME).is_file():
         if out.exists() and any(out.iterdir()):
             raise VaegenError(f"--out {out} is not empty and holds no {sf.GENERATION_NAME}; choose a new directory")
         return None
-    try:
-        previous = read_json(gen_path)
-        recorded = previous["identity"]
-    except (ValueError, KeyError, TypeError):
-        raise VaegenError(f"{gen_path} is unreadable; --out {out} is not a vaegen shard run") from None
+    previous = sf.read_generation(out)
+    if not isinstance(previous.get("identity"), dict):
+        raise VaegenError(f"{out / sf.GENERATION_NAME} records no identity; --out {out} is not a run of "
+                          "`vaegen generate`")
+    return previous
+
+
+def noise_stream_for(cfg: GenerateConfig, previous: dict | None) -> str:
+    """The run's noise stream: the one asked for, else the one the run was made with, else the default."""
+    from generator.sampling import DEFAULT_NOISE, check_noise_stream
+
+    if cfg.noise is not None:
+        return check_noise_stream(cfg.noise)
+    return sf.noise_stream_of(previous["identity"]) if previous else DEFAULT_NOISE
+
+
+def check_identity(out: Path, previous: dict | None, identity: dict) -> None:
+    """Refuse to extend a run made with anything else (see `identity_of`)."""
+    if previous is None:
+        return
+    recorded = dict(previous["identity"], noise_stream=sf.noise_stream_of(previous["identity"]))
     diff = [k for k in identity if recorded.get(k) != identity[k]]
     if diff:
         names = ", ".join(f"{k} ({recorded.get(k)!r} there, {identity[k]!r} now)" for k in diff)
         raise VaegenError(f"--out {out} holds a run with a different {names}; use a new --out directory")
-    return previous
+
+
+def check_one_noise_stream(out: Path, noise: str) -> None:
+    """Refuse a run directory holding a shard of another noise stream: a run never mixes two."""
+    for marker_path in sorted(out.glob("shard-*.done.json")) if out.is_dir() else []:
+        marker = sf.read_marker(out, sf.shard_id(marker_path.name))
+        if marker is not None and sf.noise_stream_of(marker) != noise:
+            raise VaegenError(f"--out {out}: {marker_path.name} was made with noise stream "
+                              f"{sf.noise_stream_of(marker)!r} but the run with {noise!r}, and a run never mixes "
+                              "two; delete that shard and its marker (it is regenerated) or use a new --out")
 
 
 def check_free_space(out: Path, n_images: int, n_shards: int, channels: int) -> None:
@@ -135,6 +168,19 @@ def check_free_space(out: Path, n_images: int, n_shards: int, channels: int) -> 
     if needed > free:
         raise VaegenError(f"{out}: the remaining {n_shards} shard(s) need about {needed / 2**20:.0f} MiB but only "
                           f"{free / 2**20:.0f} MiB are free; free some space (or lower --scale) and rerun")
+
+
+@contextlib.contextmanager
+def cuda_matmul_precision(tf32: bool):
+    """TF32 tensor cores on or off for CUDA convolutions and matmuls (cuDNN's own default is on), restored after."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # --- the writer thread: shard files off the sampling critical path ----------------------------------------
@@ -206,6 +252,28 @@ class BackgroundShardWriter:
 
 # --- the loop ---------------------------------------------------------------------------------------------
 
+@dataclass
+class Setup:
+    """Everything `_generate` resolved before sampling: the model, the numerics and the run's identity."""
+
+    data: TrainingData
+    dm: object                    # generator.sampling.DiffusionModel
+    sampler: object               # generator.sampling.SamplerConfig
+    dtype: object                 # torch.dtype the network runs in
+    compile_net: bool
+    numerics: dict
+    noise: str
+    identity: dict
+    previous: dict | None
+    plan: sf.ShardPlan
+    scale: int
+
+    @property
+    def marker_fields(self) -> dict:
+        return {"sampler": self.identity["sampler"], "dm_sha256": self.dm.sha256, "seed": self.identity["seed"],
+                "noise_stream": self.noise, **self.numerics}
+
+
 def generate_run(cfg: GenerateConfig) -> dict:
     """Generate (or complete) the run directory `cfg.out`; returns its generation.json record."""
     state = launch_state()
@@ -214,58 +282,77 @@ def generate_run(cfg: GenerateConfig) -> dict:
         return _generate(cfg, state)
 
 
+def _setup(cfg: GenerateConfig, device) -> Setup:
+    """Resolve the numerics, load the DM and check `cfg.out` against the run it may already hold."""
+    import torch
+
+    from generator.sampling import SamplerConfig, load_dm
+
+    data = resolve_dataset(cfg)
+    use_cuda = device.type == "cuda"
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda and torch.cuda.is_bf16_supported())
+    compile_net = cfg.compile == "on" or (cfg.compile == "auto" and use_cuda)
+    sampler = SamplerConfig(name=cfg.sampler, steps=cfg.steps, **({"chunk": cfg.chunk} if cfg.chunk else {}))
+    dm = load_dm(cfg.dm, device)
+    if (dm.image_size, dm.channels) != (data.image_size, data.channels):
+        raise VaegenError(f"{cfg.dm} makes {dm.channels}x{dm.image_size}x{dm.image_size} images but "
+                          f"{data.dataset} has {data.channels}x{data.image_size}x{data.image_size}")
+    # TF32 only changes fp32 CUDA kernels: elsewhere the run is plain fp32 (and recorded so).
+    precision = "bf16" if bf16 else ("tf32" if cfg.tf32 and use_cuda else "fp32")
+    numerics = {"precision": precision, "channels_last": cfg.channels_last,
+                "compile": cfg.compile_mode if compile_net else False}
+    out = Path(cfg.out)
+    previous = existing_run(out)  # every rank checks, so every rank raises on a mismatch
+    noise = noise_stream_for(cfg, previous)
+    identity = identity_of(cfg, data, dm.sha256, dataclasses.asdict(sampler), numerics, noise)
+    check_identity(out, previous, identity)
+    check_one_noise_stream(out, noise)
+    # K only grows: a smaller SCALE than a completed run's is a no-op (its shards already exist).
+    scale = max(cfg.scale, previous.get("scale") or 0 if previous else 0)
+    plan = sf.ShardPlan(scale * data.n_train, cfg.shard_size)
+    return Setup(data, dm, sampler, torch.bfloat16 if bf16 else torch.float32, compile_net, numerics, noise,
+                 identity, previous, plan, scale)
+
+
+def _prepare_run_dir(cfg: GenerateConfig, setup: Setup) -> None:
+    """Main process: clear what an interrupted run left, check the disk, record the run as in progress."""
+    from generator.sampling import sampler_record
+
+    out, plan = Path(cfg.out), setup.plan
+    out.mkdir(parents=True, exist_ok=True)
+    if removed := sf.remove_orphans(out):
+        click.echo(f"{out}: removed {removed} file(s) left by an interrupted run", err=True)
+    left = [j for j in range(plan.num_shards) if not sf.shard_is_current(out, j, plan, setup.marker_fields)]
+    check_free_space(out, sum(plan.span(j)[1] for j in left), len(left), setup.data.channels)
+    # "scale" stays the last completed K until this run completes (`shards verify` refuses complete=false).
+    sf.write_generation(out, dict(
+        setup.previous or {}, **run_record(cfg), **sampler_record(setup.dm, setup.sampler, cfg.seed, setup.noise),
+        identity=setup.identity, **dataclasses.asdict(setup.data),
+        scale=setup.previous["scale"] if setup.previous else 0, n_samples=plan.n_samples,
+        shard_size=cfg.shard_size, num_shards=plan.num_shards, complete=False))
+
+
 def _generate(cfg: GenerateConfig, state) -> dict:
     import torch
     from tqdm import tqdm
 
-    from generator.sampling import SamplerConfig, load_dm, sample, sampler_record
+    from generator.sampling import sample
 
     t_start = time.time()
-    data = resolve_dataset(cfg)
     device = state.device
     rank, world = state.process_index, state.num_processes
-
-    use_cuda = device.type == "cuda"
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda and torch.cuda.is_bf16_supported())
-    compile_net = cfg.compile == "on" or (cfg.compile == "auto" and use_cuda)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    chunk = {"chunk": cfg.chunk} if cfg.chunk is not None else {}
-    sampler_cfg = SamplerConfig(name=cfg.sampler, steps=cfg.steps, **chunk)
-    dm = load_dm(cfg.dm, device)
-    if (dm.image_size, dm.channels) != (data["image_size"], data["channels"]):
-        raise VaegenError(f"{cfg.dm} makes {dm.channels}x{dm.image_size}x{dm.image_size} images but "
-                          f"{data['dataset']} has {data['channels']}x{data['image_size']}x{data['image_size']}")
-    numerics = {"precision": "bf16" if bf16 else "fp32", "channels_last": cfg.channels_last,
-                "compile": cfg.compile_mode if compile_net else False}
-    identity = identity_of(cfg, data, dm.sha256, dataclasses.asdict(sampler_cfg), numerics)
-
-    out = Path(cfg.out)
-    previous = check_run_dir(out, identity)  # every rank checks, so every rank raises on a mismatch
-    # K only grows: a smaller SCALE than a completed run's is a no-op (its shards already exist).
-    scale = max(cfg.scale, previous.get("scale", 0) if previous else 0)
-    plan = sf.ShardPlan(scale * data["n_train"], cfg.shard_size)
-    marker_fields = {"sampler": identity["sampler"], "dm_sha256": dm.sha256, "seed": cfg.seed,
-                     "noise_stream": NOISE_STREAM, **numerics}
+    setup = _setup(cfg, device)
+    out, plan, dm = Path(cfg.out), setup.plan, setup.dm
     state.wait_for_everyone()  # all ranks have read generation.json before rank 0 rewrites it
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if removed := sf.remove_orphans(out):
-            click.echo(f"{out}: removed {removed} file(s) left by an interrupted run", err=True)
-        left = [j for j in range(plan.num_shards) if not sf.shard_is_current(out, j, plan, marker_fields)]
-        check_free_space(out, sum(plan.span(j)[1] for j in left), len(left), data["channels"])
-        # "scale" stays the last completed K until this run completes (`shards verify` refuses complete=false).
-        record = dict(previous or {}, **run_record(cfg), **sampler_record(dm, sampler_cfg, cfg.seed),
-                      identity=identity, **data,
-                      scale=previous["scale"] if previous else 0, n_samples=plan.n_samples,
-                      shard_size=cfg.shard_size, num_shards=plan.num_shards, complete=False)
-        write_json_atomic(out / sf.GENERATION_NAME, record)
+        _prepare_run_dir(cfg, setup)
     state.wait_for_everyone()  # orphans are gone before anyone writes
 
     mine = [j for j in range(plan.num_shards) if j % world == rank]
-    todo = [j for j in mine if not sf.shard_is_current(out, j, plan, marker_fields)]
+    todo = [j for j in mine if not sf.shard_is_current(out, j, plan, setup.marker_fields)]
     if cfg.channels_last:
         dm.unet.to(memory_format=torch.channels_last)
-    if compile_net:
+    if setup.compile_net:
         dm.unet = torch.compile(dm.unet, mode=cfg.compile_mode)
 
     n_todo = sum(plan.span(j)[1] for j in todo)
@@ -277,16 +364,17 @@ def _generate(cfg: GenerateConfig, state) -> dict:
         shards_done[0] += 1
         bar.set_description(f"rank 0/{world}: {shards_done[0]}/{len(mine)} shards done", refresh=False)
 
-    writer = BackgroundShardWriter(out, plan, marker_fields, cfg.writer_queue, on_shard_done)
+    writer = BackgroundShardWriter(out, plan, setup.marker_fields, cfg.writer_queue, on_shard_done)
     t_loop = time.perf_counter()
-    first_batch_s = None  # includes one-off costs (torch.compile, CUDA context): the steady rate excludes it
+    first_batch_s = first_batch_n = None  # includes one-off costs (torch.compile, CUDA context): excluded below
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), cuda_matmul_precision(setup.numerics["precision"] == "tf32"):
             for j in todo:
                 first, count = plan.span(j)
                 for lo in range(first, first + count, cfg.batch_size):
                     indices = np.arange(lo, min(lo + cfg.batch_size, first + count))
-                    images = sample(dm, indices, cfg.seed, sampler_cfg, device=device, dtype=dtype)
+                    images = sample(dm, indices, cfg.seed, setup.sampler, device=device, dtype=setup.dtype,
+                                    noise=setup.noise)
                     writer.put(j, images.numpy())
                     bar.update(len(indices))
                     if first_batch_s is None:
@@ -305,19 +393,21 @@ def _generate(cfg: GenerateConfig, state) -> dict:
         if problems:
             raise VaegenError(f"{len(problems)} shard(s) incomplete after generation: {'; '.join(problems[:5])}")
         sf.write_index(out, plan)
-        record = read_json(out / sf.GENERATION_NAME)
+        record = sf.read_generation(out)
+        steady = (n_todo - first_batch_n) / (loop_s - first_batch_s) \
+            if first_batch_s is not None and n_todo > first_batch_n and loop_s > first_batch_s else None
         run = {"command": record["command"], "created": record["created"], "code_version": record["code_version"],
-               "scale": scale, "world_size": world, "device": str(device),
+               "scale": setup.scale, "world_size": world, "device": str(device),
+               # CPU kernels split work by thread count, and an image's last bits with it: recorded, not enforced
+               "torch_threads": torch.get_num_threads(),
                "batch_size": cfg.batch_size, "shards_generated_rank0": len(todo), "images_generated_rank0": n_todo,
                "wall_s": round(time.time() - t_start, 3), "loop_s_rank0": round(loop_s, 3),
                "images_per_s_rank0": round(n_todo / loop_s, 3) if loop_s > 0 and n_todo else None,
                "first_batch_s_rank0": round(first_batch_s, 3) if first_batch_s is not None else None,
-               "steady_images_per_s_rank0": round((n_todo - first_batch_n) / (loop_s - first_batch_s), 3)
-               if first_batch_s is not None and n_todo > first_batch_n and loop_s > first_batch_s else None,
+               "steady_images_per_s_rank0": round(steady, 3) if steady is not None else None,
                "writer_busy_s_rank0": round(writer.busy_s, 3),
                "writer_blocked_s_rank0": round(writer.blocked_s, 3)}
-        record.update(scale=scale, complete=True, runs=[*record.get("runs", []), run])
-        write_json_atomic(out / sf.GENERATION_NAME, record)
+        record.update(scale=setup.scale, complete=True, runs=[*record.get("runs", []), run])
+        sf.write_generation(out, record)
     state.wait_for_everyone()
-    return record if record is not None else read_json(out / sf.GENERATION_NAME)
-
+    return record if record is not None else sf.read_generation(out)

@@ -2,7 +2,7 @@
 
 tiny   ~160k parameters, 2 resolutions, no attention. Trains in about a minute on 2 CPU cores: tests, demo.
 small  the best model about one CPU hour buys (2 busy cores, ~1.3 s per step of 64). Sample quality is the
-       binding constraint at laptop scale (DESIGN.md's probe: speckled backgrounds after 15 minutes of a
+       binding constraint at laptop scale (an early probe: speckled backgrounds after 15 minutes of a
        1.1M-parameter UNet without EMA), so the hour goes to: a 1.1M-parameter UNet whose self-attention
        sits only at 8x8 (cheap there, global context for the garment shape), a long, annealed run (cosine
        decay to zero, which removes most of the late-training noise that shows up as speckle), and an EMA whose

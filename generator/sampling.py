@@ -23,19 +23,37 @@ ending at sigma = 0; `steps` N costs N network evaluations except for edm-heun.
                   EDM models; for VP models first-order DPM-Solver++, which is the same update (Lu et al. 2022)
                   and, unlike diffusers' DDIMScheduler, runs on Karras sigmas.
 
-Determinism. Sample i's initial noise comes only from a CPU `torch.Generator` seeded by (seed, i) (every
-sampler is deterministic after that), and the network always runs on fixed-shape chunks of
-`SamplerConfig.chunk` images, padding the last one. The padding matters: CPU kernels (oneDNN convolutions,
-MKL GEMM) choose their algorithm by batch size, so without it an image's last bits would depend on how many
-images were sampled beside it. With it, `sample(dm, [5], ...)` equals `sample(dm, [3, 4, 5], ...)[2]`
-bit for bit on CPU.
+Noise. Sample i's initial noise is a pure function of (seed, i) and the image shape, so an image never
+depends on the batch, the process count or the device it was sampled with. Two schemes exist; a shard run
+records which one made it (`noise_stream`) and is always resumed with it:
+  philox (NOISE_PHILOX, the default since v2) counter-based, evaluated for a whole batch at once. The bits
+                  are Philox4x64-10 (Salmon et al. 2011, numpy's `np.random.Philox`, checked against the
+                  Random123 known answers) under the key (seed, id of the "sample-noise" seed purpose): image i
+                  owns counter blocks [i*B, (i+1)*B), B = ceil(D/8) for D = C*H*W values, so a run of
+                  consecutive images is one `random_raw` call. Word k of an image (64 bits) gives u1 (its high
+                  32 bits) and u2 (low 32), each (b + 0.5) / 2^32 in (0, 1), and the Box-Muller pair
+                  z[k] = r cos(2 pi u2), z[k + D/2] = r sin(2 pi u2), r = sqrt(-2 ln u1). The bits are made
+                  on the CPU (exact integers everywhere); the transform runs in float64 on the sampling device
+                  (CUDA) or the CPU and is rounded to float32, so CPU and CUDA agree bit for bit except where
+                  their float64 log/cos/sin differ by an ulp right at a float32 rounding boundary (about one
+                  value in 10^8-10^9).
+  per-image generator (NOISE_PER_IMAGE_GENERATOR, "v1") a CPU `torch.Generator` seeded by (seed, i) per
+                  image (`vaegen.seeding`): ~40 us per image, kept only so that runs made with it resume.
+
+Determinism. Every sampler is deterministic after the noise, and the network always runs on fixed-shape
+chunks of `SamplerConfig.chunk` images, padding the last one. The padding matters: CPU kernels (oneDNN
+convolutions, MKL GEMM) choose their algorithm by batch size, so without it an image's last bits would depend
+on how many images were sampled beside it. With it, `sample(dm, [5], ...)` equals
+`sample(dm, [3, 4, 5], ...)[2]` bit for bit on CPU.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,9 +70,11 @@ from diffusers import (
 )
 from tqdm.auto import tqdm
 
-from generator.edm import edm_denoise
+from vaegen import dmrun
 from vaegen.errors import VaegenError
-from vaegen.seeding import torch_generator
+from vaegen.provenance import sha256_file
+from vaegen.seeding import PURPOSES, torch_generator
+from vaegen.shardformat import LEGACY_NOISE_STREAM
 
 SAMPLERS = ("edm-heun", "dpm-solver++", "dpm-solver++3m", "unipc", "ddim")
 SOLVER_ORDER = {"ddim": 1, "dpm-solver++": 2, "dpm-solver++3m": 3}  # the scheduler-loop samplers
@@ -92,6 +112,8 @@ class DiffusionModel:
         self.path = path
         self.sha256 = sha256
         self.channels = int(unet.config.in_channels)
+        self._sigmas: dict[SamplerConfig, list[float]] = {}  # Karras schedules, built once per sampler config
+        self._edm_constants: dict[tuple, tuple] = {}  # preconditioning per (sigma, device, dtype)
         size = unet.config.sample_size
         self.image_size = int(size if isinstance(size, int) else size[0])
         scheduler_class = self.scheduler_config.get("_class_name", "")
@@ -125,10 +147,31 @@ class DiffusionModel:
                 "scheduler": self.scheduler_config.get("_class_name"),
                 "channels": self.channels, "image_size": self.image_size}
 
+    def edm_constants(self, sigma: float, device: torch.device) -> tuple:
+        """(c_in, c_skip, c_out, c_noise) of diffusers' EDM preconditioning at `sigma`, from its own functions on
+        0-d float32 tensors exactly as `edm_denoise` gets them, computed once per sigma: each is ~5 tiny tensor
+        ops per network call otherwise, which cost more than a null network's whole sample on a CPU."""
+        key = (sigma, device, self.unet.dtype)
+        if key not in self._edm_constants:
+            s = torch.tensor(sigma, dtype=torch.float32, device=device)
+            one, zero = torch.ones_like(s), torch.zeros_like(s)
+            self._edm_constants[key] = (
+                self.edm.precondition_inputs(one, s),       # 1 * c_in
+                self.edm.precondition_outputs(one, zero, s),  # c_skip * 1 + c_out * 0
+                self.edm.precondition_outputs(zero, one, s),  # c_skip * 0 + c_out * 1
+                self.edm.precondition_noise(s.reshape(-1)).to(self.unet.dtype))
+        return self._edm_constants[key]
+
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """D(x; sigma): the model's estimate of the clean image, in EDM coordinates (float32)."""
+        """D(x; sigma): the model's estimate of the clean image, in EDM coordinates (float32).
+
+        For an EDM model this is `edm_denoise` (c_skip x + c_out F(c_in x, c_noise)) rounded the same way, with
+        the constants cached per sigma.
+        """
         if self.kind == "edm":
-            return edm_denoise(self.unet, self.edm, x, sigma)
+            c_in, c_skip, c_out, c_noise = self.edm_constants(sigma, x.device)
+            out = self.unet((x * c_in).to(self.unet.dtype), c_noise).sample.float()
+            return (c_skip * x).add_(c_out * out)
         # VP model: x_t = alpha x, c_in = alpha = 1 / sqrt(1 + sigma^2), timestep interpolated in log sigma.
         c_in = 1.0 / (1.0 + sigma**2) ** 0.5
         t = float(np.interp(np.log(sigma), self.vp_log_sigmas, np.arange(len(self.vp_log_sigmas))))
@@ -160,13 +203,7 @@ def weights_sha256(unet_dir: Path) -> str:
                    if p.name in WEIGHT_FILES or re.fullmatch(r"diffusion_pytorch_model-\d+-of-\d+\.\w+", p.name))
     if not files:
         raise VaegenError(f"{unet_dir} has a UNet config but no weights file ({WEIGHT_FILES[0]})")
-    digests = []
-    for f in files:
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-        digests.append(digest.hexdigest())
+    digests = [sha256_file(f) for f in files]
     return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
@@ -223,7 +260,7 @@ def load_dm(path: str, device: str | torch.device = "cpu") -> DiffusionModel:
     if scheduler_config is None:
         raise VaegenError(f"{scheduler_file} is missing or not JSON; it says how the UNet is called")
     sha256 = weights_sha256(unet_dir)
-    recorded = (_read_json(unet_dir / "dm.json") or {}).get("weights_sha256")
+    recorded = (dmrun.read_record(unet_dir) or {}).get("weights_sha256")
     if recorded and recorded != sha256:
         raise VaegenError(f"{unet_dir}: weights do not match dm.json (an interrupted export?); "
                           "re-run `vaegen dm train --resume` to export again")
@@ -239,13 +276,86 @@ def load_dm(path: str, device: str | torch.device = "cpu") -> DiffusionModel:
 
 # --- sampling ---------------------------------------------------------------------------------------------
 
-def initial_noise(indices: Sequence[int] | np.ndarray, seed: int, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Standard normal noise (n, C, H, W), row i drawn on CPU from its own generator seeded by (seed, i)."""
-    rows = []
-    for i in indices:
-        g = torch_generator(seed, "sample-noise", int(i))
-        rows.append(torch.randn(shape, generator=g))
-    return torch.stack(rows) if rows else torch.empty(0, *shape)
+NOISE_PHILOX = "vaegen sample-noise v2: philox4x64-10 (seed, i), box-muller f64"
+NOISE_PER_IMAGE_GENERATOR = LEGACY_NOISE_STREAM  # "vaegen.seeding sample-noise v1"; also runs recording none
+NOISE_STREAMS = (NOISE_PHILOX, NOISE_PER_IMAGE_GENERATOR)
+DEFAULT_NOISE = NOISE_PHILOX
+_WORD_BITS = 2.0**-32
+CPU_NOISE_SLICE = 128  # images per float64 transform on a CPU (128 x 512 words x 8 bytes = 512 KiB)
+
+
+def check_noise_stream(noise: str) -> str:
+    if noise not in NOISE_STREAMS:
+        raise VaegenError(f"unknown noise stream {noise!r}; this vaegen knows {', '.join(map(repr, NOISE_STREAMS))}")
+    return noise
+
+
+def contiguous_runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """(first index, length) of each run of consecutive indices, in order: [3, 4, 5, 9] -> [(3, 3), (9, 1)]."""
+    if len(indices) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    lengths = np.diff(np.concatenate([starts, [len(indices)]]))
+    return [(int(indices[s]), int(n)) for s, n in zip(starts, lengths)]
+
+
+_philox = threading.local()  # one numpy Philox per thread, re-keyed per call: constructing one costs ~25 us
+
+
+def philox_words(indices: np.ndarray, seed: int, words_per_image: int) -> np.ndarray:
+    """The Philox4x64-10 words (n, words_per_image) uint64 of images `indices` (see the module docstring)."""
+    if not hasattr(_philox, "bits"):
+        _philox.bits = np.random.Philox()
+    blocks = -(-words_per_image // 4)
+    key = np.array([seed, PURPOSES["sample-noise"][0]], np.uint64)
+    runs = []
+    for first, n in contiguous_runs(indices):
+        # numpy increments the counter before each block, so block b comes from counter b - 1 (mod 2^256).
+        counter = (first * blocks - 1) % 2**256
+        _philox.bits.state = {"bit_generator": "Philox", "buffer": np.zeros(4, np.uint64), "buffer_pos": 4,
+                              "has_uint32": 0, "uinteger": 0,
+                              "state": {"key": key, "counter": np.array([(counter >> s) % 2**64 for s in
+                                                                         (0, 64, 128, 192)], np.uint64)}}
+        runs.append(_philox.bits.random_raw(n * blocks * 4).reshape(n, blocks * 4))
+    words = runs[0] if len(runs) == 1 else np.concatenate([np.empty((0, blocks * 4), np.uint64), *runs])
+    return words[:, :words_per_image] if words_per_image % 4 else words
+
+
+def box_muller(words: torch.Tensor, values: int) -> torch.Tensor:
+    """Standard normals (n, values) float32 from uint64 words (n, ceil(values / 2)) held as int64, in float64."""
+    hi = ((words >> 32) & 0xFFFF_FFFF).to(torch.float64).add_(0.5).mul_(_WORD_BITS)  # >> is arithmetic: mask
+    angle = (words & 0xFFFF_FFFF).to(torch.float64).add_(0.5).mul_(_WORD_BITS * 2 * math.pi)
+    radius = hi.log_().mul_(-2.0).sqrt_().unsqueeze(1)
+    pairs = torch.empty(len(words), 2, words.shape[1], dtype=torch.float64, device=words.device)
+    torch.cos(angle, out=pairs[:, 0])
+    torch.sin(angle, out=pairs[:, 1])
+    out = torch.empty(len(words), 2, words.shape[1], dtype=torch.float32, device=words.device)
+    torch.mul(pairs, radius, out=out)  # the float64 product, rounded once to float32
+    return out.reshape(len(words), 2 * words.shape[1])[:, :values]
+
+
+def initial_noise(indices: Sequence[int] | np.ndarray, seed: int, shape: tuple[int, int, int],
+                  noise: str = DEFAULT_NOISE, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Standard normal noise (n, C, H, W) float32 on `device`; row i a function of (noise, seed, i, shape) only."""
+    check_noise_stream(noise)
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    device = torch.device(device)
+    if noise == NOISE_PER_IMAGE_GENERATOR:
+        rows = [torch.randn(shape, generator=torch_generator(seed, "sample-noise", int(i))) for i in indices]
+        return (torch.stack(rows) if rows else torch.empty(0, *shape)).to(device)
+    if len(indices) and (indices.min() < 0 or seed < 0 or seed >= 2**64):
+        raise ValueError(f"noise needs indices >= 0 and a seed in [0, 2^64), got seed {seed}")
+    values = math.prod(shape)
+    words = torch.from_numpy(philox_words(indices, seed, -(-values // 2)).view(np.int64))
+    if device.type == "cuda":
+        return box_muller(words.to(device, non_blocking=True), values).reshape(len(indices), *shape)
+    # On a CPU (or an accelerator without float64, MPS) in cache-sized slices: a batch's float64 temporaries
+    # would be fresh allocations of several MiB, whose page faults cost more than the arithmetic.
+    out = torch.empty(len(indices), values)
+    for lo in range(0, len(indices), CPU_NOISE_SLICE):
+        out[lo:lo + CPU_NOISE_SLICE] = box_muller(words[lo:lo + CPU_NOISE_SLICE], values)
+    return out.reshape(len(indices), *shape).to(device)
 
 
 def karras_sigmas(dm: DiffusionModel, config: SamplerConfig) -> torch.Tensor:
@@ -257,15 +367,25 @@ def karras_sigmas(dm: DiffusionModel, config: SamplerConfig) -> torch.Tensor:
 
 
 def heun_sample(dm: DiffusionModel, noise: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
-    """EDM Algorithm 1, deterministic (S_churn = 0): Heun steps with an Euler step to sigma = 0 at the end."""
-    sigmas = karras_sigmas(dm, config).tolist()
+    """EDM Algorithm 1, deterministic (S_churn = 0): Heun steps with an Euler step to sigma = 0 at the end.
+
+    Per step: d = (x - D(x; s)) / s, x' = x + (s' - s) d, then (s' > 0) the correction
+    x' = x + (s' - s)(0.5 d + 0.5 d'). Written in place to save allocations, each operation rounding exactly as
+    that formula does (the same operands, in the same order).
+    """
+    if config not in dm._sigmas:
+        dm._sigmas[config] = karras_sigmas(dm, config).tolist()
+    sigmas = dm._sigmas[config]
     x = noise * sigmas[0]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - dm.denoise(x, sigma)) / sigma
-        x_next = x + (sigma_next - sigma) * d
+        h = sigma_next - sigma
+        denoised = dm.denoise(x, sigma)
+        d = torch.sub(x, denoised, out=denoised).div_(sigma)
+        x_next = (h * d).add_(x)
         if sigma_next > 0:  # 2nd-order correction
-            d_next = (x_next - dm.denoise(x_next, sigma_next)) / sigma_next
-            x_next = x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_next)
+            denoised = dm.denoise(x_next, sigma_next)
+            d_next = torch.sub(x_next, denoised, out=denoised).div_(sigma_next)
+            x_next = d.mul_(0.5).add_(d_next.mul_(0.5)).mul_(h).add_(x)
         x = x_next
     return x
 
@@ -323,16 +443,16 @@ def solve(dm: DiffusionModel, noise: torch.Tensor, config: SamplerConfig) -> tor
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 exactly as the real data is mapped (u8 = round((x + 1) * 127.5), clamped)."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return (x.float() + 1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
 @torch.inference_mode()
 def sample(dm: DiffusionModel, indices: Sequence[int] | np.ndarray, seed: int, config: SamplerConfig,
            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-           progress: bool = False) -> torch.Tensor:
-    """Images `indices` of the stream defined by (dm, seed, config): uint8 (n, C, H, W) on CPU.
+           progress: bool = False, noise: str = DEFAULT_NOISE) -> torch.Tensor:
+    """Images `indices` of the stream defined by (dm, seed, config, noise): uint8 (n, C, H, W) on CPU.
 
-    Image i depends only on (dm, seed, i, config), never on which other indices are sampled with it.
+    Image i depends only on (dm, seed, i, config, noise), never on which other indices are sampled with it.
     The network runs in `dtype` (bf16 on a GPU is fine); the sampler's state stays float32.
     """
     device = torch.empty(0, device=device).device  # "cuda" -> cuda:0, so the check below is exact
@@ -340,18 +460,20 @@ def sample(dm: DiffusionModel, indices: Sequence[int] | np.ndarray, seed: int, c
         dm.unet.to(device=device, dtype=dtype)
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     shape = (dm.channels, dm.image_size, dm.image_size)
+    all_noise = initial_noise(indices, seed, shape, noise, device)  # one batched draw for every chunk
     out = []
     chunks = range(0, len(indices), config.chunk)
     for start in tqdm(chunks, desc="sampling", unit="chunk", disable=not progress):
-        chunk = indices[start:start + config.chunk]
-        noise = torch.zeros(config.chunk, *shape)
-        noise[:len(chunk)] = initial_noise(chunk, seed, shape)
-        x = solve(dm, noise.to(device), config)
-        out.append(to_uint8(x[:len(chunk)]).cpu())
+        n = min(config.chunk, len(indices) - start)
+        chunk_noise = all_noise[start:start + n]
+        if n < config.chunk:  # pad to the fixed chunk shape (see the module docstring)
+            chunk_noise = torch.cat([chunk_noise, chunk_noise.new_zeros(config.chunk - n, *shape)])
+        x = solve(dm, chunk_noise, config)
+        out.append(to_uint8(x[:n]).cpu())
     return torch.cat(out) if out else torch.empty(0, *shape, dtype=torch.uint8)
 
 
-def sampler_record(dm: DiffusionModel, config: SamplerConfig, seed: int) -> dict:
-    """Everything that determines a sample stream, for manifests and provenance."""
+def sampler_record(dm: DiffusionModel, config: SamplerConfig, seed: int, noise: str = DEFAULT_NOISE) -> dict:
+    """Everything that determines a sample stream, for provenance records (generation.json, score.json)."""
     return {"sampler": asdict(config), "network_evaluations": config.network_evaluations, "seed": seed,
-            "dm": dm.describe()}
+            "noise_stream": noise, "dm": dm.describe()}

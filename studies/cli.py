@@ -24,10 +24,8 @@ def _stage(name: str):
         import generator.cli as module
     elif name == "train":
         import trainer.cli as module
-    elif name == "eval":
-        import evaluator.cli as module
     else:
-        import studies.report as module
+        import evaluator.cli as module
     return getattr(module, {"eval": "evaluate"}.get(name, name))
 
 
@@ -58,6 +56,8 @@ class LazyGroup(click.Group):
             return data
         if name == "study":
             return study
+        if name == "report":
+            return report
         return _stage(name) if name in COMMANDS else None
 
     def format_commands(self, ctx, formatter):
@@ -87,6 +87,15 @@ def data(dataset, data_dir, no_download, subset, subset_seed, data_root):
 
     path = build_store(dataset, data_root, subset, subset_seed, data_dir, download=not no_download)
     click.echo(str(path))
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("study_dir", type=click.Path(file_okay=False))
+def report(study_dir):
+    """Build report.md, CSV tables and PNG plots for STUDY_DIR from its run directories."""
+    from studies.report import build_report
+
+    click.echo(str(build_report(study_dir)))
 
 
 # --- studies -------------------------------------------------------------------------------------------------

@@ -12,13 +12,10 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-import click
-
 from studies.plots import plot_elbo_curves, plot_gaps, plot_smoothness
-from studies.results import RESULT_COLUMNS, Run, group_key, mean_sd, read_run
+from studies.results import RESULT_COLUMNS, Run, group_key, mean_sd, read_result
 from studies.sections import SECTIONS, dm_identities, results_table
 from vaegen.errors import VaegenError
-from vaegen.options import CONTEXT
 from vaegen.provenance import read_json, write_text_atomic
 
 
@@ -51,7 +48,7 @@ def build_report(study_dir: str | Path) -> Path:
     if not runs_dir.is_dir():
         raise VaegenError(f"{study_dir} is not a study directory (no runs/); run a `vaegen study` command first")
     study = read_json(study_dir / "study.json") if (study_dir / "study.json").exists() else {}
-    runs = [r for r in (read_run(d) for d in sorted(runs_dir.iterdir()) if d.is_dir()) if r is not None]
+    runs = [r for r in (read_result(d) for d in sorted(runs_dir.iterdir()) if d.is_dir()) if r is not None]
     if not runs:
         raise VaegenError(f"{runs_dir} holds no VAE runs yet")
     finished = [r for r in runs if r.finished]
@@ -98,10 +95,3 @@ def build_report(study_dir: str | Path) -> Path:
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     write_text_atomic(study_dir / "report.md", "\n".join(lines))
     return study_dir / "report.md"
-
-
-@click.command(context_settings=CONTEXT)
-@click.argument("study_dir", type=click.Path(file_okay=False))
-def report(study_dir):
-    """Build report.md, CSV tables and PNG plots for STUDY_DIR from its run directories."""
-    click.echo(str(build_report(study_dir)))

@@ -115,7 +115,7 @@ def run_of(config: dict, name: str = "run", metrics: list[dict] | None = None) -
     return run
 
 
-def read_run(run_dir: Path) -> Run | None:
+def read_result(run_dir: Path) -> Run | None:
     """A run directory's settings and results; None when it holds no config.json yet."""
     if not vaerun.is_run_dir(run_dir):
         return None

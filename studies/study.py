@@ -164,8 +164,7 @@ class Study:
         """The pool's shard set grown to scale x |D_train| samples. Growing rewrites the set's last, short shard,
         so no running job may be reading it: running jobs are waited for first."""
         needed = -(-pool.scale * pool.vae_store.train_size // pool.dm.store.train_size)
-        path = pool.shards / sf.GENERATION_NAME
-        record = read_json(path) if path.is_file() else {}
+        record = sf.read_generation(pool.shards) if (pool.shards / sf.GENERATION_NAME).is_file() else {}
         if record.get("complete") and record["scale"] >= needed:
             return
         self.executor.wait()

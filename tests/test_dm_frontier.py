@@ -7,11 +7,11 @@ import pytest
 from click.testing import CliRunner
 
 import generator.frontier as frontier_module
+from generator.cli import frontier_command
 from generator.frontier import (
     METRICS,
     FrontierConfig,
     frontier,
-    frontier_command,
     recommend,
     steps_for,
     summarize,

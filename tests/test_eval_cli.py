@@ -17,7 +17,7 @@ QUICK_SMALL = ["--quick", "--iwae-k", "20", "--qstar-max-iters", "60", "--attack
                "--attack-seeds", "2"]
 
 
-def write_tiny_store(root: Path, dataset="fmnist", channels=1, n_train=80, n_test=40):
+def write_eval_store(root: Path, dataset="fmnist", channels=1, n_train=80, n_test=40):
     """data/<dataset>.zarr (vaegen.data's writer): a bright square whose position is the label, so probes can
     learn it."""
     rng = np.random.default_rng(0)
@@ -32,7 +32,7 @@ def write_tiny_store(root: Path, dataset="fmnist", channels=1, n_train=80, n_tes
     write_store(store_path(dataset, root=root), splits, {**store_attrs(dataset), "channels": channels})
 
 
-def write_run(run: Path, data_root: Path, done=True, dataset="fmnist", model=None) -> Path:
+def write_vae_run(run: Path, data_root: Path, done=True, dataset="fmnist", model=None) -> Path:
     """A finished run dir as the trainer leaves it: model files, config.json naming the data, done.json."""
     torch.manual_seed(0)
     save_vae(build_vae(model or {"arch": "fc", "hidden": 32, "dataset": dataset}), run)
@@ -45,8 +45,8 @@ def write_run(run: Path, data_root: Path, done=True, dataset="fmnist", model=Non
 
 @pytest.fixture
 def run_dir(tmp_path):
-    write_tiny_store(tmp_path / "data")
-    return write_run(tmp_path / "runs" / "vae" / "tiny", tmp_path / "data")
+    write_eval_store(tmp_path / "data")
+    return write_vae_run(tmp_path / "runs" / "vae" / "tiny", tmp_path / "data")
 
 
 def invoke(*args):
@@ -96,7 +96,7 @@ def test_robustness_protocol_kuzina_is_recorded_with_both_msssim_components(run_
     # G_r is the difference of its two MS-SSIM means
     assert theirs["gap"] == pytest.approx(theirs["msssim_input"]["mean"] - theirs["msssim_recon"]["mean"])
     arrays = zarr.open_group(str(run_dir / "eval" / "per_example.zarr"), mode="r")
-    labels = np.arange(40) % 4  # write_tiny_store's test labels
+    labels = np.arange(40) % 4  # write_eval_store's test labels
     assert sorted(labels[arrays["robustness/index"][...]]) == [0, 1, 2, 3]  # one image per class
 
 
@@ -120,8 +120,8 @@ def test_probes_on_train_to_test_are_an_explicit_option(run_dir):
 ])
 def test_eval_handles_bernoulli_and_dmol_models_with_their_paper_attack_settings(tmp_path, dataset, channels,
                                                                                   model, delta):
-    write_tiny_store(tmp_path / "data", dataset, channels, n_train=24, n_test=12)
-    run = write_run(tmp_path / "run", tmp_path / "data", dataset=dataset, model=model)
+    write_eval_store(tmp_path / "data", dataset, channels, n_train=24, n_test=12)
+    run = write_vae_run(tmp_path / "run", tmp_path / "data", dataset=dataset, model=model)
     result = invoke(run, *QUICK_SMALL, "--qstar-max-iters", "20")
     assert result.exit_code == 0, result.output
     summary = json.loads((run / "eval" / "gaps.json").read_text())
@@ -146,8 +146,8 @@ def test_eval_is_reproducible_and_replaces_the_previous_eval(run_dir):
 
 @pytest.mark.parametrize("breakage", ["no done.json", "no model", "no config"])
 def test_eval_refuses_a_directory_that_is_not_a_finished_run(tmp_path, breakage):
-    write_tiny_store(tmp_path / "data")
-    run = write_run(tmp_path / "run", tmp_path / "data", done=breakage != "no done.json")
+    write_eval_store(tmp_path / "data")
+    run = write_vae_run(tmp_path / "run", tmp_path / "data", done=breakage != "no done.json")
     if breakage == "no model":
         (run / "model.safetensors").unlink()
     if breakage == "no config":
@@ -166,14 +166,14 @@ def test_eval_rejects_an_unknown_gap_in_one_line(run_dir):
 
 
 def test_eval_refuses_a_run_whose_data_store_is_missing(tmp_path):
-    run = write_run(tmp_path / "run", tmp_path / "nowhere")
+    run = write_vae_run(tmp_path / "run", tmp_path / "nowhere")
     result = invoke(run, "--quick")
     assert result.exit_code == 2 and "no dataset store" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
 def test_eval_runs_on_a_vae_trained_by_vaegen_train(tmp_path):
-    write_tiny_store(tmp_path / "data")
+    write_eval_store(tmp_path / "data")
     run = tmp_path / "runs" / "vae" / "trained"
     trained = CliRunner().invoke(main, ["train", "--dataset", "fmnist", "--source", "real", "--out", str(run),
                                         "--data-root", str(tmp_path / "data"), "--epochs", "2", "--eval-every", "1",

@@ -1,5 +1,6 @@
 """Shard generation: exact, index-addressed bytes; resume after kills, signals and a full disk; one writer per
-run; manifests; verify; bad input; and (slow) the same bytes from 2 processes and 2 machine ranks."""
+run; index and generation records; noise streams (old runs resume with theirs, never mixed); verify; bad input;
+and (slow) the same bytes from 2 processes and 2 machine ranks."""
 
 from __future__ import annotations
 
@@ -13,14 +14,18 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+from generator.generate import GenerateConfig, generate_run
+from generator.sampling import NOISE_PER_IMAGE_GENERATOR, NOISE_PHILOX
 from studies.cli import main
 from vaegen import shardformat as sf
+from vaegen.errors import VaegenError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,6 +45,12 @@ def gen_args(env: Path, out: Path, scale: int = 2, *extra: str) -> list[str]:
     return ["generate", "--dm", str(env / "dm"), "--dataset", "fmnist", "--data-root", str(env / "data"),
             "--scale", str(scale), "--out", str(out), "--steps", "1", "--chunk", "4", "--shard-size", "4",
             "--batch-size", "4", *extra]
+
+
+def gen_config(env: Path, out: Path, scale: int = 2, **changes) -> GenerateConfig:
+    """`gen_args` as a GenerateConfig, for what the CLI does not offer (the noise stream)."""
+    return GenerateConfig(dm=str(env / "dm"), dataset="fmnist", data_root=str(env / "data"), scale=scale,
+                          out=str(out), steps=1, chunk=4, shard_size=4, batch_size=4, **changes)
 
 
 def with_option(args: list[str], flag: str, value: str) -> list[str]:
@@ -80,7 +91,9 @@ def test_run_has_shards_markers_index_and_generation_record(reference):
         ("fmnist", None, N_TRAIN, 1, 32)
     assert (gen["scale"], gen["n_samples"], gen["shard_size"], gen["complete"]) == (4, 32, 4, True)
     assert gen["identity"]["sampler"]["name"] == "edm-heun" and gen["command"] and gen["runs"][0]["wall_s"] > 0
+    assert gen["identity"]["noise_stream"] == gen["noise_stream"] == NOISE_PHILOX  # new runs: counter-based noise
     marker = sf.read_marker(reference, 3)
+    assert marker["noise_stream"] == NOISE_PHILOX
     assert (marker["first"], marker["count"], marker["filesize"]) == (12, 4, len(shards["shard-000003.tar"]))
     images, indices = sf.read_shard(reference / "shard-000003.tar")
     assert images.dtype == np.uint8 and images.shape == (4, 1, 32, 32)
@@ -162,19 +175,22 @@ def test_resume_after_sigkill_at_a_random_point_gives_identical_bytes(env, refer
     cmd = [sys.executable, "-m", "generator", *args[1:]]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    target = random.randint(1, 16)  # kill once this many of the 32 shards are done, wherever the writer is
+    kill_seed = int(os.environ.get("VAEGEN_KILL_SEED", random.SystemRandom().randrange(2**32)))
+    target = random.Random(kill_seed).randint(1, 16)  # kill once this many of the 32 shards are done
+    print(f"SIGKILL after {target} shards (VAEGEN_KILL_SEED={kill_seed} repeats this point)")
     deadline = time.time() + 120
     while len(list(out.glob("*.done.json"))) < target and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(list(out.glob("*.done.json")))
-    assert proc.returncode == -signal.SIGKILL and 0 < done < 32 and not (out / sf.INDEX_NAME).exists()
+    point = f"VAEGEN_KILL_SEED={kill_seed}: killed after {done} shards (target {target})"
+    assert proc.returncode == -signal.SIGKILL and 0 < done < 32 and not (out / sf.INDEX_NAME).exists(), point
 
     result = run_cli(args)
-    assert result.exit_code == 0, result.output
-    assert shard_bytes(out) == shard_bytes(ref)
-    assert (out / sf.INDEX_NAME).read_bytes() == (ref / sf.INDEX_NAME).read_bytes()
+    assert result.exit_code == 0, (point, result.output)
+    assert shard_bytes(out) == shard_bytes(ref), point
+    assert (out / sf.INDEX_NAME).read_bytes() == (ref / sf.INDEX_NAME).read_bytes(), point
 
 
 def test_verify_names_each_missing_truncated_or_corrupted_shard(reference, tmp_path):
@@ -248,6 +264,68 @@ def test_run_dir_refuses_another_seed_sampler_shard_size_or_dm(env, reference, t
         assert key in result.output and "use a new --out directory" in result.output
         assert len(result.output.strip().splitlines()) == 1
     assert shard_bytes(out) == shard_bytes(reference)
+
+
+@pytest.fixture(scope="module")
+def legacy_runs(env):
+    """Runs made with the per-image generator noise: K=2 (to extend), K=4 (what extending must give)."""
+    k2, k4 = env / "legacy-k2", env / "legacy-k4"
+    generate_run(gen_config(env, k2, 2, noise=NOISE_PER_IMAGE_GENERATOR))
+    generate_run(gen_config(env, k4, 4, noise=NOISE_PER_IMAGE_GENERATOR))
+    return k2, k4
+
+
+def drop_noise_records(run: Path) -> None:
+    """Make `run` look like one from before the noise stream was recorded at all."""
+    gen = json.loads((run / sf.GENERATION_NAME).read_text())
+    gen["identity"].pop("noise_stream")
+    gen.pop("noise_stream")
+    (run / sf.GENERATION_NAME).write_text(json.dumps(gen))
+    for marker in run.glob("*.done.json"):
+        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "noise_stream"}))
+
+
+@pytest.mark.parametrize("recorded", ["recorded", "unrecorded"])
+def test_a_run_made_with_the_old_noise_resumes_with_it_and_verifies(env, reference, legacy_runs, tmp_path, recorded):
+    from generator.sampling import SamplerConfig, load_dm, sample
+
+    k2, k4 = legacy_runs
+    out = tmp_path / "old"
+    shutil.copytree(k2, out)
+    if recorded == "unrecorded":
+        drop_noise_records(out)
+    dm = load_dm(str(env / "dm"))
+    dm.unet.to(memory_format=torch.channels_last)
+    old_images = sample(dm, [5, 6], 0, SamplerConfig(steps=1, chunk=4), noise=NOISE_PER_IMAGE_GENERATOR).numpy()
+    assert np.array_equal(sf.read_shard(out / sf.shard_name(1))[0][1:3], old_images)
+
+    result = run_cli(gen_args(env, out, 4))  # the same command as for any run: the run says which noise
+    assert result.exit_code == 0, result.output
+    assert shard_bytes(out) == shard_bytes(k4) and shard_bytes(out) != shard_bytes(reference)
+    gen = json.loads((out / sf.GENERATION_NAME).read_text())
+    assert sf.noise_stream_of(gen["identity"]) == NOISE_PER_IMAGE_GENERATOR and gen["runs"][-1]["shards_generated_rank0"] == 4
+    verified = run_cli(["shards", "verify", str(out)])
+    assert verified.exit_code == 0 and "8 shards, 32 images" in verified.output
+
+
+def test_noise_streams_are_never_mixed_in_one_run(env, reference, legacy_runs, tmp_path):
+    k2, _ = legacy_runs
+    with pytest.raises(VaegenError) as refused:  # asking for the new noise on an old run
+        generate_run(gen_config(env, k2, 4, noise=NOISE_PHILOX))
+    assert "noise_stream" in str(refused.value) and "\n" not in str(refused.value)
+    assert not (k2 / sf.shard_name(4)).exists()
+
+    mixed = tmp_path / "mixed"  # a run holding a shard of the other noise (copied in from elsewhere)
+    shutil.copytree(reference, mixed)
+    marker = json.loads((mixed / sf.marker_name(2)).read_text())
+    (mixed / sf.marker_name(2)).write_text(json.dumps({**marker, "noise_stream": NOISE_PER_IMAGE_GENERATOR}))
+    before = shard_bytes(mixed)
+    result = CliRunner().invoke(main, gen_args(env, mixed, 6))
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "shard-000002.done.json was made with noise stream" in result.output and "never mixes" in result.output
+    assert shard_bytes(mixed) == before
+    verified = CliRunner().invoke(main, ["shards", "verify", str(mixed)])
+    assert verified.exit_code == 2 and "shard-000002.tar was made with noise stream" in verified.output
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -344,7 +422,7 @@ def test_a_full_disk_is_one_line_exit_2_and_a_rerun_with_space_resumes(env, refe
     out = tiny_tmpfs / "run"
     args = gen_args(env, out, 4)
     filler = tiny_tmpfs / "filler"
-    filler.write_bytes(b"x" * 70_000)  # leaves room for the manifests and a few shards, not for all eight
+    filler.write_bytes(b"x" * 70_000)  # leaves room for generation.json and a few shards, not for all eight
     import generator.generate as generate_module
 
     real_check = generate_module.check_free_space
@@ -374,7 +452,7 @@ def test_a_full_disk_is_one_line_exit_2_and_a_rerun_with_space_resumes(env, refe
 def test_not_enough_space_for_the_remaining_shards_is_refused_up_front(env, tmp_path, monkeypatch):
     import shutil as shutil_module
 
-    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: shutil_module._ntuple_diskusage(10, 9, 1))
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: SimpleNamespace(total=10, used=9, free=1))
     result = CliRunner().invoke(main, gen_args(env, tmp_path / "out", 4))
     assert result.exit_code == 2 and "need about" in result.output and "MiB are free" in result.output
     assert len(result.output.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ from studies.report import build_report
 from studies.results import run_of
 
 
-def write_run(root, name, seed, test_elbo, gap, source="real", augment=None, scale=None, finished=True,
+def write_result_run(root, name, seed, test_elbo, gap, source="real", augment=None, scale=None, finished=True,
               config=None, gaps=None, curves=None, parameters=None):
     run = root / "runs" / name
     run.mkdir(parents=True)
@@ -38,11 +38,11 @@ def write_run(root, name, seed, test_elbo, gap, source="real", augment=None, sca
 @pytest.fixture
 def study(tmp_path):
     for seed in (0, 1):
-        write_run(tmp_path, f"normal-seed{seed}", seed, 500.0 + seed, 100.0 + seed)
-        write_run(tmp_path, f"aug-naive-seed{seed}", seed, 520.0, 50.0, augment="naive")
+        write_result_run(tmp_path, f"normal-seed{seed}", seed, 500.0 + seed, 100.0 + seed)
+        write_result_run(tmp_path, f"aug-naive-seed{seed}", seed, 520.0, 50.0, augment="naive")
         for k in (1, 10):
-            write_run(tmp_path, f"dmaapx-k{k}-seed{seed}", seed, 540.0 + k, 20.0 / k, source="shards", scale=k)
-    write_run(tmp_path, "aug-tuned-seed0", 0, 0, 0, augment="tuned", finished=False)
+            write_result_run(tmp_path, f"dmaapx-k{k}-seed{seed}", seed, 540.0 + k, 20.0 / k, source="shards", scale=k)
+    write_result_run(tmp_path, "aug-tuned-seed0", 0, 0, 0, augment="tuned", finished=False)
     (tmp_path / "study.json").write_text(json.dumps({"study": "ablation", "dataset": "fmnist", "minutes": 3,
                                                      "stopped_at": "dmaapx-k100-seed0",
                                                      "preset": {"name": "demo", "subset": 200, "epochs": 15}}))
@@ -97,7 +97,7 @@ def test_dm_subset_runs_get_their_own_groups_and_the_dm_scores_are_shown(tmp_pat
             "floor_real_test_vs_train": {"fd": 0.4, "precision": 0.9, "recall": 0.9, "c2st_accuracy": 0.5}}))
         for seed in (0, 1):
             name = f"dm{dm_n // 10:03d}pct-seed{seed}"
-            write_run(tmp_path, name, seed, 700.0 + dm_n / 10, 1.0, source="shards", scale=10)
+            write_result_run(tmp_path, name, seed, 700.0 + dm_n / 10, 1.0, source="shards", scale=10)
             config_path = tmp_path / "runs" / name / "config.json"
             config = json.loads(config_path.read_text())
             config["data"] = {"pool_size": 10000, "scale": 10, "generation": {
@@ -121,7 +121,7 @@ def test_probes_smoothness_and_gap_curves_get_their_sections(tmp_path):
             probes = {"accuracy": {k: 0.8 + 0.01 * seed for k in ("logistic_regression", "linear_svm", "rbf_svm",
                                                                     "knn5")},
                       "split": {"kind": "test-halves", "fit_images": 50, "score_images": 50}}
-            write_run(tmp_path, f"{name}-seed{seed}", seed, 500.0, 10.0, config={"rha": rha}, curves=curves,
+            write_result_run(tmp_path, f"{name}-seed{seed}", seed, 500.0, 10.0, config={"rha": rha}, curves=curves,
                       gaps={"smoothness": smooth, "probes": probes})
     text = build_report(tmp_path).read_text()
     assert "## Downstream probes" in text and "| Normal + RHA | 0.805 ± 0.007 |" in text
@@ -134,7 +134,7 @@ def test_probes_smoothness_and_gap_curves_get_their_sections(tmp_path):
 def test_model_size_sweeps_plot_against_m_z_n_c_and_the_parameter_count(tmp_path):
     for mz, nc in ((1, 8), (2, 8), (4, 8), (1, 4), (1, 16), (4, 4), (4, 16)):
         params = {"total": 88 * nc * nc + 43 * nc + mz * (3 * nc + 2), "z": mz * (3 * nc + 2), "not_z": 88 * nc * nc}
-        write_run(tmp_path, f"normal-mz{mz}-nc{nc}-seed0", 0, 400.0 + mz + nc, 50.0,
+        write_result_run(tmp_path, f"normal-mz{mz}-nc{nc}-seed0", 0, 400.0 + mz + nc, 50.0,
                   config={"model": {"arch": "conv", "m_z": mz, "n_c": nc}}, parameters=params)
     text = build_report(tmp_path).read_text()
     for png in ("mz.png", "nc.png", "trajectory.png"):
@@ -155,7 +155,7 @@ def test_dm_quality_correlates_each_score_with_each_outcome(tmp_path, monkeypatc
                         "c2st_accuracy": 0.9 - 0.1 * i, "nn_distance_ratio_to_test": 1.5 - 0.2 * i},
             "floor_real_test_vs_train": {"fd": 0.4, "precision": 0.9, "recall": 0.9, "c2st_accuracy": 0.5}}))
         for seed in (0, 1):
-            write_run(tmp_path, f"dm-steps{steps}-seed{seed}", seed, 600.0 + 50 * i + seed, 1.0, source="shards",
+            write_result_run(tmp_path, f"dm-steps{steps}-seed{seed}", seed, 600.0 + 50 * i + seed, 1.0, source="shards",
                       scale=10, config={"data": {"pool_size": 10000, "scale": 10,
                                                  "generation": {"n_train": 1000, "dm": {"path": dm}}}})
     text = build_report(tmp_path).read_text()
@@ -169,9 +169,9 @@ def test_real_vs_synthetic_reports_the_real_data_equivalent_of_a_synthetic_pool(
     for seed in (0, 1):
         for k, elbo in ((1, 400.0), (2, 500.0), (5, 600.0), (10, 700.0)):
             config = {"n_train": 1000 * k, "data": {"epoch_size": 1000}} if k > 1 else {}
-            write_run(tmp_path, f"real-k{k}-seed{seed}", seed, elbo + seed, 50.0, config=config)
+            write_result_run(tmp_path, f"real-k{k}-seed{seed}", seed, elbo + seed, 50.0, config=config)
         for k, elbo in ((1, 300.0), (5, 550.0), (10, 800.0)):
-            write_run(tmp_path, f"dmaapx-k{k}-seed{seed}", seed, elbo + seed, 1.0, source="shards", scale=k)
+            write_result_run(tmp_path, f"dmaapx-k{k}-seed{seed}", seed, elbo + seed, 1.0, source="shards", scale=k)
     text = build_report(tmp_path).read_text()
     assert "## A synthetic sample's worth in real images" in text
     row = next(line for line in text.splitlines() if line.startswith("| 5 |"))

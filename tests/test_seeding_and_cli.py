@@ -120,7 +120,8 @@ def test_every_shown_default_equals_its_config_dataclass_default():
 
 
 def test_flag_names_mean_the_same_in_every_command():
-    """--dataset/--subset/--subset-seed/--data-root come from one decorator; no command spells them otherwise."""
+    """--subset, --subset-seed, --data-root, --threads and --device name one parameter in every command that has
+    them (they are declared once, in vaegen/options.py)."""
     spellings = {}
     for _, command in all_commands():
         for param in getattr(command, "params", []):

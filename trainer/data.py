@@ -39,11 +39,10 @@ import webdataset as wds
 from tqdm import tqdm
 
 from vaegen.errors import VaegenError
-from vaegen.provenance import read_json
 from vaegen.seeding import derive, numpy_rng
 from vaegen.shardformat import (
-    GENERATION_NAME,
     INDEX_NAME,
+    read_generation,
     read_index,
     read_marker,
     shard_id,
@@ -111,10 +110,7 @@ def open_shard_pool(spec: str | Path, dataset: str, image_shape: tuple[int, int,
     shape, shards without completion markers, shards whose sha256 differs from their marker, and a pool of
     fewer than N samples."""
     run_dir, paths = expand_shard_spec(spec)
-    generation_path = run_dir / GENERATION_NAME
-    if not generation_path.is_file():
-        raise VaegenError(f"{run_dir} has no {GENERATION_NAME}; not a shard run written by vaegen generate")
-    generation = read_json(generation_path)
+    generation = read_generation(run_dir)
     if generation.get("dataset") != dataset:
         raise VaegenError(f"shards in {run_dir} are {generation.get('dataset')!r} samples, not {dataset!r}")
     shard_shape = (generation.get("channels"), generation.get("image_size"), generation.get("image_size"))

@@ -9,18 +9,25 @@ A run directory ``shards/<dataset>/<run>/`` holds:
                                 <key> is the first sample index zero-padded to 12 digits (no dots).
     shard-000000.done.json      completion marker, written only after the tar was fsynced and renamed:
                                 {"shard", "first", "count", "sha256", "filesize", "sampler", "dm_sha256",
-                                 "seed", "precision", "channels_last", "compile"}
+                                 "seed", "noise_stream", "precision" (fp32, tf32 or bf16), "channels_last", "compile"}
     index.json                  wids-style shard index ({"__kind__": "wids-shard-index-v1", "n_images",
                                 "shardlist": [{"url", "nsamples", "filesize", "sha256", "first", "count"}, ...]}),
                                 urls relative to the run dir. As wids requires, "nsamples" counts WebDataset
                                 samples, i.e. BLOCKS (ceil(count / 256)); images are "first" .. "first"+"count"-1.
-    generation.json             what produced the run: "dataset", "subset", "subset_seed", "n_train" (N),
+    generation.json             what produced the run, written and read only through `write_generation` /
+                                `read_generation`: "dataset", "subset", "subset_seed", "n_train" (N),
                                 "channels", "image_size", "scale" (K, the largest completed), "n_samples"
                                 (K*N), "shard_size", "num_shards", "complete" (false while a run is in
-                                progress: do not train on it), "identity" (what the bytes depend on), "dm"
-                                (path, weights sha256, kind), "sampler", "seed", "network_evaluations",
+                                progress: do not train on it); from `vaegen generate` also "identity" (what
+                                the bytes depend on, a run is only ever extended with the same), "dm" (path,
+                                weights sha256, kind), "sampler", "seed", "noise_stream", "network_evaluations",
                                 "config", "code_version", "command", and "runs" (one per invocation, with timing)
     .shard-000000.tar.partial   a shard being written (removed on the next run if it was interrupted)
+
+The noise stream (how sample i's initial noise follows from (seed, i); `generator.sampling`) is part of a
+run's identity and of every marker. Runs that record none were made with the first scheme,
+LEGACY_NOISE_STREAM. A run never mixes two: the generator resumes a run with the scheme it was made with and
+refuses markers of another, and `verify_run` names any shard whose marker disagrees with the run.
 
 Pixels are uint8 exactly like the real data (never pre-binarized). Packing many images per member keeps the
 disk cost within a few percent of the raw pixel bytes; one tar member per 32x32 grey image would cost ~5x.
@@ -45,6 +52,11 @@ BLOCK_SIZE = 256
 INDEX_NAME = "index.json"
 GENERATION_NAME = "generation.json"
 INDEX_KIND = "wids-shard-index-v1"
+# The noise stream of runs and markers that record none (generator.sampling's per-image generator scheme).
+LEGACY_NOISE_STREAM = "vaegen.seeding sample-noise v1"
+# What every generation.json holds, whoever wrote it (the trainer and `verify` rely on these).
+GENERATION_FIELDS = ("dataset", "subset", "subset_seed", "n_train", "channels", "image_size", "scale",
+                     "n_samples", "shard_size", "num_shards", "complete")
 
 
 def shard_name(j: int) -> str:
@@ -225,10 +237,38 @@ def write_index(run_dir: str | Path, plan: ShardPlan) -> None:
                                              "n_images": plan.n_samples, "shardlist": shardlist})
 
 
+def write_generation(run_dir: str | Path, record: dict) -> None:
+    """generation.json (atomically): `record` must hold GENERATION_FIELDS; anything else is provenance."""
+    missing = [k for k in GENERATION_FIELDS if k not in record]
+    if missing:
+        raise ValueError(f"a {GENERATION_NAME} record needs {', '.join(missing)}")
+    write_json_atomic(Path(run_dir) / GENERATION_NAME, record)
+
+
+def read_generation(run_dir: str | Path) -> dict:
+    """A run's generation.json; a one-line VaegenError when it is missing or unreadable."""
+    path = Path(run_dir) / GENERATION_NAME
+    if not path.is_file():
+        raise VaegenError(f"{run_dir} holds no {GENERATION_NAME}; not a vaegen shard run")
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or any(k not in record for k in ("dataset", "n_samples", "complete")):
+        raise VaegenError(f"{path} is unreadable or incomplete; {run_dir} is not a vaegen shard run")
+    return record
+
+
+def noise_stream_of(record: dict) -> str:
+    """The noise stream a marker or a run identity records (LEGACY_NOISE_STREAM when it records none)."""
+    return record.get("noise_stream") or LEGACY_NOISE_STREAM
+
+
 def write_run(run_dir: str | Path, images: np.ndarray, shard_size: int, generation: dict,
               marker_fields: dict | None = None) -> Path:
     """A complete shard run from images already in memory (samples 0..n-1): shards, markers, index.json and
-    generation.json (`generation` plus the fields the trainer checks). For samples made elsewhere, and tests."""
+    generation.json (`generation`, e.g. dataset / subset / n_train, over the derived fields). For samples made
+    elsewhere, and tests."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = ShardPlan(len(images), shard_size)
@@ -236,7 +276,10 @@ def write_run(run_dir: str | Path, images: np.ndarray, shard_size: int, generati
         first, count = plan.span(j)
         write_shard(run_dir, j, first, images[first:first + count], marker_fields or {})
     write_index(run_dir, plan)
-    write_json_atomic(run_dir / GENERATION_NAME, {
+    n_train = generation.get("n_train")
+    write_generation(run_dir, {
+        "subset": None, "subset_seed": None, "n_train": None,
+        "scale": len(images) // n_train if n_train else None,
         "channels": int(images.shape[1]), "image_size": int(images.shape[2]), "n_samples": len(images),
         "shard_size": shard_size, "num_shards": plan.num_shards, "complete": True, **generation})
     return run_dir
@@ -308,7 +351,10 @@ def shard_problems(run_dir: str | Path, j: int, first: int, count: int, entry: d
 def shard_is_current(run_dir: str | Path, j: int, plan: ShardPlan, marker_fields: dict) -> bool:
     """Whether shard j is complete, intact and written with `marker_fields` (a resumed run then skips it)."""
     marker = read_marker(run_dir, j)
-    if marker is None or any(marker.get(k) != v for k, v in marker_fields.items()):
+    if marker is None:
+        return False
+    marker = {**marker, "noise_stream": noise_stream_of(marker)}
+    if any(marker.get(k) != v for k, v in marker_fields.items()):
         return False
     return not shard_problems(run_dir, j, *plan.span(j), check_blocks=False)
 
@@ -316,8 +362,8 @@ def shard_is_current(run_dir: str | Path, j: int, plan: ShardPlan, marker_fields
 def verify_run(run_dir: str | os.PathLike) -> dict:
     """Check every shard of a run against its marker and index.json; VaegenError naming each bad shard."""
     run_dir = Path(run_dir)
-    if not (run_dir / GENERATION_NAME).is_file():
-        raise VaegenError(f"{run_dir} holds no {GENERATION_NAME}; not a vaegen shard run")
+    generation = read_generation(run_dir)
+    noise = noise_stream_of(generation.get("identity", {}))
     try:
         index = read_index(run_dir)
     except (OSError, ValueError) as e:
@@ -328,14 +374,18 @@ def verify_run(run_dir: str | os.PathLike) -> dict:
         if entry.get("first") != expected_first:
             problems.append(f"{entry['url']} starts at sample {entry.get('first')}, expected {expected_first}")
         problems += shard_problems(run_dir, j, entry.get("first"), entry.get("count"), entry)
+        marker = read_marker(run_dir, j)
+        if marker is not None and noise_stream_of(marker) != noise:
+            problems.append(f"{entry['url']} was made with noise stream {noise_stream_of(marker)!r}, the run "
+                            f"with {noise!r}")
         expected_first = entry.get("first", 0) + entry.get("count", 0)
         n_images += entry.get("count", 0)
         n_bytes += entry.get("filesize", 0)
     if n_images != index.get("n_images"):
         problems.append(f"index lists {n_images} images, its header says {index.get('n_images')}")
-    if not read_json(run_dir / GENERATION_NAME).get("complete"):
+    if not generation.get("complete"):
         problems.append(f"{GENERATION_NAME} says a generate command is running or was interrupted "
                         "(complete: false); rerun it to finish")
     if problems:
         raise VaegenError(f"{run_dir}: {len(problems)} bad shard(s): {'; '.join(problems)}")
-    return {"shards": len(index["shardlist"]), "images": n_images, "bytes": n_bytes}
+    return {"shards": len(index["shardlist"]), "images": n_images, "bytes": n_bytes, "noise_stream": noise}
