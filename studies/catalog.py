@@ -180,15 +180,15 @@ def robustness(runs: RunFactory) -> list[VaeRun]:
 
 
 STUDIES = {kind.name: kind for kind in (
-    StudyKind("demo", demo, ("reading", "scale")),
-    StudyKind("compare", compare, ("reading", "probes", "smoothness")),
-    StudyKind("ablation", ablation, ("reading", "scale")),
+    StudyKind("demo", demo, ("headline", "reading", "scale", "dm_scores")),
+    StudyKind("compare", compare, ("reading", "probes", "smoothness", "dm_scores")),
+    StudyKind("ablation", ablation, ("reading", "scale", "dm_scores")),
     StudyKind("overparam", overparam, ("overparam",)),
     StudyKind("mix", mix, ("reading", "dm_scores"), scores_dms=True),
     StudyKind("dm-subsets", dm_subsets, ("dm_scores",), scores_dms=True),
-    StudyKind("regularizers", regularizers, ("reading", "gap_curves", "smoothness")),
+    StudyKind("regularizers", regularizers, ("reading", "gap_curves", "smoothness", "dm_scores")),
     StudyKind("dm-quality", dm_quality, ("dm_quality", "dm_scores"), scores_dms=True),
-    StudyKind("real-vs-synthetic", real_vs_synthetic, ("real_vs_synthetic",)),
-    StudyKind("controls", controls, ("reading",)),
-    StudyKind("robustness", robustness, ("robustness",)),
+    StudyKind("real-vs-synthetic", real_vs_synthetic, ("real_vs_synthetic", "dm_scores")),
+    StudyKind("controls", controls, ("reading", "dm_scores")),
+    StudyKind("robustness", robustness, ("robustness", "dm_scores")),
 )}

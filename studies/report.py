@@ -14,7 +14,7 @@ from pathlib import Path
 
 from studies.plots import plot_elbo_curves, plot_gaps, plot_smoothness
 from studies.results import RESULT_COLUMNS, Run, group_key, mean_sd, read_result
-from studies.sections import SECTIONS, dm_identities, results_table
+from studies.sections import SECTIONS, dm_identities, headline, results_table
 from vaegen.errors import VaegenError
 from vaegen.provenance import read_json, write_text_atomic
 
@@ -66,7 +66,7 @@ def build_report(study_dir: str | Path) -> Path:
         plot_gaps(groups, study_dir / "gaps.png")
         figures += [("ELBO during training", "elbo_curves.png"), ("Gaps per method", "gaps.png")]
     kind = STUDIES.get(study.get("study"))
-    for name in kind.sections if kind else SECTIONS:
+    for name in (s for s in (kind.sections if kind else SECTIONS) if s != "headline"):
         lines, section_figures = SECTIONS[name](finished, groups, study_dir)
         sections += lines
         figures += section_figures
@@ -75,6 +75,8 @@ def build_report(study_dir: str | Path) -> Path:
 
     title = f"{study['study'].capitalize()} study of {study['dataset']}" if study else f"Study {study_dir.name}"
     lines = [f"# {title}", ""]
+    if kind and "headline" in kind.sections:
+        lines += headline(groups, study)
     if study:
         preset = study.get("preset", {})
         executor = study.get("executor") or {"jobs": study.get("jobs", 1)}

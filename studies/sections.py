@@ -322,3 +322,25 @@ SECTIONS = {
 }
 
 
+
+
+def headline(groups: dict[str, list[Run]], study: dict) -> list[str]:
+    """One line: what the study shows, at what scale (the demo's first line)."""
+    normal = groups.get("Normal")
+    dmaapx = [(label, members) for label, members in groups.items() if members[0].method == "DMaaPx"]
+    if not normal or not dmaapx:
+        return []
+    label, members = max(dmaapx, key=lambda item: item[1][0].scale or 0)
+    preset = study.get("preset", {})
+
+    def mean(rs, key):
+        return mean_sd([r.results.get(key) for r in rs])[0]
+
+    seeds = len(members)
+    return [f"**What this shows:** on {preset.get('subset') or 'all'} {study.get('dataset')} training images "
+            f"({preset.get('epochs')} epochs, {seeds} seed{'s' if seeds > 1 else ''}), a VAE trained on "
+            f"{members[0].scale} x N samples of a diffusion model fitted to those images ({label}; "
+            f"{preset.get('sampler')}, {preset.get('sampler_steps')} steps) has a generalization gap of "
+            f"{mean(members, 'G_g'):.0f} nats against {mean(normal, 'G_g'):.0f} for the VAE trained on the images "
+            f"themselves (Normal), and a test ELBO of {mean(members, 'test_elbo'):.0f} against "
+            f"{mean(normal, 'test_elbo'):.0f} nats per image.", ""]
