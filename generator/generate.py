@@ -272,6 +272,11 @@ class RemoteLockObject:
     def _renew(self) -> None:
         while not self._stop.wait(LOCK_RENEW_S):
             with contextlib.suppress(VaegenError):  # a storage hiccup: the next renewal tries again
+                if (self.holder() or {}).get("token") != self.me["token"]:
+                    click.echo(f"warning: {self.url} was taken over by {_describe(self.holder())} (this writer "
+                               f"stopped renewing it for {LOCK_EXPIRES_S} s); two writers may now write {self.run}",
+                               err=True)
+                    return
                 self._write(create=False)
 
     def release(self) -> None:

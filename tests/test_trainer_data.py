@@ -237,12 +237,13 @@ def fetches(monkeypatch):
     return counts
 
 
-def test_a_pool_on_object_storage_gives_the_local_batches_and_opening_it_downloads_no_shard(
+def test_a_pool_on_object_storage_gives_the_local_batches_and_opening_it_downloads_one_shard(
         tmp_path, support, memory_url, fetches):
     local = support.shard_run(tmp_path, 650, 100)  # 7 shards; the pool (K=2, N=300) uses the first 6
     copy_to(local, memory_url)
     pools = [open_shard_pool(run, "fmnist", (1, 32, 32), 300, scale=2) for run in (local, memory_url)]
-    assert not [name for name in fetches if name.endswith(".tar")]  # opening the pool downloads no shard
+    # Opening the pool downloads its first shard only (the image shape), besides index.json and generation.json.
+    assert {name: n for name, n in fetches.items() if name.endswith(".tar")} == {"shard-000000.tar": 1}
     assert pools[1].run_dir == memory_url and [s.url for s in pools[1].shards][0] == f"{memory_url}/shard-000000.tar"
     for world in (1, 2):
         for rank in range(world):

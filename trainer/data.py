@@ -25,9 +25,10 @@ Everything random is a function of (seed, epoch, process), so an epoch can be re
 
 Shards may live on object storage (--shards s3://bucket/prefix/run, any fsspec URL): the same metadata, the same
 pieces in the same order, so the same batches as from a local copy. Opening the pool there checks each shard's
-size and marker (one listing, the markers fetched together) without downloading it; each shard is then fetched
-whole when an epoch reads it (a few MiB; READ_AHEAD shards in flight) and checked against its marker's sha256
-before any of its images is used. A device-resident pool reads each shard once.
+size and marker (one listing, the markers fetched together) and reads only the first shard (its image shape);
+each shard is then fetched whole when an epoch reads it (a few MiB; READ_AHEAD shards in flight) and checked
+against its marker's sha256 before any of its images is used. A device-resident pool reads each shard once
+(after the pool's opening read of the first).
 """
 
 from __future__ import annotations
@@ -157,11 +158,11 @@ def open_shard_pool(spec: str | Path, dataset: str, image_shape: tuple[int, int,
     if not urls:
         raise VaegenError(f"{spec} names no shards: the pool is empty")
 
-    ids = [shard_id(url.rsplit("/", 1)[-1]) for url in urls]
-    markers = read_markers(run, ids)
+    names = [url.rsplit("/", 1)[-1] for url in urls]
+    markers = read_markers(run, [shard_id(name) for name in names])
     shards, offset = [], 0
-    for url, j in zip(urls, ids):
-        info = markers[j] if run.size(url.rsplit("/", 1)[-1]) is not None else None
+    for url, name in zip(urls, names):
+        info = markers[shard_id(name)] if run.size(name) is not None else None
         if info is None:
             raise VaegenError(f"{url} is missing or unfinished (no completion marker); finish generation or "
                               "check with `vaegen shards verify`")
@@ -186,8 +187,7 @@ def open_shard_pool(spec: str | Path, dataset: str, image_shape: tuple[int, int,
 
 def check_shards(run: RunDir, shards: tuple[Shard, ...], markers: dict, desc: str = "verify shards") -> None:
     """Every shard against its completion marker, a corrupt or truncated one refused: size and sha256 of a local
-    shard; the size of a remote one (its sha256 is checked whenever it is fetched, so opening the pool downloads
-    nothing)."""
+    shard; the size of a remote one (its sha256 is checked whenever it is fetched: checking downloads nothing)."""
     for shard in tqdm(shards, desc=desc, unit="shard", disable=len(shards) < 8, leave=False):
         problems = shard_problems(run, shard_id(shard.name), shard.first, shard.count, check_hash=run.is_local,
                                   check_blocks=False, markers=markers)
@@ -222,14 +222,10 @@ def fetched(shards: list[Shard]):
 
 def check_block_shape(pool: ShardPool, image_shape: tuple[int, int, int]) -> None:
     """Read the first block of the pool to confirm the image shape and dtype the metadata promises."""
+    # A remote shard is fetched whole, as everywhere: a ranged read (its first block only) fails botocore's
+    # response checksum on S3 servers that send the whole object's checksum with a part (rclone does).
     first = pool.shards[0]
-    if first.run.is_local:
-        block = next(iter(wds.DataPipeline(wds.SimpleShardList([first.url]), wds.tarfile_to_samples())), None)
-    else:  # the object's first MiB, not all of it: the first block and its header are well inside
-        with first.run.storage_errors(f"reading {first.name}", missing_ok=False), \
-                first.run.fs.open(first.run.key(first.name), "rb", block_size=2**20) as stream:
-            expanded = wds.tariterators.tar_file_expander([{"url": first.url, "stream": stream}])
-            block = next(iter(wds.tariterators.group_by_keys(expanded)), None)
+    block = next(iter(shard_samples([first])), None)
     if block is None:
         raise VaegenError(f"{first.url} holds no images")
     images, _ = unpack_block(block)
