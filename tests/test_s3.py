@@ -233,6 +233,20 @@ def test_shards_verify_on_a_bucket_names_a_corrupted_and_a_missing_shard_in_one_
     assert "shard-000001.tar corrupted" in proc.stderr and "shard-000003.tar missing" in proc.stderr
 
 
+def test_a_store_that_refuses_the_credentials_is_one_line_and_exit_2(prefix, support, monkeypatch):
+    from s3fs import S3FileSystem
+
+    support.shard_run(f"{prefix}/run", 8, 8)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    S3FileSystem.clear_instance_cache()  # a new client, reading the environment again
+    try:
+        result = CliRunner().invoke(main, ["shards", "verify", f"{prefix}/run"])
+    finally:
+        S3FileSystem.clear_instance_cache()
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"{prefix}/run: listing refused" in result.output and "AWS_SECRET_ACCESS_KEY" in result.output
+
+
 def test_training_from_the_bucket_ends_with_the_weights_of_training_from_the_local_copy(prefix, support, tmp_path,
                                                                                        monkeypatch):
     from vaegen.shardformat import RemoteRunDir

@@ -323,9 +323,11 @@ def run_dir_at(location: str | os.PathLike | RunDir) -> RunDir:
         return location
     if not is_url(location):
         return LocalRunDir(location)
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
+    try:
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+    except ImportError:
+        raise VaegenError(f"{location}: URLs need fsspec (for s3://: pip install 'vaegen[s3]')") from None
     try:
         fs, root = fsspec.core.url_to_fs(location)
     except (ImportError, ValueError) as e:  # an unknown protocol, or its package (s3fs, gcsfs, ...) missing
