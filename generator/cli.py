@@ -247,7 +247,9 @@ class ScaleType(click.ParamType):
 @click.command(context_settings=CONTEXT)
 @click.option("--dm", required=True, type=click.Path(), help="Diffusion model directory (runs/dm/NAME).")
 @click.option("--scale", required=True, type=ScaleType(), help="K: generate K x |D_train| samples.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory shards/<dataset>/<run>.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run directory shards/<dataset>/<run>, or any fsspec URL (s3://bucket/prefix/run; credentials "
+                   "and endpoint from the environment: AWS_*, ~/.aws, FSSPEC_S3_*).")
 @click.option("--sampler", default=GenerateConfig.sampler, type=click.Choice(SAMPLERS), help="Sampler.")
 @click.option("--steps", default=GenerateConfig.steps, type=click.IntRange(min=1),
               help="Sampler steps (edm-heun 18 = 35 network evaluations).")
@@ -297,7 +299,9 @@ def shards():
 @shards.command("verify", context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def verify(run_dir):
-    """Check every shard against its marker and index.json; exit 2 naming each bad shard."""
+    """Check every shard against its marker and index.json; exit 2 naming each bad shard.
+
+    RUN_DIR is a run directory or an fsspec URL (s3://bucket/prefix/run): every shard is read and hashed."""
     from vaegen.shardformat import verify_run
 
     summary = verify_run(run_dir)

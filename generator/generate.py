@@ -15,16 +15,27 @@ Each process owns whole shards (shard j -> rank j % world_size) and writes them 
 contract (`vaegen.shardformat`: temporary name, fsync, rename, then the completion marker). Rank 0 holds the run
 directory's lock, and writes index.json and generation.json after a barrier. A rerun of the same command skips
 every verified shard and redoes the rest (resume after a crash, a kill, a signal or a full disk).
+
+--out may be any fsspec URL instead of a directory (s3://bucket/prefix/run): the same files and bytes, each
+shard uploaded whole to its final key before its marker (`shardformat.RemoteRunDir`), the run locked by
+`remote_run_lock`, and no free-space check (object storage has no such figure).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import hashlib
+import json
+import os
 import queue
 import shutil
+import socket
+import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +59,7 @@ DEFAULT_BATCH_SIZE = 256
 class GenerateConfig:
     dm: str                       # DM directory (`vaegen dm train` output, a diffusers UNet or pipeline dir)
     scale: int                    # K: generate K * |D_train| samples
-    out: str                      # run directory, shards/<dataset>/<run>
+    out: str                      # run directory shards/<dataset>/<run>, or an fsspec URL (s3://bucket/prefix/run)
     sampler: str = "edm-heun"
     steps: int = 18
     seed: int = 0
@@ -118,15 +129,15 @@ def identity_of(cfg: GenerateConfig, data: TrainingData, dm_sha256: str, sampler
             "image_size": data.image_size}
 
 
-def existing_run(out: Path) -> dict | None:
+def existing_run(out: sf.RunDir) -> dict | None:
     """The generation.json of the run in `out` (None for a new run); refuse a directory holding something else."""
-    if not (out / sf.GENERATION_NAME).is_file():
-        if out.exists() and any(out.iterdir()):
+    if out.size(sf.GENERATION_NAME) is None:
+        if out.names():
             raise VaegenError(f"--out {out} is not empty and holds no {sf.GENERATION_NAME}; choose a new directory")
         return None
     previous = sf.read_generation(out)
     if not isinstance(previous.get("identity"), dict):
-        raise VaegenError(f"{out / sf.GENERATION_NAME} records no identity; --out {out} is not a run of "
+        raise VaegenError(f"{out.url(sf.GENERATION_NAME)} records no identity; --out {out} is not a run of "
                           "`vaegen generate`")
     return previous
 
@@ -140,7 +151,7 @@ def noise_stream_for(cfg: GenerateConfig, previous: dict | None) -> str:
     return sf.noise_stream_of(previous["identity"]) if previous else DEFAULT_NOISE
 
 
-def check_identity(out: Path, previous: dict | None, identity: dict) -> None:
+def check_identity(out: sf.RunDir, previous: dict | None, identity: dict) -> None:
     """Refuse to extend a run made with anything else (see `identity_of`)."""
     if previous is None:
         return
@@ -151,12 +162,12 @@ def check_identity(out: Path, previous: dict | None, identity: dict) -> None:
         raise VaegenError(f"--out {out} holds a run with a different {names}; use a new --out directory")
 
 
-def check_one_noise_stream(out: Path, noise: str) -> None:
+def check_one_noise_stream(out: sf.RunDir, noise: str) -> None:
     """Refuse a run directory holding a shard of another noise stream: a run never mixes two."""
-    for marker_path in sorted(out.glob("shard-*.done.json")) if out.is_dir() else []:
-        marker = sf.read_marker(out, sf.shard_id(marker_path.name))
+    marked = sorted(j for name in out.names() if (j := sf.shard_id(name)) is not None and name == sf.marker_name(j))
+    for j, marker in sf.read_markers(out, marked).items():
         if marker is not None and sf.noise_stream_of(marker) != noise:
-            raise VaegenError(f"--out {out}: {marker_path.name} was made with noise stream "
+            raise VaegenError(f"--out {out}: {sf.marker_name(j)} was made with noise stream "
                               f"{sf.noise_stream_of(marker)!r} but the run with {noise!r}, and a run never mixes "
                               "two; delete that shard and its marker (it is regenerated) or use a new --out")
 
@@ -168,6 +179,149 @@ def check_free_space(out: Path, n_images: int, n_shards: int, channels: int) -> 
     if needed > free:
         raise VaegenError(f"{out}: the remaining {n_shards} shard(s) need about {needed / 2**20:.0f} MiB but only "
                           f"{free / 2**20:.0f} MiB are free; free some space (or lower --scale) and rerun")
+
+
+# --- one writer per run on object storage -------------------------------------------------------------------
+
+LOCK_RENEW_S = 60     # the holder of a remote run's lock object rewrites it this often ...
+LOCK_EXPIRES_S = 600  # ... so one not renewed for this long was left by a writer that died on another machine
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder or not {"command", "pid", "host", "since"} <= holder.keys():
+        return "another process"
+    return f"{holder['command']} (pid {holder['pid']} on {holder['host']}, since {holder['since']})"
+
+
+def _utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+class RemoteLockObject:
+    """`<parent>/.<name>.lock` next to a remote run (like `vaegen.runlock`'s lock file next to a directory):
+    JSON naming its holder (host, pid, command, since), rewritten every LOCK_RENEW_S ("renewed")."""
+
+    def __init__(self, run: sf.RemoteRunDir):
+        parent, _, name = run.root.rpartition("/")
+        if not parent.strip("/"):
+            raise VaegenError(f"--out {run}: give the run a prefix inside the bucket (like {run}/shards/NAME), "
+                              "not the bucket itself")
+        self.run, self.key = run, f"{parent}/.{name}.lock"
+        self.url = f"{str(run).rpartition('/')[0]}/.{name}.lock"
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                   "since": _utc_now().isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def holder(self) -> dict | None:
+        """Who the lock object names (None: there is none; {}: unreadable)."""
+        with self.run.storage_errors("reading its lock object"):
+            try:
+                data = self.run.fs.cat_file(self.key)
+            except FileNotFoundError:
+                return None
+        try:
+            holder = json.loads(data)
+        except ValueError:
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _write(self, create: bool) -> bool:
+        """Write our name (`create`: only if there is no lock object, where the store can refuse; S3 does with
+        If-None-Match). False when refused."""
+        data = json.dumps({**self.me, "renewed": _utc_now().isoformat(timespec="seconds")}).encode()
+        with self.run.storage_errors("writing its lock object", missing_ok=False):
+            try:
+                self.run.fs.pipe_file(self.key, data, mode="create" if create else "overwrite")
+            except FileExistsError:
+                return False
+        return True
+
+    def is_stale(self, holder: dict) -> bool:
+        """Whether the holder is gone: it ran on this machine (whose local lock we hold now) or stopped renewing."""
+        if holder.get("host") == self.me["host"]:
+            return True
+        try:
+            renewed = datetime.datetime.fromisoformat(holder["renewed"])
+        except (KeyError, TypeError, ValueError):
+            return True  # not written by a vaegen writer
+        return (_utc_now() - renewed).total_seconds() > LOCK_EXPIRES_S
+
+    def refusal(self, holder: dict | None) -> VaegenError:
+        return VaegenError(f"{self.run} is being written by {_describe(holder)}; wait for it to finish or stop it "
+                           f"(a lock not renewed for {LOCK_EXPIRES_S} s is taken over; if that process is gone, "
+                           f"delete {self.url})")
+
+    def acquire(self) -> None:
+        holder = self.holder()
+        if holder is not None and not self.is_stale(holder):
+            raise self.refusal(holder)
+        if holder is not None:
+            click.echo(f"{self.url}: taking over the lock of {_describe(holder)}, which is gone", err=True)
+        if not self._write(create=holder is None):
+            raise self.refusal(self.holder())
+        # Read back: of two writers that found no lock at the same moment on a store without conditional
+        # writes, the one whose name is not there gives way.
+        holder = self.holder()
+        if (holder or {}).get("token") != self.me["token"]:
+            raise self.refusal(holder)
+        self._renewer = threading.Thread(target=self._renew, name="remote-lock-renewer", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LOCK_RENEW_S):
+            with contextlib.suppress(VaegenError):  # a storage hiccup: the next renewal tries again
+                if (self.holder() or {}).get("token") != self.me["token"]:
+                    click.echo(f"warning: {self.url} was taken over by {_describe(self.holder())} (this writer "
+                               f"stopped renewing it for {LOCK_EXPIRES_S} s); two writers may now write {self.run}",
+                               err=True)
+                    return
+                self._write(create=False)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        try:
+            if (self.holder() or {}).get("token") == self.me["token"]:
+                with self.run.storage_errors("deleting its lock object"), contextlib.suppress(FileNotFoundError):
+                    self.run.fs.rm_file(self.key)
+        except VaegenError as e:
+            click.echo(f"warning: {e} (the next writer on this machine takes it over)", err=True)
+
+
+def local_lock_dir(run: sf.RemoteRunDir) -> Path:
+    """This machine's stand-in directory for a remote run, whose `vaegen.runlock` lock file the writer holds."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "vaegen" / "remote-runs" / hashlib.sha256(str(run).encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def remote_run_lock(run: sf.RemoteRunDir, main_process: bool = True):
+    """One writer per run on object storage, which has no flock (what `vaegen.runlock` gives a directory):
+
+    this machine: the flock of a local file named after the URL (`local_lock_dir`, under ~/.cache/vaegen), which
+        the kernel releases when its holder dies;
+    any machine: a lock object next to the run (`RemoteLockObject`), renewed every LOCK_RENEW_S while held and
+        deleted at the end. A writer refuses, naming the holder, while it names a live one. Its holder is gone
+        when it ran on this machine (we hold this machine's flock) or has not renewed it for LOCK_EXPIRES_S (a
+        writer killed on another machine); then the lock is taken over. Made with a conditional write where the
+        store supports one (S3: If-None-Match) and read back after writing, so of two writers starting at once
+        one gives way.
+    """
+    if not main_process:
+        yield
+        return
+    lock = RemoteLockObject(run)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(local_lock_dir(run)))
+        except VaegenError:  # another writer of this URL on this machine
+            raise lock.refusal(lock.holder()) from None
+        lock.acquire()
+        stack.callback(lock.release)
+        yield
 
 
 @contextlib.contextmanager
@@ -192,8 +346,10 @@ class BackgroundShardWriter:
     caller at its next `put` or at `close`, with its original type (a full disk stays an ENOSPC error).
     """
 
-    def __init__(self, out: Path, plan: sf.ShardPlan, marker_fields: dict, maxsize: int, on_shard_done=None):
-        self.out, self.plan, self.marker_fields, self.on_shard_done = out, plan, marker_fields, on_shard_done
+    def __init__(self, out: str | Path | sf.RunDir, plan: sf.ShardPlan, marker_fields: dict, maxsize: int,
+                 on_shard_done=None):
+        self.out, self.plan, self.marker_fields, self.on_shard_done = sf.run_dir_at(out), plan, marker_fields, \
+            on_shard_done
         self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
         self.busy_s = 0.0      # time the thread spent writing
@@ -256,6 +412,7 @@ class BackgroundShardWriter:
 class Setup:
     """Everything `_generate` resolved before sampling: the model, the numerics and the run's identity."""
 
+    run: sf.RunDir                # where the run lives (cfg.out)
     data: TrainingData
     dm: object                    # generator.sampling.DiffusionModel
     sampler: object               # generator.sampling.SamplerConfig
@@ -278,11 +435,16 @@ def generate_run(cfg: GenerateConfig) -> dict:
     """Generate (or complete) the run directory `cfg.out`; returns its generation.json record."""
     state = launch_state()
     set_resume_hint("rerun the same command to resume: finished shards are kept")
-    with run_lock(cfg.out, main_process=state.is_main_process):
-        return _generate(cfg, state)
+    run = sf.run_dir_at(cfg.out)
+    if run.is_local:
+        lock = run_lock(run.path, main_process=state.is_main_process)
+    else:
+        lock = remote_run_lock(run, main_process=state.is_main_process)
+    with lock:
+        return _generate(cfg, state, run)
 
 
-def _setup(cfg: GenerateConfig, device) -> Setup:
+def _setup(cfg: GenerateConfig, device, run: sf.RunDir) -> Setup:
     """Resolve the numerics, load the DM and check `cfg.out` against the run it may already hold."""
     import torch
 
@@ -301,16 +463,16 @@ def _setup(cfg: GenerateConfig, device) -> Setup:
     precision = "bf16" if bf16 else ("tf32" if cfg.tf32 and use_cuda else "fp32")
     numerics = {"precision": precision, "channels_last": cfg.channels_last,
                 "compile": cfg.compile_mode if compile_net else False}
-    out = Path(cfg.out)
-    previous = existing_run(out)  # every rank checks, so every rank raises on a mismatch
+    run.refresh()  # what is there now that this process holds the lock
+    previous = existing_run(run)  # every rank checks, so every rank raises on a mismatch
     noise = noise_stream_for(cfg, previous)
     identity = identity_of(cfg, data, dm.sha256, dataclasses.asdict(sampler), numerics, noise)
-    check_identity(out, previous, identity)
-    check_one_noise_stream(out, noise)
+    check_identity(run, previous, identity)
+    check_one_noise_stream(run, noise)
     # K only grows: a smaller SCALE than a completed run's is a no-op (its shards already exist).
     scale = max(cfg.scale, previous.get("scale") or 0 if previous else 0)
     plan = sf.ShardPlan(scale * data.n_train, cfg.shard_size)
-    return Setup(data, dm, sampler, torch.bfloat16 if bf16 else torch.float32, compile_net, numerics, noise,
+    return Setup(run, data, dm, sampler, torch.bfloat16 if bf16 else torch.float32, compile_net, numerics, noise,
                  identity, previous, plan, scale)
 
 
@@ -318,21 +480,23 @@ def _prepare_run_dir(cfg: GenerateConfig, setup: Setup) -> None:
     """Main process: clear what an interrupted run left, check the disk, record the run as in progress."""
     from generator.sampling import sampler_record
 
-    out, plan = Path(cfg.out), setup.plan
-    out.mkdir(parents=True, exist_ok=True)
-    if removed := sf.remove_orphans(out):
-        click.echo(f"{out}: removed {removed} file(s) left by an interrupted run", err=True)
-    left = [j for j in range(plan.num_shards) if not sf.shard_is_current(out, j, plan, setup.marker_fields)]
-    check_free_space(out, sum(plan.span(j)[1] for j in left), len(left), setup.data.channels)
+    run, plan = setup.run, setup.plan
+    run.makedirs()
+    if removed := sf.remove_orphans(run):
+        click.echo(f"{run}: removed {removed} file(s) left by an interrupted run", err=True)
+    markers = sf.read_markers(run, range(plan.num_shards))
+    left = [j for j in range(plan.num_shards) if not sf.shard_is_current(run, j, plan, setup.marker_fields, markers)]
+    if run.is_local:  # object storage has no free-space figure to check against
+        check_free_space(run.path, sum(plan.span(j)[1] for j in left), len(left), setup.data.channels)
     # "scale" stays the last completed K until this run completes (`shards verify` refuses complete=false).
-    sf.write_generation(out, dict(
+    sf.write_generation(run, dict(
         setup.previous or {}, **run_record(cfg), **sampler_record(setup.dm, setup.sampler, cfg.seed, setup.noise),
         identity=setup.identity, **dataclasses.asdict(setup.data),
         scale=setup.previous["scale"] if setup.previous else 0, n_samples=plan.n_samples,
         shard_size=cfg.shard_size, num_shards=plan.num_shards, complete=False))
 
 
-def _generate(cfg: GenerateConfig, state) -> dict:
+def _generate(cfg: GenerateConfig, state, run: sf.RunDir) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -341,15 +505,17 @@ def _generate(cfg: GenerateConfig, state) -> dict:
     t_start = time.time()
     device = state.device
     rank, world = state.process_index, state.num_processes
-    setup = _setup(cfg, device)
-    out, plan, dm = Path(cfg.out), setup.plan, setup.dm
+    setup = _setup(cfg, device, run)
+    plan, dm = setup.plan, setup.dm
     state.wait_for_everyone()  # all ranks have read generation.json before rank 0 rewrites it
     if state.is_main_process:
         _prepare_run_dir(cfg, setup)
     state.wait_for_everyone()  # orphans are gone before anyone writes
+    run.refresh()
 
     mine = [j for j in range(plan.num_shards) if j % world == rank]
-    todo = [j for j in mine if not sf.shard_is_current(out, j, plan, setup.marker_fields)]
+    markers = sf.read_markers(run, mine)
+    todo = [j for j in mine if not sf.shard_is_current(run, j, plan, setup.marker_fields, markers)]
     if cfg.channels_last:
         dm.unet.to(memory_format=torch.channels_last)
     if setup.compile_net:
@@ -364,7 +530,7 @@ def _generate(cfg: GenerateConfig, state) -> dict:
         shards_done[0] += 1
         bar.set_description(f"rank 0/{world}: {shards_done[0]}/{len(mine)} shards done", refresh=False)
 
-    writer = BackgroundShardWriter(out, plan, setup.marker_fields, cfg.writer_queue, on_shard_done)
+    writer = BackgroundShardWriter(run, plan, setup.marker_fields, cfg.writer_queue, on_shard_done)
     t_loop = time.perf_counter()
     first_batch_s = first_batch_n = None  # includes one-off costs (torch.compile, CUDA context): excluded below
     try:
@@ -388,15 +554,18 @@ def _generate(cfg: GenerateConfig, state) -> dict:
     record = None
     if state.is_main_process:
         # Every rank hashed what it wrote; here only that every shard of the plan is in place.
+        run.refresh()  # the other ranks' shards too
+        markers = sf.read_markers(run, range(plan.num_shards))
         problems = [p for j in range(plan.num_shards)
-                    for p in sf.shard_problems(out, j, *plan.span(j), check_hash=False, check_blocks=False)]
+                    for p in sf.shard_problems(run, j, *plan.span(j), check_hash=False, check_blocks=False,
+                                               markers=markers)]
         if problems:
             raise VaegenError(f"{len(problems)} shard(s) incomplete after generation: {'; '.join(problems[:5])}")
-        sf.write_index(out, plan)
-        record = sf.read_generation(out)
+        sf.write_index(run, plan)
+        record = sf.read_generation(run)
         steady = (n_todo - first_batch_n) / (loop_s - first_batch_s) \
             if first_batch_s is not None and n_todo > first_batch_n and loop_s > first_batch_s else None
-        run = {"command": record["command"], "created": record["created"], "code_version": record["code_version"],
+        invocation = {"command": record["command"], "created": record["created"], "code_version": record["code_version"],
                "scale": setup.scale, "world_size": world, "device": str(device),
                # CPU kernels split work by thread count, and an image's last bits with it: recorded, not enforced
                "torch_threads": torch.get_num_threads(),
@@ -407,7 +576,7 @@ def _generate(cfg: GenerateConfig, state) -> dict:
                "steady_images_per_s_rank0": round(steady, 3) if steady is not None else None,
                "writer_busy_s_rank0": round(writer.busy_s, 3),
                "writer_blocked_s_rank0": round(writer.blocked_s, 3)}
-        record.update(scale=setup.scale, complete=True, runs=[*record.get("runs", []), run])
-        sf.write_generation(out, record)
+        record.update(scale=setup.scale, complete=True, runs=[*record.get("runs", []), invocation])
+        sf.write_generation(run, record)
     state.wait_for_everyone()
-    return record if record is not None else sf.read_generation(out)
+    return record if record is not None else sf.read_generation(run)

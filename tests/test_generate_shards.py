@@ -532,3 +532,103 @@ def test_two_machine_ranks_on_loopback_write_the_same_bytes_as_one_process(env, 
     assert json.loads((out / sf.GENERATION_NAME).read_text())["runs"][-1]["world_size"] == 2
     assert shard_bytes(out) == shard_bytes(one_process)
     assert (out / sf.INDEX_NAME).read_bytes() == (one_process / sf.INDEX_NAME).read_bytes()
+
+
+# --- a run on object storage: any fsspec URL (fsspec's in-process memory:// here; a real S3 server in test_s3.py) --
+
+@pytest.fixture
+def memory_url():
+    """memory://bucket/<fresh prefix>/run, removed afterwards."""
+    import uuid
+
+    import fsspec
+
+    prefix = f"/bucket/{uuid.uuid4().hex[:8]}"
+    yield f"memory:/{prefix}/run"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(prefix):
+        fs.rm(prefix, recursive=True)
+
+
+def stored_files(url: str) -> dict[str, bytes]:
+    """Every object under `url` (the run's files), by name."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in fs.ls(root, detail=False)} if fs.exists(root) else {}
+
+
+def lock_object(url: str) -> str:
+    """The path of a remote run's lock object (next to the run, as a directory's lock file)."""
+    import fsspec
+
+    parent, _, name = fsspec.core.url_to_fs(url)[1].rpartition("/")
+    return f"{parent}/.{name}.lock"
+
+
+def verify_ok(run: str | Path) -> bool:
+    result = CliRunner().invoke(main, ["shards", "verify", str(run)])
+    assert result.exit_code == 0, result.output
+    return result.output.startswith("OK")
+
+
+def test_a_run_on_object_storage_has_the_local_bytes_and_resumes_from_what_a_kill_leaves(env, reference, memory_url):
+    import socket
+
+    import fsspec
+
+    assert run_cli(gen_args(env, memory_url, 4)).exit_code == 0
+    local = {p.name: p.read_bytes() for p in reference.iterdir()}
+    stored = stored_files(memory_url)
+    assert stored.keys() == local.keys()
+    assert {k: v for k, v in stored.items() if k != sf.GENERATION_NAME} == \
+        {k: v for k, v in local.items() if k != sf.GENERATION_NAME}  # shards, markers and index.json
+    assert verify_ok(memory_url)
+
+    # What a kill leaves there: a tar uploaded before its marker, shards never uploaded, complete: false, and the
+    # dead writer's lock object (it ran on this machine, so it is gone: this process holds the machine's lock).
+    fs, root = fsspec.core.url_to_fs(memory_url)
+    for name in (sf.marker_name(2), sf.shard_name(6), sf.marker_name(6), sf.shard_name(7), sf.marker_name(7)):
+        fs.rm_file(f"{root}/{name}")
+    gen = json.loads(stored[sf.GENERATION_NAME])
+    fs.pipe_file(f"{root}/{sf.GENERATION_NAME}", json.dumps({**gen, "complete": False}).encode())
+    fs.pipe_file(lock_object(memory_url), json.dumps({"host": socket.gethostname(), "pid": 2**22 + 1,
+                                                      "command": "vaegen-generate", "since": "x"}).encode())
+    result = CliRunner().invoke(main, gen_args(env, memory_url, 4))
+    assert result.exit_code == 0, result.output
+    assert "taking over the lock of vaegen-generate" in result.output
+    assert {k: v for k, v in stored_files(memory_url).items() if k != sf.GENERATION_NAME} == \
+        {k: v for k, v in local.items() if k != sf.GENERATION_NAME}
+    assert json.loads(stored_files(memory_url)[sf.GENERATION_NAME])["runs"][-1]["shards_generated_rank0"] == 3
+    assert not fs.exists(lock_object(memory_url)) and verify_ok(memory_url)
+
+
+def test_a_remote_run_held_by_a_live_writer_elsewhere_is_refused_and_an_expired_lock_taken_over(env, memory_url,
+                                                                                               monkeypatch):
+    import datetime
+
+    import fsspec
+
+    import generator.generate as generate_module
+
+    fs = fsspec.filesystem("memory")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    holder = {"host": "node-7", "pid": 4242, "command": "vaegen-generate --scale 1", "since": "2026-01-01T00:00:00",
+              "renewed": now.isoformat()}
+    fs.pipe_file(lock_object(memory_url), json.dumps(holder).encode())
+    result = CliRunner().invoke(main, gen_args(env, memory_url, 1))
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "is being written by vaegen-generate --scale 1 (pid 4242 on node-7" in result.output
+    assert stored_files(memory_url) == {}  # nothing touched
+
+    expired = now - datetime.timedelta(seconds=generate_module.LOCK_EXPIRES_S + 60)
+    fs.pipe_file(lock_object(memory_url), json.dumps({**holder, "renewed": expired.isoformat()}).encode())
+    import shutil as shutil_module
+
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: SimpleNamespace(total=10, used=9, free=1))
+    result = CliRunner().invoke(main, gen_args(env, memory_url, 1))  # object storage: no free-space check
+    assert result.exit_code == 0 and "taking over the lock" in result.output, result.output
+    assert not fs.exists(lock_object(memory_url)) and verify_ok(memory_url)
+
+    result = CliRunner().invoke(main, gen_args(env, "memory://just-a-bucket", 1))
+    assert result.exit_code == 2 and "a prefix inside the bucket" in result.output

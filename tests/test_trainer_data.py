@@ -55,7 +55,7 @@ def test_two_ranks_see_disjoint_shards_and_equal_batch_counts(tmp_path, support)
     pieces = pieces_in_range(pool, *epoch_range(0, 650, pool.size))
     for epoch in range(3):
         shares = assign_pieces(pieces, 2, seed=0, epoch=epoch)
-        paths = [{p.shard.path for p in share} for share in shares]
+        paths = [{p.shard.url for p in share} for share in shares]
         assert not paths[0] & paths[1] and len(paths[0] | paths[1]) == 7
     ranks = [ShardSource(pool, 650, 64, seed=0, rank=r, world_size=2) for r in range(2)]
     for epoch in range(2):
@@ -192,3 +192,95 @@ def test_a_pool_resident_on_the_gpu_gives_the_streamed_batches(tmp_path, support
     a, b = batches_of(streamed, range(3)), batches_of(kept, range(3))
     assert all(y.is_cuda and torch.equal(x, y.cpu()) for x, y in zip(a, b, strict=True))
     streamed.close()
+
+
+# --- shards on object storage: any fsspec URL (memory:// here; a real S3 server in test_s3.py) -----------------
+
+@pytest.fixture
+def memory_url():
+    """memory://bucket/<fresh prefix>/run, removed afterwards."""
+    import uuid
+
+    import fsspec
+
+    prefix = f"/bucket/{uuid.uuid4().hex[:8]}"
+    yield f"memory:/{prefix}/run"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(prefix):
+        fs.rm(prefix, recursive=True)
+
+
+def copy_to(run, url: str):
+    """Upload a local shard run's files to `url`; the object store's filesystem and path."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    for path in sorted(run.iterdir()):
+        fs.pipe_file(f"{root}/{path.name}", path.read_bytes())
+    return fs, root
+
+
+@pytest.fixture
+def fetches(monkeypatch):
+    """How often each object was downloaded whole (`RemoteRunDir.read_bytes`), by name."""
+    import collections
+
+    from vaegen.shardformat import RemoteRunDir
+
+    counts, read = collections.Counter(), RemoteRunDir.read_bytes
+
+    def counted(self, name):
+        counts[name] += 1
+        return read(self, name)
+
+    monkeypatch.setattr(RemoteRunDir, "read_bytes", counted)
+    return counts
+
+
+def test_a_pool_on_object_storage_gives_the_local_batches_and_opening_it_downloads_one_shard(
+        tmp_path, support, memory_url, fetches):
+    local = support.shard_run(tmp_path, 650, 100)  # 7 shards; the pool (K=2, N=300) uses the first 6
+    copy_to(local, memory_url)
+    pools = [open_shard_pool(run, "fmnist", (1, 32, 32), 300, scale=2) for run in (local, memory_url)]
+    # Opening the pool downloads its first shard only (the image shape), besides index.json and generation.json.
+    assert {name: n for name, n in fetches.items() if name.endswith(".tar")} == {"shard-000000.tar": 1}
+    assert pools[1].run_dir == memory_url and [s.url for s in pools[1].shards][0] == f"{memory_url}/shard-000000.tar"
+    for world in (1, 2):
+        for rank in range(world):
+            sources = [ShardSource(pool, 300, 64, seed=3, rank=rank, world_size=world) for pool in pools]
+            a, b = (batches_of(source, range(4)) for source in sources)
+            assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), (world, rank)
+            for source in sources:
+                source.close()
+
+    fetches.clear()
+    resident = ResidentPool(pools[1], (1, 32, 32), "cpu")  # loads the pool once: each shard downloaded once
+    assert fetches == {f"shard-{j:06d}.tar": 1 for j in range(6)}
+    streamed = ShardSource(pools[0], 300, 64, seed=3)
+    kept = ShardSource(pools[1], 300, 64, seed=3, resident=resident)
+    assert all(torch.equal(x, y) for x, y in zip(batches_of(streamed, range(4)), batches_of(kept, range(4)),
+                                                 strict=True))
+    streamed.close()
+
+
+def test_a_bad_shard_on_object_storage_is_refused_at_open_or_before_its_images_are_used(tmp_path, support,
+                                                                                       memory_url):
+    fs, root = copy_to(support.shard_run(tmp_path, 300, 100), memory_url)
+    tar = bytearray(fs.cat_file(f"{root}/shard-000001.tar"))
+    tar[1000] ^= 0xFF  # same size: only its sha256 tells, checked when an epoch downloads it
+    fs.pipe_file(f"{root}/shard-000001.tar", bytes(tar))
+    source = ShardSource(open_shard_pool(memory_url, "fmnist", (1, 32, 32), 100), 100, 50, seed=0)
+    list(source.batches(0))
+    with pytest.raises(VaegenError, match="shard-000001.tar corrupted") as info:
+        list(source.batches(1))
+    assert "\n" not in str(info.value)
+    source.close()
+
+    fs.pipe_file(f"{root}/shard-000001.tar", bytes(tar[:-1024]))
+    with pytest.raises(VaegenError, match="shard-000001.tar truncated or resized"):
+        open_shard_pool(memory_url, "fmnist", (1, 32, 32), 100)
+    fs.rm_file(f"{root}/shard-000002.done.json")
+    with pytest.raises(VaegenError, match="shard-000002.tar is missing or unfinished"):
+        open_shard_pool(memory_url, "fmnist", (1, 32, 32), 100)
+    with pytest.raises(VaegenError, match="has no index.json"):
+        open_shard_pool(f"{memory_url}-nowhere", "fmnist", (1, 32, 32), 100)

@@ -22,14 +22,24 @@ An epoch's share (at most N images: 60 MB for FashionMNIST, 150 MB for CIFAR-10)
 block, into one array while the previous epoch trains (`EpochPrefetch`, a background thread), then shuffled and
 cut into batches: the loader never waits on per-image decoding and the shuffle is a true permutation of the epoch.
 Everything random is a function of (seed, epoch, process), so an epoch can be replayed exactly on resume.
+
+Shards may live on object storage (--shards s3://bucket/prefix/run, any fsspec URL): the same metadata, the same
+pieces in the same order, so the same batches as from a local copy. Opening the pool there checks each shard's
+size and marker (one listing, the markers fetched together) and reads only the first shard (its image shape);
+each shard is then fetched whole when an epoch reads it (a few MiB; READ_AHEAD shards in flight) and checked
+against its marker's sha256 before any of its images is used. A device-resident pool reads each shard once
+(after the pool's opening read of the first).
 """
 
 from __future__ import annotations
 
 import abc
+import collections
+import hashlib
+import io
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,32 +52,57 @@ from vaegen.errors import VaegenError
 from vaegen.seeding import derive, numpy_rng
 from vaegen.shardformat import (
     INDEX_NAME,
+    RunDir,
+    is_url,
     read_generation,
     read_index,
-    read_marker,
+    read_markers,
+    run_dir_at,
     shard_id,
     shard_problems,
     unpack_block,
 )
 
+READ_AHEAD = 4  # shards fetched concurrently from object storage while the current one is decoded
+
+
 # --- the shard pool ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Shard:
-    path: Path
+    url: str  # what a reader opens: a local path, or an fsspec URL
     first: int  # sample index of its first image (from the completion marker)
     count: int
     offset: int  # pool position of its first image
+    run: RunDir = field(compare=False, repr=False)  # the run holding it
+    sha256: str | None = None  # from its marker: checked whenever a remote shard is fetched
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    def read(self) -> io.BytesIO:
+        """The bytes of a remote shard, checked against its marker's sha256 (a local shard is opened by path)."""
+        data = self.run.read_bytes(self.name)
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise VaegenError(f"{self.url} corrupted (sha256 differs from its marker); regenerate it (see "
+                              "`vaegen shards verify`)")
+        return io.BytesIO(data)
 
 
 @dataclass(frozen=True)
 class ShardPool:
     """A verified prefix of a shard run: pool positions 0 .. size-1 are the run's first `size` samples."""
 
-    run_dir: Path
+    run: RunDir
     shards: tuple[Shard, ...]
     size: int
     generation: dict
+
+    @property
+    def run_dir(self) -> str:
+        """Where the run lives, as given (a directory or a URL)."""
+        return str(self.run)
 
 
 @dataclass(frozen=True)
@@ -83,24 +118,28 @@ class Piece:
         return self.hi - self.lo
 
 
-def expand_shard_spec(spec: str | Path) -> tuple[Path, list[Path]]:
-    """A run directory (its index.json lists the shards) or a brace pattern of shard paths in one directory."""
-    path = Path(spec)
-    if path.is_dir():
+def expand_shard_spec(spec: str | Path) -> tuple[RunDir, list[str]]:
+    """A run directory or URL (its index.json lists the shards), or a brace pattern of shard paths or URLs in one
+    run: (the run, the shards' urls)."""
+    remote = is_url(str(spec))
+    names_shards = str(spec).endswith(".tar") or "{" in str(spec)
+    if remote and not names_shards or not remote and Path(spec).is_dir():
+        run = run_dir_at(str(spec) if remote else Path(spec))
         try:
-            index = read_index(path)
+            index = read_index(run)
         except FileNotFoundError:
-            raise VaegenError(f"{path} has no {INDEX_NAME}; is it a shard run directory (vaegen generate)?") from None
+            raise VaegenError(f"{run} has no {INDEX_NAME}; is it a shard run directory (vaegen generate)?") from None
         except ValueError as e:
             raise VaegenError(str(e)) from None
-        return path, [path / entry["url"] for entry in index["shardlist"]]
-    if not path.exists() and "{" not in str(spec):
+        return run, [run.url(entry["url"]) for entry in index["shardlist"]]
+    if not remote and not Path(spec).exists() and "{" not in str(spec):
         raise VaegenError(f"no shard run directory or shard file at {spec}")
-    paths = [Path(p) for p in wds.shardlists.expand_urls(str(spec))]
-    parents = {p.parent for p in paths}
+    urls = wds.shardlists.expand_urls(str(spec))
+    parents = {url.rsplit("/", 1)[0] if remote else Path(url).parent for url in urls}
     if len(parents) != 1:
         raise VaegenError(f"--shards {spec} names shards in several directories; give one run's shards")
-    return parents.pop(), paths
+    run = run_dir_at(parents.pop())
+    return run, [run.url(url.rsplit("/", 1)[-1]) if remote else str(Path(url)) for url in urls]
 
 
 def open_shard_pool(spec: str | Path, dataset: str, image_shape: tuple[int, int, int], n_train: int,
@@ -109,26 +148,28 @@ def open_shard_pool(spec: str | Path, dataset: str, image_shape: tuple[int, int,
     whole epochs as the run holds). Refuses, with a one-line VaegenError, a run of another dataset or image
     shape, shards without completion markers, shards whose sha256 differs from their marker, and a pool of
     fewer than N samples."""
-    run_dir, paths = expand_shard_spec(spec)
-    generation = read_generation(run_dir)
+    run, urls = expand_shard_spec(spec)
+    generation = read_generation(run)
     if generation.get("dataset") != dataset:
-        raise VaegenError(f"shards in {run_dir} are {generation.get('dataset')!r} samples, not {dataset!r}")
+        raise VaegenError(f"shards in {run} are {generation.get('dataset')!r} samples, not {dataset!r}")
     shard_shape = (generation.get("channels"), generation.get("image_size"), generation.get("image_size"))
     if shard_shape != tuple(image_shape):
-        raise VaegenError(f"shards in {run_dir} hold {shard_shape} images, {dataset} needs {tuple(image_shape)}")
-    if not paths:
+        raise VaegenError(f"shards in {run} hold {shard_shape} images, {dataset} needs {tuple(image_shape)}")
+    if not urls:
         raise VaegenError(f"{spec} names no shards: the pool is empty")
 
+    names = [url.rsplit("/", 1)[-1] for url in urls]
+    markers = read_markers(run, [shard_id(name) for name in names])
     shards, offset = [], 0
-    for path in paths:
-        info = read_marker(path.parent, shard_id(path.name)) if path.is_file() else None
+    for url, name in zip(urls, names):
+        info = markers[shard_id(name)] if run.size(name) is not None else None
         if info is None:
-            raise VaegenError(f"{path} is missing or unfinished (no completion marker); finish generation or "
+            raise VaegenError(f"{url} is missing or unfinished (no completion marker); finish generation or "
                               "check with `vaegen shards verify`")
         if shards and info["first"] != shards[-1].first + shards[-1].count:
-            raise VaegenError(f"{path} starts at sample {info['first']}, not right after the previous shard; "
+            raise VaegenError(f"{url} starts at sample {info['first']}, not right after the previous shard; "
                               "give a contiguous range of shards")
-        shards.append(Shard(path, int(info["first"]), int(info["count"]), offset))
+        shards.append(Shard(url, int(info["first"]), int(info["count"]), offset, run, info.get("sha256")))
         offset += int(info["count"])
     total = offset
     if scale is None:
@@ -138,31 +179,59 @@ def open_shard_pool(spec: str | Path, dataset: str, image_shape: tuple[int, int,
         raise VaegenError(f"the pool needs K*N = {max(scale, 1)}*{n_train} samples but {spec} holds {total}; "
                           "generate more samples or lower --scale")
     used = tuple(s for s in shards if s.offset < size)
-    check_shards(used, desc=f"verify {run_dir.name}")
-    pool = ShardPool(run_dir, used, size, generation)
+    check_shards(run, used, markers, desc=f"verify {run.name}")
+    pool = ShardPool(run, used, size, generation)
     check_block_shape(pool, image_shape)
     return pool
 
 
-def check_shards(shards: tuple[Shard, ...], desc: str = "verify shards") -> None:
-    """Size and sha256 of every shard against its completion marker (a corrupt or truncated shard is refused)."""
+def check_shards(run: RunDir, shards: tuple[Shard, ...], markers: dict, desc: str = "verify shards") -> None:
+    """Every shard against its completion marker, a corrupt or truncated one refused: size and sha256 of a local
+    shard; the size of a remote one (its sha256 is checked whenever it is fetched: checking downloads nothing)."""
     for shard in tqdm(shards, desc=desc, unit="shard", disable=len(shards) < 8, leave=False):
-        problems = shard_problems(shard.path.parent, shard_id(shard.path.name), shard.first, shard.count,
-                                  check_blocks=False)
+        problems = shard_problems(run, shard_id(shard.name), shard.first, shard.count, check_hash=run.is_local,
+                                  check_blocks=False, markers=markers)
         if problems:
-            raise VaegenError(f"{shard.path.parent}: {problems[0]}; regenerate it (see `vaegen shards verify`)")
+            raise VaegenError(f"{run}: {problems[0]}; regenerate it (see `vaegen shards verify`)")
+
+
+def shard_samples(shards: list[Shard]):
+    """WebDataset samples (raw blocks, with "__url__") of `shards` in order: webdataset opens a local shard by
+    path; a remote one is fetched and checked (`Shard.read`), READ_AHEAD at a time, and handed to webdataset's
+    own tar expander as a stream."""
+    if all(shard.run.is_local for shard in shards):
+        return wds.DataPipeline(wds.SimpleShardList([shard.url for shard in shards]), wds.tarfile_to_samples())
+    streams = ({"url": shard.url, "stream": stream} for shard, stream in fetched(shards))
+    return wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(streams))
+
+
+def fetched(shards: list[Shard]):
+    """(shard, its checked bytes) in order, with up to READ_AHEAD fetches in flight (object storage answers a
+    request with latency; several at once keep the link busy)."""
+    with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="shard-fetch") as executor:
+        pending = collections.deque()
+        for shard in shards:
+            pending.append((shard, executor.submit(shard.read)))
+            if len(pending) >= READ_AHEAD:
+                shard_done, future = pending.popleft()
+                yield shard_done, future.result()
+        while pending:
+            shard_done, future = pending.popleft()
+            yield shard_done, future.result()
 
 
 def check_block_shape(pool: ShardPool, image_shape: tuple[int, int, int]) -> None:
     """Read the first block of the pool to confirm the image shape and dtype the metadata promises."""
-    pipeline = wds.DataPipeline(wds.SimpleShardList([str(pool.shards[0].path)]), wds.tarfile_to_samples())
-    for sample in pipeline:
-        images, _ = unpack_block(sample)
-        if images.dtype != np.uint8 or tuple(images.shape[1:]) != tuple(image_shape):
-            raise VaegenError(f"{pool.shards[0].path} holds {images.dtype} {images.shape[1:]} images, "
-                              f"expected uint8 {tuple(image_shape)}")
-        return
-    raise VaegenError(f"{pool.shards[0].path} holds no images")
+    # A remote shard is fetched whole, as everywhere: a ranged read (its first block only) fails botocore's
+    # response checksum on S3 servers that send the whole object's checksum with a part (rclone does).
+    first = pool.shards[0]
+    block = next(iter(shard_samples([first])), None)
+    if block is None:
+        raise VaegenError(f"{first.url} holds no images")
+    images, _ = unpack_block(block)
+    if images.dtype != np.uint8 or tuple(images.shape[1:]) != tuple(image_shape):
+        raise VaegenError(f"{first.url} holds {images.dtype} {images.shape[1:]} images, "
+                          f"expected uint8 {tuple(image_shape)}")
 
 
 def epoch_range(epoch: int, n: int, pool_size: int) -> tuple[int, int]:
@@ -197,11 +266,10 @@ def assign_pieces(pieces: list[Piece], world_size: int, seed: int, epoch: int) -
 def stream_blocks(pieces: list[Piece], image_shape: tuple[int, int, int]):
     """Stream the shards of `pieces` with webdataset, block by block, in the order streaming always reads them;
     yields (piece, images (k, C, H, W) uint8, pool positions (k,)) for the images in each piece's range."""
-    by_path = {str(p.shard.path): p for p in pieces}
-    pipeline = wds.DataPipeline(wds.SimpleShardList(list(by_path)), wds.tarfile_to_samples())
+    by_url = {p.shard.url: p for p in pieces}
     try:
-        for sample in pipeline:
-            piece = by_path[sample["__url__"]]
+        for sample in shard_samples([p.shard for p in pieces]):
+            piece = by_url[sample["__url__"]]
             block, indices = unpack_block(sample)
             if block.dtype != np.uint8 or tuple(block.shape[1:]) != tuple(image_shape):
                 raise VaegenError(f"{sample['__url__']} holds {block.dtype} {block.shape[1:]} images, "
@@ -217,7 +285,7 @@ def stream_blocks(pieces: list[Piece], image_shape: tuple[int, int, int]):
 def check_count(pieces: list[Piece], got: int) -> None:
     expected = sum(p.count for p in pieces)
     if got != expected:
-        raise VaegenError(f"shards {', '.join(str(p.shard.path) for p in pieces)} yielded {got} of the {expected} "
+        raise VaegenError(f"shards {', '.join(p.shard.url for p in pieces)} yielded {got} of the {expected} "
                           "images their markers promise; run `vaegen shards verify`")
 
 
@@ -242,18 +310,18 @@ class ResidentPool:
         self.device = torch.device(device)
         pieces = [Piece(s, s.offset, min(s.offset + s.count, pool.size)) for s in pool.shards]
         self.images = torch.empty((pool.size, *image_shape), dtype=torch.uint8, device=self.device)
-        order: dict[Path, list[np.ndarray]] = {piece.shard.path: [] for piece in pieces}
+        order: dict[str, list[np.ndarray]] = {piece.shard.url: [] for piece in pieces}
         for piece, images, positions in tqdm(stream_blocks(pieces, image_shape), desc="pool to device",
                                              unit="block", leave=False, disable=len(pieces) < 8):
             self.images[torch.from_numpy(positions).to(self.device)] = torch.from_numpy(images).to(self.device)
-            order[piece.shard.path].append(positions)
+            order[piece.shard.url].append(positions)
         self.stream_order = {path: np.concatenate(parts) if parts else np.zeros(0, np.int64)
                              for path, parts in order.items()}
         check_count(pieces, sum(len(o) for o in self.stream_order.values()))
 
     def share(self, pieces: list[Piece], size: int) -> torch.Tensor:
         """The images streaming would read for `pieces`, padded to `size` rows like `pad_to`."""
-        ranges = [(order := self.stream_order[p.shard.path])[(order >= p.lo) & (order < p.hi)] for p in pieces]
+        ranges = [(order := self.stream_order[p.shard.url])[(order >= p.lo) & (order < p.hi)] for p in pieces]
         positions = pad_to(np.concatenate(ranges) if ranges else np.zeros(0, np.int64), size)
         return self.images.index_select(0, torch.from_numpy(positions).to(self.device))
 

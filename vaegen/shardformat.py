@@ -7,7 +7,8 @@ A run directory ``shards/<dataset>/<run>/`` holds:
                                     <key>.npy   uint8 array (n, C, 32, 32), saved with numpy.save
                                     <key>.json  {"first": i0, "count": n}: the block holds samples i0 .. i0+n-1
                                 <key> is the first sample index zero-padded to 12 digits (no dots).
-    shard-000000.done.json      completion marker, written only after the tar was fsynced and renamed:
+    shard-000000.done.json      completion marker, written only after the tar was in place (fsynced and renamed,
+                                or uploaded):
                                 {"shard", "first", "count", "sha256", "filesize", "sampler", "dm_sha256",
                                  "seed", "noise_stream", "precision" (fp32, tf32 or bf16), "channels_last", "compile"}
     index.json                  wids-style shard index ({"__kind__": "wids-shard-index-v1", "n_images",
@@ -22,12 +23,19 @@ A run directory ``shards/<dataset>/<run>/`` holds:
                                 the bytes depend on, a run is only ever extended with the same), "dm" (path,
                                 weights sha256, kind), "sampler", "seed", "noise_stream", "network_evaluations",
                                 "config", "code_version", "command", and "runs" (one per invocation, with timing)
-    .shard-000000.tar.partial   a shard being written (removed on the next run if it was interrupted)
+    .shard-000000.tar.partial   a local shard being written (removed on the next run if it was interrupted)
 
 The noise stream (how sample i's initial noise follows from (seed, i); `generator.sampling`) is part of a
 run's identity and of every marker. Runs that record none were made with the first scheme,
 LEGACY_NOISE_STREAM. A run never mixes two: the generator resumes a run with the scheme it was made with and
 refuses markers of another, and `verify_run` names any shard whose marker disagrees with the run.
+
+A run lives in a local directory or under any fsspec URL (s3://bucket/prefix, gs://, ...; `run_dir_at`), with
+the same files and bytes. Local: a shard is written under its temporary name, fsynced and renamed (`LocalRunDir`).
+Object storage: a shard is built in memory and uploaded in one request to its final key, where it appears whole
+or not at all (`RemoteRunDir`); no temporary object, no rename. Either way the marker is written only after the
+tar is in place, so a marker always describes a finished tar. Credentials and endpoints are fsspec's (for S3:
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws, FSSPEC_S3_* options), never arguments.
 
 Pixels are uint8 exactly like the real data (never pre-binarized). Packing many images per member keeps the
 disk cost within a few percent of the raw pixel bytes; one tar member per 32x32 grey image would cost ~5x.
@@ -35,18 +43,22 @@ disk cost within a few percent of the raw pixel bytes; one tar member per 32x32 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import posixpath
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from vaegen.errors import VaegenError
-from vaegen.provenance import fsync_dir, read_json, sha256_file, write_json_atomic
+from vaegen.provenance import _json_default, fsync_dir, write_json_atomic
 
 BLOCK_SIZE = 256
 INDEX_NAME = "index.json"
@@ -91,10 +103,12 @@ def unpack_block(sample: dict) -> tuple[np.ndarray, np.ndarray]:
     return images, np.arange(meta["first"], meta["first"] + meta["count"], dtype=np.int64)
 
 
-def read_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """All (images, indices) of one shard, read with the standard library (no webdataset needed)."""
+def read_shard(shard: str | Path | BinaryIO) -> tuple[np.ndarray, np.ndarray]:
+    """All (images, indices) of one shard (a path, or a binary file read front to back), read with the standard
+    library (no webdataset needed)."""
     members: dict[str, dict] = {}
-    with tarfile.open(path, "r") as tar:
+    tar = tarfile.open(fileobj=shard, mode="r|") if hasattr(shard, "read") else tarfile.open(shard, "r")
+    with tar:
         for member in tar:
             key, _, ext = member.name.partition(".")
             members.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
@@ -104,12 +118,239 @@ def read_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
 
-def read_index(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / INDEX_NAME
-    with open(path) as f:
-        index = json.load(f)
+# --- where a run lives: a local directory or an fsspec URL ----------------------------------------------
+
+class LocalRunDir:
+    """A run in a local (or shared POSIX) directory: files are written under a temporary name, fsynced and
+    renamed, so a reader never sees half a file and a crash never loses a renamed one."""
+
+    is_local = True
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def url(self, name: str) -> str:
+        """What a reader (webdataset, `open`) opens for file `name` of the run."""
+        return str(self.path / name)
+
+    def refresh(self) -> None:
+        """Nothing is cached: `names` and `size` ask the filesystem every time."""
+
+    def names(self) -> list[str]:
+        """Every entry of the run directory ([] when there is none)."""
+        return [p.name for p in self.path.iterdir()] if self.path.is_dir() else []
+
+    def size(self, name: str) -> int | None:
+        """The size of file `name`, None when it is missing (or not a regular file)."""
+        try:
+            st = os.stat(self.path / name)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def read_bytes(self, name: str) -> bytes:
+        return (self.path / name).read_bytes()
+
+    def read_many(self, names: list[str]) -> dict[str, bytes]:
+        """The files of `names` that can be read, by name."""
+        found = {}
+        for name in names:
+            with contextlib.suppress(OSError):
+                found[name] = self.read_bytes(name)
+        return found
+
+    def open(self, name: str) -> BinaryIO:
+        return open(self.path / name, "rb")
+
+    def write_json(self, name: str, obj) -> None:
+        write_json_atomic(self.path / name, obj)
+
+    def remove(self, name: str) -> None:
+        (self.path / name).unlink(missing_ok=True)
+
+    def makedirs(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def new_shard(self, j: int) -> BinaryIO:
+        """Where shard j's bytes go while it is written: its temporary file."""
+        return open(self.path / temp_name(j), "wb")
+
+    def publish_shard(self, j: int, file: BinaryIO) -> None:
+        """Make the written shard j durable under its final name: fsync, rename, fsync the directory."""
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
+        os.replace(self.path / temp_name(j), self.path / shard_name(j))
+        fsync_dir(self.path)
+
+    def discard_shard(self, j: int, file: BinaryIO) -> None:
+        file.close()
+        (self.path / temp_name(j)).unlink(missing_ok=True)
+
+
+class RemoteRunDir:
+    """A run under an fsspec URL (object storage: s3://bucket/prefix and the like). An object appears whole, at
+    once, when its upload completes, so a shard is built in memory and uploaded in one request straight to its
+    final key (`fs.pipe_file`: one PUT, or a multipart upload for a large one); nothing is ever renamed, and an
+    upload cut short leaves nothing a reader can see. JSON files are uploaded the same way.
+
+    `names` and `size` answer from one listing taken at `refresh` (and at creation), updated by this object's
+    own writes; call `refresh` when another process may have written since. Reads always fetch the object.
+    Storage errors other than a missing object become one-line VaegenErrors naming the URL."""
+
+    is_local = False
+
+    def __init__(self, url: str, fs, root: str):
+        self.fs, self.root, self._url = fs, root.rstrip("/"), url.rstrip("/")
+        self._listing: dict[str, int | None] = {}
+        self.refresh()
+
+    def __str__(self) -> str:
+        return self._url
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.root)
+
+    def url(self, name: str) -> str:
+        return f"{self._url}/{name}"
+
+    def key(self, name: str) -> str:
+        """The filesystem path of `name` (what `self.fs` calls take)."""
+        return f"{self.root}/{name}"
+
+    @contextlib.contextmanager
+    def storage_errors(self, doing: str, missing_ok: bool = True):
+        """Storage errors while `doing` something as one-line VaegenErrors (a FileNotFoundError passes through
+        when `missing_ok`: a missing object is an answer, not an error)."""
+        try:
+            yield
+        except FileNotFoundError as e:
+            if missing_ok:
+                raise
+            raise VaegenError(f"{self}: {doing} failed: {_one_line(e)} (does the bucket exist?)") from None
+        except PermissionError as e:
+            raise VaegenError(f"{self}: {doing} refused: {_one_line(e)}; credentials come from the environment "
+                              "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws) or fsspec's "
+                              "configuration (FSSPEC_S3_*)") from None
+        except VaegenError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the storage client's own types (botocore, aiohttp, ...)
+            raise VaegenError(f"{self}: {doing} failed: {type(e).__name__}: {_one_line(e)}") from None
+
+    def refresh(self) -> None:
+        """List the run again (fsspec's cached listing dropped first)."""
+        with self.storage_errors("listing"):
+            self.fs.invalidate_cache(self.root)
+            try:
+                entries = self.fs.ls(self.root, detail=True)
+            except FileNotFoundError:
+                entries = []
+        self._listing = {posixpath.basename(e["name"].rstrip("/")): e["size"] if e["type"] == "file" else None
+                         for e in entries}
+
+    def names(self) -> list[str]:
+        return list(self._listing)
+
+    def size(self, name: str) -> int | None:
+        return self._listing.get(name)
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.storage_errors(f"reading {name}"):
+            return self.fs.cat_file(self.key(name))
+
+    def read_many(self, names: list[str]) -> dict[str, bytes]:
+        """The objects of `names` that exist, fetched concurrently where the filesystem can (s3fs does)."""
+        if not names:
+            return {}
+        with self.storage_errors(f"reading {len(names)} objects"):
+            found = self.fs.cat([self.key(name) for name in names], on_error="return")
+            for data in found.values():
+                if isinstance(data, Exception) and not isinstance(data, FileNotFoundError):
+                    raise data
+        return {posixpath.basename(key): data for key, data in found.items() if not isinstance(data, Exception)}
+
+    def open(self, name: str) -> BinaryIO:
+        """The object, downloaded whole (a shard is a few MiB): hashing and parsing it read it once."""
+        return io.BytesIO(self.read_bytes(name))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.storage_errors(f"writing {name}", missing_ok=False):
+            self.fs.pipe_file(self.key(name), data)
+        self._listing[name] = len(data)
+
+    def write_json(self, name: str, obj) -> None:
+        self.write_bytes(name, json_text(obj).encode())
+
+    def remove(self, name: str) -> None:
+        with self.storage_errors(f"deleting {name}"), contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.key(name))
+        self._listing.pop(name, None)
+
+    def makedirs(self) -> None:
+        """Nothing to do: object storage has no directories (the first upload makes the prefix)."""
+
+    def new_shard(self, j: int) -> BinaryIO:
+        return io.BytesIO()
+
+    def publish_shard(self, j: int, file: BinaryIO) -> None:
+        self.write_bytes(shard_name(j), file.getvalue())
+
+    def discard_shard(self, j: int, file: BinaryIO) -> None:
+        file.close()  # nothing was uploaded
+
+
+RunDir = LocalRunDir | RemoteRunDir
+
+
+def is_url(location) -> bool:
+    """Whether `location` is an fsspec URL (`protocol://...`) rather than a local path."""
+    return isinstance(location, str) and "://" in location
+
+
+def run_dir_at(location: str | os.PathLike | RunDir) -> RunDir:
+    """The run at `location`: a local directory, or any fsspec URL (s3://bucket/prefix, gs://..., memory://...)
+    whose filesystem is configured the usual fsspec way (environment variables, config files, FSSPEC_* options).
+    A file:// URL is a local directory."""
+    if isinstance(location, (LocalRunDir, RemoteRunDir)):
+        return location
+    if not is_url(location):
+        return LocalRunDir(location)
+    try:
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+    except ImportError:
+        raise VaegenError(f"{location}: URLs need fsspec (for s3://: pip install 'vaegen[s3]')") from None
+    try:
+        fs, root = fsspec.core.url_to_fs(location)
+    except (ImportError, ValueError) as e:  # an unknown protocol, or its package (s3fs, gcsfs, ...) missing
+        raise VaegenError(f"{location}: {_one_line(e)}") from None
+    if isinstance(fs, LocalFileSystem):
+        return LocalRunDir(root)
+    return RemoteRunDir(location, fs, root)
+
+
+def json_text(obj) -> str:
+    """A JSON file's text, exactly as `write_json_atomic` writes it locally (so remote files have the same bytes)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def read_index(run_dir: str | Path | RunDir) -> dict:
+    run = run_dir_at(run_dir)
+    index = json.loads(run.read_bytes(INDEX_NAME))
     if index.get("__kind__") != INDEX_KIND:
-        raise ValueError(f"{path} is not a {INDEX_KIND} index")
+        raise ValueError(f"{run.url(INDEX_NAME)} is not a {INDEX_KIND} index")
     return index
 
 
@@ -134,7 +375,7 @@ class ShardPlan:
 
 # --- writing --------------------------------------------------------------------------------------------
 
-TEMP_SUFFIX = ".partial"  # a shard being written: `.shard-000000.tar.partial`, renamed when complete
+TEMP_SUFFIX = ".partial"  # a local shard being written: `.shard-000000.tar.partial`, renamed when complete
 # Fixed tar header fields: identical samples give identical shard bytes, whoever writes them and when.
 TAR_HEADER = {"user": "vaegen", "group": "vaegen", "mode": 0o444, "mtime": 0}
 
@@ -164,20 +405,22 @@ class _HashingFile:
 
 
 class ShardFile:
-    """Shard j of a run, written block by block under its temporary name; `commit` makes it a finished shard.
+    """Shard j of a run, written block by block where the run keeps unfinished shards (`RunDir.new_shard`: a
+    temporary file, or memory for object storage); `commit` makes it a finished shard.
 
-    commit: tar closed, fsynced, renamed to shard-j.tar, and only then the completion marker written. A shard
-    that is not committed (`abort`, or a crash) is a temporary file that the next run removes: a reader never
-    sees a tar without a marker that describes exactly its bytes.
+    commit: tar closed, published under its final name (fsynced and renamed, or uploaded whole), and only then
+    the completion marker written. A shard that is not committed (`abort`, or a crash) is a temporary file that
+    the next run removes, or nothing at all: a reader never sees a tar without a marker that describes exactly
+    its bytes.
     """
 
-    def __init__(self, run_dir: str | Path, j: int, first: int):
+    def __init__(self, run_dir: str | Path | RunDir, j: int, first: int):
         import webdataset
 
-        self.run_dir, self.j, self.next, self.count = Path(run_dir), j, first, 0
+        self.run, self.j, self.next, self.count = run_dir_at(run_dir), j, first, 0
         self.first = first
-        (self.run_dir / marker_name(j)).unlink(missing_ok=True)  # never a marker describing another tar
-        self.file = open(self.run_dir / temp_name(j), "wb")
+        self.run.remove(marker_name(j))  # never a marker describing another tar
+        self.file = self.run.new_shard(j)
         self.hashing = _HashingFile(self.file)
         self.tar = webdataset.TarWriter(self.hashing, **TAR_HEADER)
 
@@ -192,14 +435,10 @@ class ShardFile:
     def commit(self, marker_fields: dict) -> dict:
         """Finish the shard atomically (see the class docstring); returns its marker."""
         self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.run_dir / temp_name(self.j), self.run_dir / shard_name(self.j))
-        fsync_dir(self.run_dir)
+        self.run.publish_shard(self.j, self.file)
         marker = {"shard": self.j, "first": self.first, "count": self.count,
                   "sha256": self.hashing.sha256.hexdigest(), "filesize": self.hashing.size, **marker_fields}
-        write_json_atomic(self.run_dir / marker_name(self.j), marker)
+        self.run.write_json(marker_name(self.j), marker)
         return marker
 
     def abort(self) -> None:
@@ -208,11 +447,10 @@ class ShardFile:
             self.tar.close()
         except Exception:  # noqa: BLE001 - the tar may be half-written; the file goes anyway
             pass
-        self.file.close()
-        (self.run_dir / temp_name(self.j)).unlink(missing_ok=True)
+        self.run.discard_shard(self.j, self.file)
 
 
-def write_shard(run_dir: str | Path, j: int, first: int, images: np.ndarray, marker_fields: dict) -> dict:
+def write_shard(run_dir: str | Path | RunDir, j: int, first: int, images: np.ndarray, marker_fields: dict) -> dict:
     """Shard j holding `images` as samples first .. first+len-1, written and committed in one go."""
     shard = ShardFile(run_dir, j, first)
     try:
@@ -224,38 +462,43 @@ def write_shard(run_dir: str | Path, j: int, first: int, images: np.ndarray, mar
         raise
 
 
-def write_index(run_dir: str | Path, plan: ShardPlan) -> None:
+def write_index(run_dir: str | Path | RunDir, plan: ShardPlan) -> None:
     """index.json (wids-style) from the markers of the plan's shards; urls relative to the run directory."""
-    run_dir = Path(run_dir)
+    run = run_dir_at(run_dir)
+    markers = read_markers(run, range(plan.num_shards))
     shardlist = []
     for j in range(plan.num_shards):
-        marker = read_marker(run_dir, j)
+        marker = markers[j]
         shardlist.append({"url": shard_name(j), "nsamples": -(-marker["count"] // BLOCK_SIZE),
                           "filesize": marker["filesize"], "sha256": marker["sha256"],
                           "first": marker["first"], "count": marker["count"]})
-    write_json_atomic(run_dir / INDEX_NAME, {"__kind__": INDEX_KIND, "wids_version": 1,
-                                             "n_images": plan.n_samples, "shardlist": shardlist})
+    run.write_json(INDEX_NAME, {"__kind__": INDEX_KIND, "wids_version": 1, "n_images": plan.n_samples,
+                                "shardlist": shardlist})
 
 
-def write_generation(run_dir: str | Path, record: dict) -> None:
+def write_generation(run_dir: str | Path | RunDir, record: dict) -> None:
     """generation.json (atomically): `record` must hold GENERATION_FIELDS; anything else is provenance."""
     missing = [k for k in GENERATION_FIELDS if k not in record]
     if missing:
         raise ValueError(f"a {GENERATION_NAME} record needs {', '.join(missing)}")
-    write_json_atomic(Path(run_dir) / GENERATION_NAME, record)
+    run_dir_at(run_dir).write_json(GENERATION_NAME, record)
 
 
-def read_generation(run_dir: str | Path) -> dict:
+def read_generation(run_dir: str | Path | RunDir) -> dict:
     """A run's generation.json; a one-line VaegenError when it is missing or unreadable."""
-    path = Path(run_dir) / GENERATION_NAME
-    if not path.is_file():
-        raise VaegenError(f"{run_dir} holds no {GENERATION_NAME}; not a vaegen shard run")
+    run = run_dir_at(run_dir)
     try:
-        record = read_json(path)
-    except (OSError, ValueError):
+        text = run.read_bytes(GENERATION_NAME)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise VaegenError(f"{run} holds no {GENERATION_NAME}; not a vaegen shard run") from None
+    except OSError:
+        text = None
+    try:
+        record = json.loads(text) if text is not None else None
+    except ValueError:
         record = None
     if not isinstance(record, dict) or any(k not in record for k in ("dataset", "n_samples", "complete")):
-        raise VaegenError(f"{path} is unreadable or incomplete; {run_dir} is not a vaegen shard run")
+        raise VaegenError(f"{run.url(GENERATION_NAME)} is unreadable or incomplete; {run} is not a vaegen shard run")
     return record
 
 
@@ -264,117 +507,146 @@ def noise_stream_of(record: dict) -> str:
     return record.get("noise_stream") or LEGACY_NOISE_STREAM
 
 
-def write_run(run_dir: str | Path, images: np.ndarray, shard_size: int, generation: dict,
-              marker_fields: dict | None = None) -> Path:
+def write_run(run_dir: str | Path | RunDir, images: np.ndarray, shard_size: int, generation: dict,
+              marker_fields: dict | None = None) -> Path | RunDir:
     """A complete shard run from images already in memory (samples 0..n-1): shards, markers, index.json and
     generation.json (`generation`, e.g. dataset / subset / n_train, over the derived fields). For samples made
-    elsewhere, and tests."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    elsewhere, and tests. Returns the run directory (a Path for a local one)."""
+    run = run_dir_at(run_dir)
+    run.makedirs()
     plan = ShardPlan(len(images), shard_size)
     for j in range(plan.num_shards):
         first, count = plan.span(j)
-        write_shard(run_dir, j, first, images[first:first + count], marker_fields or {})
-    write_index(run_dir, plan)
+        write_shard(run, j, first, images[first:first + count], marker_fields or {})
+    write_index(run, plan)
     n_train = generation.get("n_train")
-    write_generation(run_dir, {
+    write_generation(run, {
         "subset": None, "subset_seed": None, "n_train": None,
         "scale": len(images) // n_train if n_train else None,
         "channels": int(images.shape[1]), "image_size": int(images.shape[2]), "n_samples": len(images),
         "shard_size": shard_size, "num_shards": plan.num_shards, "complete": True, **generation})
-    return run_dir
+    return run.path if run.is_local else run
 
 
-def remove_orphans(run_dir: str | Path) -> int:
+def remove_orphans(run_dir: str | Path | RunDir) -> int:
     """Delete what an interrupted writer left: temporary shards and JSONs, tars without marker, markers without
-    tar. Only safe while holding the run directory's lock (vaegen.runlock): a live writer's files look alike."""
-    run_dir = Path(run_dir)
+    tar. Only safe while holding the run's lock (vaegen.runlock, generate's remote lock): a live writer's files
+    look alike."""
+    run = run_dir_at(run_dir)
+    names = set(run.names())
     removed = 0
-    for p in run_dir.iterdir():
-        j = shard_id(p.name)
+    for name in sorted(names):
+        j = shard_id(name)
         orphan = (
-            p.name.endswith(TEMP_SUFFIX) or ".tmp-" in p.name
-            or (j is not None and p.name == shard_name(j) and not (run_dir / marker_name(j)).exists())
-            or (j is not None and p.name == marker_name(j) and not (run_dir / shard_name(j)).exists())
+            name.endswith(TEMP_SUFFIX) or ".tmp-" in name
+            or (j is not None and name == shard_name(j) and marker_name(j) not in names)
+            or (j is not None and name == marker_name(j) and shard_name(j) not in names)
         )
-        if orphan and p.is_file():
-            p.unlink()
+        if orphan and run.size(name) is not None:
+            run.remove(name)
             removed += 1
     return removed
 
 
 # --- checking (the generator on resume, `vaegen shards verify`, the trainer) ------------------------------
 
-def read_marker(run_dir: str | Path, j: int) -> dict | None:
+def read_marker(run_dir: str | Path | RunDir, j: int) -> dict | None:
     """The completion marker of shard j, or None if it is missing or unreadable."""
     try:
-        with open(Path(run_dir) / marker_name(j)) as f:
-            return json.load(f)
+        return json.loads(run_dir_at(run_dir).read_bytes(marker_name(j)))
     except (OSError, ValueError):
         return None
 
 
-def shard_problems(run_dir: str | Path, j: int, first: int, count: int, entry: dict | None = None,
-                   check_hash: bool = True, check_blocks: bool = True) -> list[str]:
+def read_markers(run_dir: str | Path | RunDir, shards) -> dict[int, dict | None]:
+    """The completion markers of `shards` (shard ids) by id, None where missing or unreadable; fetched together
+    (concurrently from object storage, where one request per marker in turn would take minutes for a large run)."""
+    shards = list(shards)
+    blobs = run_dir_at(run_dir).read_many([marker_name(j) for j in shards])
+    markers = {}
+    for j in shards:
+        try:
+            markers[j] = json.loads(blobs[marker_name(j)])
+        except (KeyError, ValueError):
+            markers[j] = None
+    return markers
+
+
+def shard_problems(run_dir: str | Path | RunDir, j: int, first: int, count: int, entry: dict | None = None,
+                   check_hash: bool = True, check_blocks: bool = True,
+                   markers: dict[int, dict | None] | None = None) -> list[str]:
     """Why shard j is not a complete shard of samples [first, first+count) ([] if it is).
 
     Checks the tar against its marker (size; sha256 with `check_hash`) and, when given, its index entry; with
     `check_blocks` also reads every block and checks the sample indices. The first problem found is enough.
+    `markers`: the run's markers already read (`read_markers`); else shard j's is read here.
     """
-    run_dir = Path(run_dir)
-    path, marker = run_dir / shard_name(j), read_marker(run_dir, j)
-    if not path.is_file():
-        return [f"{path.name} missing"]
+    run = run_dir_at(run_dir)
+    name = shard_name(j)
+    marker = markers.get(j) if markers is not None else read_marker(run, j)
+    size = run.size(name)
+    if size is None:
+        return [f"{name} missing"]
     if marker is None:
-        return [f"{path.name} has no completion marker {marker_name(j)} (interrupted write)"]
+        return [f"{name} has no completion marker {marker_name(j)} (interrupted write)"]
     if (marker.get("first"), marker.get("count")) != (first, count):
-        return [f"{path.name} marker says samples {marker.get('first')}+{marker.get('count')}, "
-                f"expected {first}+{count}"]
-    size = path.stat().st_size
+        return [f"{name} marker says samples {marker.get('first')}+{marker.get('count')}, expected {first}+{count}"]
     if size != marker.get("filesize"):
-        return [f"{path.name} truncated or resized ({size} bytes, marker says {marker.get('filesize')})"]
+        return [f"{name} truncated or resized ({size} bytes, marker says {marker.get('filesize')})"]
     if entry is not None and (entry.get("filesize"), entry.get("sha256")) != (size, marker.get("sha256")):
-        return [f"{path.name} does not match index.json (size or sha256 differ from its marker)"]
-    if check_hash:
-        if sha256_file(path) != marker.get("sha256"):
-            return [f"{path.name} corrupted (sha256 differs from its marker)"]
-    if check_blocks:
-        try:
-            images, indices = read_shard(path)
-        except (OSError, ValueError, KeyError, tarfile.TarError) as e:
-            return [f"{path.name} unreadable ({e})"]
-        if len(indices) != count or not np.array_equal(indices, np.arange(first, first + count)):
-            return [f"{path.name} holds samples other than {first}..{first + count - 1}"]
+        return [f"{name} does not match index.json (size or sha256 differ from its marker)"]
+    if not (check_hash or check_blocks):
+        return []
+    with run.open(name) as f:  # a local file is streamed; an object is downloaded once for both checks
+        if check_hash:
+            if hashlib.file_digest(f, "sha256").hexdigest() != marker.get("sha256"):
+                return [f"{name} corrupted (sha256 differs from its marker)"]
+            f.seek(0)
+        if check_blocks:
+            try:
+                images, indices = read_shard(f)
+            except (OSError, ValueError, KeyError, tarfile.TarError) as e:
+                return [f"{name} unreadable ({e})"]
+            if len(indices) != count or not np.array_equal(indices, np.arange(first, first + count)):
+                return [f"{name} holds samples other than {first}..{first + count - 1}"]
     return []
 
 
-def shard_is_current(run_dir: str | Path, j: int, plan: ShardPlan, marker_fields: dict) -> bool:
-    """Whether shard j is complete, intact and written with `marker_fields` (a resumed run then skips it)."""
-    marker = read_marker(run_dir, j)
+def shard_is_current(run_dir: str | Path | RunDir, j: int, plan: ShardPlan, marker_fields: dict,
+                     markers: dict[int, dict | None] | None = None) -> bool:
+    """Whether shard j is complete, intact and written with `marker_fields` (a resumed run then skips it).
+
+    Locally that includes its sha256. On object storage its size and marker only: the store checked each
+    upload end to end, and hashing would download the whole run at every resume (`vaegen shards verify` and
+    the trainer hash what they read)."""
+    run = run_dir_at(run_dir)
+    marker = markers.get(j) if markers is not None else read_marker(run, j)
     if marker is None:
         return False
     marker = {**marker, "noise_stream": noise_stream_of(marker)}
     if any(marker.get(k) != v for k, v in marker_fields.items()):
         return False
-    return not shard_problems(run_dir, j, *plan.span(j), check_blocks=False)
+    return not shard_problems(run, j, *plan.span(j), check_hash=run.is_local, check_blocks=False,
+                              markers={j: marker})
 
 
-def verify_run(run_dir: str | os.PathLike) -> dict:
+def verify_run(run_dir: str | os.PathLike | RunDir) -> dict:
     """Check every shard of a run against its marker and index.json; VaegenError naming each bad shard."""
-    run_dir = Path(run_dir)
-    generation = read_generation(run_dir)
+    run = run_dir_at(run_dir)
+    generation = read_generation(run)
     noise = noise_stream_of(generation.get("identity", {}))
     try:
-        index = read_index(run_dir)
+        index = read_index(run)
     except (OSError, ValueError) as e:
-        raise VaegenError(f"{run_dir}: no usable {INDEX_NAME} ({e}); rerun the generate command") from None
+        raise VaegenError(f"{run}: no usable {INDEX_NAME} ({e}); rerun the generate command") from None
+    markers = read_markers(run, [shard_id(entry["url"]) for entry in index["shardlist"]])
     problems, expected_first, n_images, n_bytes = [], 0, 0, 0
     for entry in index["shardlist"]:
         j = shard_id(entry["url"])
         if entry.get("first") != expected_first:
             problems.append(f"{entry['url']} starts at sample {entry.get('first')}, expected {expected_first}")
-        problems += shard_problems(run_dir, j, entry.get("first"), entry.get("count"), entry)
-        marker = read_marker(run_dir, j)
+        problems += shard_problems(run, j, entry.get("first"), entry.get("count"), entry, markers=markers)
+        marker = markers.get(j)
         if marker is not None and noise_stream_of(marker) != noise:
             problems.append(f"{entry['url']} was made with noise stream {noise_stream_of(marker)!r}, the run "
                             f"with {noise!r}")
@@ -387,5 +659,5 @@ def verify_run(run_dir: str | os.PathLike) -> dict:
         problems.append(f"{GENERATION_NAME} says a generate command is running or was interrupted "
                         "(complete: false); rerun it to finish")
     if problems:
-        raise VaegenError(f"{run_dir}: {len(problems)} bad shard(s): {'; '.join(problems)}")
+        raise VaegenError(f"{run}: {len(problems)} bad shard(s): {'; '.join(problems)}")
     return {"shards": len(index["shardlist"]), "images": n_images, "bytes": n_bytes, "noise_stream": noise}
