@@ -71,7 +71,7 @@ frontier: ## sample quality per network evaluation of every sampler, for $(DM) (
 	@if [ ! -f $(DM)/dm.json ]; then $(MAKE) dm; fi
 	$(BIN)/vaegen dm frontier --dm $(DM) --data-root data
 
-# --- studies (STUDY_PRESET=demo|cpu|paper); each is resumable: rerunning skips finished runs ---------------
+# --- studies (STUDY_PRESET=smoke|demo|cpu|paper); each is resumable: rerunning skips finished runs ---------------
 STUDY_PRESET ?= cpu
 SCALES ?=
 BUDGET ?=
@@ -79,7 +79,7 @@ JOBS ?=
 STUDY_ARGS = --dataset $(DATASET) --preset $(STUDY_PRESET) $(if $(SCALES),--scales "$(SCALES)") \
 	$(if $(BUDGET),--budget-minutes $(BUDGET)) $(if $(JOBS),--jobs $(JOBS))
 
-demo: ## the whole pipeline at tiny scale (minutes on a CPU); prints the report's path
+demo: ## the method at work in minutes: Normal, Aug.*, DMaaPx k=5 on the committed reference DM; prints the report's path
 	$(BIN)/vaegen study demo --preset demo --dataset fmnist
 
 compare: ## Normal vs DMaaPx vs Aug.Naive vs Aug.Tuned, 3 seeds (paper Table 7; probes: Table 11)

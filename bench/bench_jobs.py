@@ -2,7 +2,7 @@
 wall time of each, the speed-up, and whether every run's weights and gaps are bit-identical.
 
     python bench/bench_jobs.py                                 # make compare's VAE phase, seed 0, cpu preset
-    python bench/bench_jobs.py --preset demo --study compare   # a quick check
+    python bench/bench_jobs.py --preset smoke --study compare   # a quick check
     python bench/bench_jobs.py --seeds 0 --parallel-out runs/studies/compare-fmnist-cpu   # then `make compare`
                                                                # resumes the parallel half with the other seeds
 

@@ -113,7 +113,7 @@ def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
 def _study_command(kind):
     @click.command(kind.name, context_settings=CONTEXT, help=kind.help)
     @click.option("--dataset", default="fmnist", type=click.Choice(DATASET_NAMES))
-    @click.option("--preset", default="cpu", type=click.Choice(["demo", "cpu", "paper"]))
+    @click.option("--preset", default="cpu", type=click.Choice(["smoke", "demo", "cpu", "paper"]))
     @click.option("--scales", default=None, help="Space-separated SCALEs for the ablation (default: the preset's).")
     @click.option("--seeds", default=None, help="Space-separated VAE seeds (default: the preset's).")
     @click.option("--subset", default=None, type=click.IntRange(min=1), help="|D_train| (default: the preset's).")

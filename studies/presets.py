@@ -1,5 +1,6 @@
-"""Where a study runs: `demo` (minutes on a laptop), `cpu` (a few hours per study on 2 cores) and `paper` (the
-paper's protocol, for GPUs). Each is plain data; `vaegen study ... --preset NAME` prints and saves it.
+"""Where a study runs: `smoke` (every study's pipeline in minutes, tiny DM: a check, not a result), `demo` (the
+method at work in minutes, on the committed reference DM), `cpu` (a few hours per study on 2 cores) and `paper`
+(the paper's protocol, for GPUs). Each is plain data; `vaegen study ... --preset NAME` prints and saves it.
 
 Every setting the paper prints is the `paper` preset's; the `cpu` preset shrinks sizes (|D_train|, epochs,
 grids, evaluation subsamples), never the protocol. Where a `cpu` choice rests on a measurement, the comment names
@@ -94,10 +95,10 @@ FREE_FIELDS = ("seeds", "scales", "budget_minutes", "mix_fractions", "dm_subset_
                "robustness_sigmas")
 
 PRESETS = {
-    # The whole pipeline in minutes on 2 CPU cores: a 200-image subset, the tiny DM sampled with few steps,
-    # batch 32 so that 100 epochs of 200 images are still 700 steps. A pipeline check, not a result.
-    "demo": StudyPreset(
-        name="demo", subset=200, dm_preset="tiny", dm_max_steps=None, sampler="edm-heun", sampler_steps=6,
+    # Every study's whole pipeline in minutes on 2 CPU cores: a 200-image subset, the tiny DM sampled with few steps,
+    # batch 32 so that 100 epochs of 200 images are still 700 steps. A pipeline check (the tests run it), not a result.
+    "smoke": StudyPreset(
+        name="smoke", subset=200, dm_preset="tiny", dm_max_steps=None, sampler="edm-heun", sampler_steps=6,
         epochs=100, eval_every=5, seeds=(0,), compare_scale=5, scales=(1, 2, 5), budget_minutes=None,
         batch_size=32, eval=EvalSettings(quick=True, qstar_max_iters=100), mix_fractions=(0.0, 0.5, 1.0),
         dm_subset_fractions=(0.5, 1.0), mz_grid=(1, 2), nc_grid=(8, 16), mz_sweep_nc=16, nc_sweep_mz=(1, 2),
@@ -106,6 +107,20 @@ PRESETS = {
         track_robustness_images=5, track_robustness_seeds=2, dm_quality_steps=(50, 150), real_scales=(1, 2),
         weight_decays=(1e-2,), early_stopping_patience=4, robustness_sigmas=(0.1,), score_images=200,
         score_classifier_steps=200,
+    ),
+    # `make demo`: the method at work within minutes on 2 CPU cores. The cpu preset's D_train (1000 FashionMNIST
+    # images) and its committed reference DM (models/fmnist-n1000-s0-small), sampled with DPM-Solver++ at 7 steps
+    # (7 network evaluations, 3.3x fewer than the cpu preset's Heun-12; within Heun-18's noise on the frontier:
+    # docs/results/frontier-fmnist-cpu/), 200 epochs (normal training overfits after ~130), one seed, quick eval.
+    "demo": StudyPreset(
+        name="demo", subset=1000, dm_preset="small", dm_max_steps=None, sampler="dpm-solver++", sampler_steps=7,
+        epochs=200, eval_every=10, seeds=(0,), compare_scale=5, scales=(5,), budget_minutes=None, batch_size=128,
+        eval=EvalSettings(quick=True, qstar_max_iters=100), mix_fractions=(0.0, 0.5, 1.0), mz_grid=(1, 2),
+        nc_grid=(8, 16), mz_sweep_nc=16, nc_sweep_mz=(1, 2), overparam_epochs=50,
+        overparam_eval=EvalSettings(quick=True, qstar_max_iters=50, iwae_k=20), track_amortization_every=50,
+        track_robustness_every=25, track_amortization_images=20, track_robustness_images=5, track_robustness_seeds=2,
+        dm_quality_steps=(400, 1400), real_scales=(1, 5), weight_decays=(1e-2,), robustness_sigmas=(0.1,),
+        score_images=200, score_classifier_steps=800,
     ),
     # FashionMNIST subset of 1000 (the small-data regime where normal training overfits hard); the `small` DM
     # (committed: models/fmnist-n1000-s0-small/); Heun-12, checked against Heun-18 and DPM-Solver++ 7
@@ -146,7 +161,7 @@ def get_study_preset(name: str, **overrides) -> StudyPreset:
 
 def preset_from_record(record: dict) -> StudyPreset:
     """The preset a study.json recorded (fields added since then take their defaults)."""
-    base = PRESETS.get(record.get("name"), PRESETS["demo"])
+    base = PRESETS.get(record.get("name"), PRESETS["smoke"])
     known = {f.name: f for f in fields(StudyPreset)}
     values = {}
     for key, value in record.items():

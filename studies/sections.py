@@ -79,12 +79,15 @@ def dm_table(runs: list[Run]) -> list[str]:
         score = dmrun.read_score(dm)
         if score:
             got, floor = score["samples"], score["floor_real_test_vs_train"]
-            rows.append(f"| `{dm}` | " + " | ".join(f"{got[k]:.3g} ({floor[k]:.3g})" for k in DM_SCORE_KEYS[:4])
-                        + " |")
+            sampler = score.get("config", {}).get("sampler", {})
+            scored = f"{sampler.get('name', '?')} {sampler.get('steps', '')}".strip()
+            rows.append(f"| `{dm}` | {scored} | "
+                        + " | ".join(f"{got[k]:.3g} ({floor[k]:.3g})" for k in DM_SCORE_KEYS[:4]) + " |")
     if not rows:
         return []
     return ["## Diffusion models (`vaegen dm score`; real-vs-real floor in brackets)", "",
-            "| DM | FD | precision | recall | two-sample classifier accuracy |", "|---|---|---|---|---|", *rows, ""]
+            "| DM | scored with | FD | precision | recall | two-sample classifier accuracy |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
 def dm_quality_section(runs: list[Run], study_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:

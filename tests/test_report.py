@@ -45,7 +45,7 @@ def study(tmp_path):
     write_result_run(tmp_path, "aug-tuned-seed0", 0, 0, 0, augment="tuned", finished=False)
     (tmp_path / "study.json").write_text(json.dumps({"study": "ablation", "dataset": "fmnist", "minutes": 3,
                                                      "stopped_at": "dmaapx-k100-seed0",
-                                                     "preset": {"name": "demo", "subset": 200, "epochs": 15}}))
+                                                     "preset": {"name": "smoke", "subset": 200, "epochs": 15}}))
     return tmp_path
 
 
@@ -108,7 +108,7 @@ def test_dm_subset_runs_get_their_own_groups_and_the_dm_scores_are_shown(tmp_pat
         rows = {r["group"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"DMaaPx k=10, DM on 250 images", "DMaaPx k=10"}  # the full-D_train DM needs no suffix
     assert float(rows["DMaaPx k=10, DM on 250 images"]["test_elbo_mean"]) == pytest.approx(725.0)
-    assert "| `runs/dm/fmnist-n250-s0-small` | 40 (0.4) | 0.8 (0.9) | 0.179 (0.9) | 0.8 (0.5) |" in text
+    assert "| `runs/dm/fmnist-n250-s0-small` | ? | 40 (0.4) | 0.8 (0.9) | 0.179 (0.9) | 0.8 (0.5) |" in text
 
 
 def test_probes_smoothness_and_gap_curves_get_their_sections(tmp_path):
@@ -179,3 +179,15 @@ def test_real_vs_synthetic_reports_the_real_data_equivalent_of_a_synthetic_pool(
     assert row.startswith("| 5 | 600.5 ± 0.7 | 550.5 ± 0.7 | 3.2 [")
     assert next(line for line in text.splitlines() if line.startswith("| 10 |")).endswith("> 10 [> 10, > 10] |")
     assert (tmp_path / "real_vs_synthetic.png").stat().st_size > 10_000
+
+
+def test_the_demo_report_says_in_one_line_what_it_shows_and_names_its_dm(tmp_path):
+    write_result_run(tmp_path, "normal-seed0", 0, 590.0, 540.0)
+    write_result_run(tmp_path, "dmaapx-k5-seed0", 0, 718.0, 51.0, source="shards", scale=5)
+    (tmp_path / "study.json").write_text(json.dumps({
+        "study": "demo", "dataset": "fmnist", "dms": {"models/fmnist-n1000-s0-small": "cd" * 32},
+        "preset": {"name": "demo", "subset": 1000, "epochs": 200, "sampler": "dpm-solver++", "sampler_steps": 7}}))
+    lines = build_report(tmp_path).read_text().splitlines()
+    assert lines[2].startswith("**What this shows:** on 1000 fmnist training images (200 epochs, 1 seed)")
+    assert "generalization gap of 51 nats against 540" in lines[2] and "test ELBO of 718 against 590" in lines[2]
+    assert any("`models/fmnist-n1000-s0-small` (weights sha256 `" + "cd" * 32 in line for line in lines)

@@ -46,17 +46,17 @@ class RecordingExecutor:
 
 
 def declared(kind: str, **overrides):
-    """{run name: its `vaegen train` arguments} of a study on the demo preset."""
-    runs = STUDIES[kind].declare(RunFactory("fmnist", get_study_preset("demo", **overrides)))
+    """{run name: its `vaegen train` arguments} of a study on the smoke preset."""
+    runs = STUDIES[kind].declare(RunFactory("fmnist", get_study_preset("smoke", **overrides)))
     return {r.name: r.train_args("data", Path("out")) for r in runs}, {r.name: r for r in runs}
 
 
 def test_bad_scales_are_a_one_line_error(tmp_path):
-    result = CliRunner().invoke(main, ["study", "ablation", "--preset", "demo", "--scales", "1 two",
+    result = CliRunner().invoke(main, ["study", "ablation", "--preset", "smoke", "--scales", "1 two",
                                        "--out", str(tmp_path / "s")])
     assert result.exit_code == 2 and "--scales" in result.output
     assert len(result.output.strip().splitlines()) == 1
-    result = CliRunner().invoke(main, ["study", "ablation", "--preset", "demo", "--scales", "0 1",
+    result = CliRunner().invoke(main, ["study", "ablation", "--preset", "smoke", "--scales", "0 1",
                                        "--out", str(tmp_path / "s")])
     assert result.exit_code == 2 and ">= 1" in result.output
 
@@ -121,7 +121,7 @@ def test_budget_minutes_and_sigma_override_the_preset(tmp_path, monkeypatch):
 
 def test_every_study_is_a_declaration_of_typed_runs_with_unique_names():
     for kind in STUDIES.values():
-        runs = kind.declare(RunFactory("fmnist", get_study_preset("demo")))
+        runs = kind.declare(RunFactory("fmnist", get_study_preset("smoke")))
         assert runs and len({r.name for r in runs}) == len(runs), kind.name
         assert kind.help, kind.name
 
@@ -185,7 +185,7 @@ def test_a_study_uses_the_committed_reference_dm_and_trains_none(tmp_path, monke
                                                    "finished": True, "weights_sha256": "ab" * 32}))
     monkeypatch.setattr(dmrun, "REFERENCE_ROOT", tmp_path / "models")
     executor = RecordingExecutor()
-    study = Study(STUDIES["compare"], "fmnist", get_study_preset("demo"), tmp_path / "study", executor)
+    study = Study(STUDIES["compare"], "fmnist", get_study_preset("smoke"), tmp_path / "study", executor)
     study.execute()
     assert not any(c[:2] == ["dm", "train"] for c in executor.commands)
     generate = next(c for c in executor.commands if c[0] == "generate")
@@ -198,14 +198,14 @@ def test_a_study_uses_the_committed_reference_dm_and_trains_none(tmp_path, monke
 def test_a_run_finished_in_another_study_is_copied_not_retrained(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     executor = RecordingExecutor()
-    first = Study(STUDIES["compare"], "fmnist", get_study_preset("demo"), Path("runs/studies/a"), executor)
+    first = Study(STUDIES["compare"], "fmnist", get_study_preset("smoke"), Path("runs/studies/a"), executor)
     first.save()
     normal = next(r for r in first.runs if r.name == "normal-seed0")
     done = first.run_dir(normal)
     done.mkdir(parents=True)
     (done / "model.safetensors").write_bytes(b"weights")
     (done / "done.json").write_text("{}")
-    second = Study(STUDIES["controls"], "fmnist", get_study_preset("demo"), Path("runs/studies/b"), executor)
+    second = Study(STUDIES["controls"], "fmnist", get_study_preset("smoke"), Path("runs/studies/b"), executor)
     second.execute()
     copied = Path("runs/studies/b/runs/normal-seed0")
     assert (copied / "model.safetensors").read_bytes() == b"weights"
@@ -258,12 +258,12 @@ def test_a_job_resumes_a_started_run_and_skips_a_finished_one(tmp_path):
 @needs_fmnist
 def test_demo_runs_the_whole_pipeline_and_resumes_without_redoing_work(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "vaegen", "study", "demo", "--preset", "demo", "--subset", "50",
+    command = [sys.executable, "-m", "vaegen", "study", "demo", "--preset", "smoke", "--subset", "50",
                "--epochs", "2", "--dm-max-steps", "5", "--scales", "1 2"]
     first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    study_dir = tmp_path / "runs/studies/demo-fmnist-demo"
-    assert first.stdout.strip() == str(Path("runs/studies/demo-fmnist-demo/report.md"))
+    study_dir = tmp_path / "runs/studies/demo-fmnist-smoke"
+    assert first.stdout.strip() == str(Path("runs/studies/demo-fmnist-smoke/report.md"))
     report = (study_dir / "report.md").read_text()
     for group in ("Normal", "Aug.Naive", "Aug.Tuned", "DMaaPx k=1", "DMaaPx k=2"):
         assert f"| {group} |" in report
@@ -283,11 +283,11 @@ def test_demo_runs_the_whole_pipeline_and_resumes_without_redoing_work(tmp_path)
 @needs_fmnist
 def test_dm_subsets_scores_each_dm_once_and_reports_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "vaegen", "study", "dm-subsets", "--preset", "demo", "--subset", "50",
+    command = [sys.executable, "-m", "vaegen", "study", "dm-subsets", "--preset", "smoke", "--subset", "50",
                "--epochs", "2", "--dm-max-steps", "5"]
     first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    report = (tmp_path / "runs/studies/dm-subsets-fmnist-demo/report.md").read_text()
+    report = (tmp_path / "runs/studies/dm-subsets-fmnist-smoke/report.md").read_text()
     assert "| DMaaPx k=5, DM on 25 images |" in report and "| DMaaPx k=5 |" in report
     assert "| `runs/dm/fmnist-n25-s0-tiny-steps5` |" in report and "| `runs/dm/fmnist-n50-s0-tiny-steps5` |" in report
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -299,7 +299,7 @@ def test_dm_subsets_scores_each_dm_once_and_reports_it(tmp_path):
 @needs_fmnist
 def test_two_jobs_give_bit_identical_runs_to_one_and_a_reused_run_is_the_retrained_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    base = [sys.executable, "-m", "vaegen", "study", "compare", "--preset", "demo", "--subset", "50",
+    base = [sys.executable, "-m", "vaegen", "study", "compare", "--preset", "smoke", "--subset", "50",
             "--epochs", "3", "--dm-max-steps", "5"]
     for jobs in (1, 2):
         done = subprocess.run([*base, "--jobs", str(jobs), "--no-reuse", "--out", f"runs/studies/jobs{jobs}"],
@@ -312,13 +312,31 @@ def test_two_jobs_give_bit_identical_runs_to_one_and_a_reused_run_is_the_retrain
         gaps = [json.loads((d / "eval/gaps.json").read_text()) for d in (one, two)]
         assert gaps[0]["generalization"]["gap"] == gaps[1]["generalization"]["gap"]
     # controls holds compare's Normal and DMaaPx runs: copied from jobs1, and equal to jobs2's own training
-    controls = subprocess.run([sys.executable, "-m", "vaegen", "study", "controls", "--preset", "demo", "--subset",
+    controls = subprocess.run([sys.executable, "-m", "vaegen", "study", "controls", "--preset", "smoke", "--subset",
                                "50", "--epochs", "3", "--dm-max-steps", "5"], cwd=tmp_path, env=env,
                               capture_output=True, text=True)
     assert controls.returncode == 0, controls.stderr[-3000:]
     for run in ("normal-seed0", "dmaapx-k5-seed0"):
-        reused = tmp_path / "runs/studies/controls-fmnist-demo/runs" / run
+        reused = tmp_path / "runs/studies/controls-fmnist-smoke/runs" / run
         assert json.loads((reused / "reused.json").read_text())["reused_from"].endswith(f"jobs1/runs/{run}")
         assert (reused / "model.safetensors").read_bytes() == \
             (tmp_path / f"runs/studies/jobs2/runs/{run}/model.safetensors").read_bytes()
-        assert f"--out runs/studies/controls-fmnist-demo/runs/{run} " not in controls.stderr.replace("\n", " ")
+        assert f"--out runs/studies/controls-fmnist-smoke/runs/{run} " not in controls.stderr.replace("\n", " ")
+
+
+def test_the_demo_uses_the_committed_reference_dm_whose_weights_match_their_sha256(monkeypatch):
+    from vaegen import dmrun
+    from vaegen.provenance import sha256_file
+
+    monkeypatch.chdir(REPO)
+    preset = get_study_preset("demo")
+    dm = RunFactory("fmnist", preset).dm()
+    assert dm.path == Path("models/fmnist-n1000-s0-small") and dmrun.is_trained(dm.path)
+    record = dmrun.read_record(dm.path)
+    assert sha256_file(dm.path / dmrun.WEIGHTS_NAME) == record["weights_sha256"]
+    assert record["steps"] == 2800 and record["subset"] == preset.subset == 1000
+    assert dmrun.read_score(dm.path)["samples"]["fd"] < 10  # scored, and a usable DM
+    executor = RecordingExecutor()
+    Study(STUDIES["demo"], "fmnist", preset, Path("/nonexistent/demo"), executor).prepare(
+        STUDIES["demo"].declare(RunFactory("fmnist", preset))[-1], train=True)
+    assert not any(c[:2] == ["dm", "train"] for c in executor.commands)
