@@ -35,8 +35,8 @@ def compare(runs: RunFactory) -> list[VaeRun]:
 
 
 def demo(runs: RunFactory) -> list[VaeRun]:
-    """The whole pipeline at tiny scale: the four methods of `compare` plus DMaaPx at every SCALE of the
-    preset, so that the demo report shows both the comparison and the SCALE curve."""
+    """The method at work in minutes (`make demo`): the four methods of `compare`, DMaaPx at every SCALE of the
+    preset, one report that opens with what it shows."""
     seeds = runs.preset.seeds
     return [*(runs.normal(s) for s in seeds),
             *(runs.augmented(s, aug) for aug in ("naive", "tuned") for s in seeds),
