@@ -17,7 +17,7 @@ directory's lock, and writes index.json and generation.json after a barrier. A r
 every verified shard and redoes the rest (resume after a crash, a kill, a signal or a full disk).
 
 --out may be any fsspec URL instead of a directory (s3://bucket/prefix/run): the same files and bytes, each
-shard uploaded whole to its final key before its marker (`shardformat.RemoteRunDir`), the run locked by
+shard uploaded whole to its final key before its marker (`vaegen.rundir.RemoteRunDir`), the run locked by
 `remote_run_lock`, and no free-space check (object storage has no such figure).
 """
 
@@ -25,17 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import hashlib
-import json
-import os
 import queue
 import shutil
-import socket
-import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +42,8 @@ from vaegen.errors import VaegenError
 from vaegen.interrupts import set_resume_hint
 from vaegen.launch import launch_state
 from vaegen.provenance import run_record
-from vaegen.runlock import run_lock
+from vaegen.rundir import RunDir, run_dir_at
+from vaegen.runlock import remote_run_lock, run_lock
 
 DEFAULT_SHARD_SIZE = 4096  # 4 MiB of grey (12 MiB of RGB) 32x32 pixels; 16 blocks; the unit of resume
 DEFAULT_BATCH_SIZE = 256
@@ -129,7 +123,7 @@ def identity_of(cfg: GenerateConfig, data: TrainingData, dm_sha256: str, sampler
             "image_size": data.image_size}
 
 
-def existing_run(out: sf.RunDir) -> dict | None:
+def existing_run(out: RunDir) -> dict | None:
     """The generation.json of the run in `out` (None for a new run); refuse a directory holding something else."""
     if out.size(sf.GENERATION_NAME) is None:
         if out.names():
@@ -151,7 +145,7 @@ def noise_stream_for(cfg: GenerateConfig, previous: dict | None) -> str:
     return sf.noise_stream_of(previous["identity"]) if previous else DEFAULT_NOISE
 
 
-def check_identity(out: sf.RunDir, previous: dict | None, identity: dict) -> None:
+def check_identity(out: RunDir, previous: dict | None, identity: dict) -> None:
     """Refuse to extend a run made with anything else (see `identity_of`)."""
     if previous is None:
         return
@@ -162,7 +156,7 @@ def check_identity(out: sf.RunDir, previous: dict | None, identity: dict) -> Non
         raise VaegenError(f"--out {out} holds a run with a different {names}; use a new --out directory")
 
 
-def check_one_noise_stream(out: sf.RunDir, noise: str) -> None:
+def check_one_noise_stream(out: RunDir, noise: str) -> None:
     """Refuse a run directory holding a shard of another noise stream: a run never mixes two."""
     marked = sorted(j for name in out.names() if (j := sf.shard_id(name)) is not None and name == sf.marker_name(j))
     for j, marker in sf.read_markers(out, marked).items():
@@ -182,147 +176,6 @@ def check_free_space(out: Path, n_images: int, n_shards: int, channels: int) -> 
 
 
 # --- one writer per run on object storage -------------------------------------------------------------------
-
-LOCK_RENEW_S = 60     # the holder of a remote run's lock object rewrites it this often ...
-LOCK_EXPIRES_S = 600  # ... so one not renewed for this long was left by a writer that died on another machine
-
-
-def _describe(holder: dict | None) -> str:
-    if not holder or not {"command", "pid", "host", "since"} <= holder.keys():
-        return "another process"
-    return f"{holder['command']} (pid {holder['pid']} on {holder['host']}, since {holder['since']})"
-
-
-def _utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
-class RemoteLockObject:
-    """`<parent>/.<name>.lock` next to a remote run (like `vaegen.runlock`'s lock file next to a directory):
-    JSON naming its holder (host, pid, command, since), rewritten every LOCK_RENEW_S ("renewed")."""
-
-    def __init__(self, run: sf.RemoteRunDir):
-        parent, _, name = run.root.rpartition("/")
-        if not parent.strip("/"):
-            raise VaegenError(f"--out {run}: give the run a prefix inside the bucket (like {run}/shards/NAME), "
-                              "not the bucket itself")
-        self.run, self.key = run, f"{parent}/.{name}.lock"
-        self.url = f"{str(run).rpartition('/')[0]}/.{name}.lock"
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
-                   "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                   "since": _utc_now().isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
-
-    def holder(self) -> dict | None:
-        """Who the lock object names (None: there is none; {}: unreadable)."""
-        with self.run.storage_errors("reading its lock object"):
-            try:
-                data = self.run.fs.cat_file(self.key)
-            except FileNotFoundError:
-                return None
-        try:
-            holder = json.loads(data)
-        except ValueError:
-            return {}
-        return holder if isinstance(holder, dict) else {}
-
-    def _write(self, create: bool) -> bool:
-        """Write our name (`create`: only if there is no lock object, where the store can refuse; S3 does with
-        If-None-Match). False when refused."""
-        data = json.dumps({**self.me, "renewed": _utc_now().isoformat(timespec="seconds")}).encode()
-        with self.run.storage_errors("writing its lock object", missing_ok=False):
-            try:
-                self.run.fs.pipe_file(self.key, data, mode="create" if create else "overwrite")
-            except FileExistsError:
-                return False
-        return True
-
-    def is_stale(self, holder: dict) -> bool:
-        """Whether the holder is gone: it ran on this machine (whose local lock we hold now) or stopped renewing."""
-        if holder.get("host") == self.me["host"]:
-            return True
-        try:
-            renewed = datetime.datetime.fromisoformat(holder["renewed"])
-        except (KeyError, TypeError, ValueError):
-            return True  # not written by a vaegen writer
-        return (_utc_now() - renewed).total_seconds() > LOCK_EXPIRES_S
-
-    def refusal(self, holder: dict | None) -> VaegenError:
-        return VaegenError(f"{self.run} is being written by {_describe(holder)}; wait for it to finish or stop it "
-                           f"(a lock not renewed for {LOCK_EXPIRES_S} s is taken over; if that process is gone, "
-                           f"delete {self.url})")
-
-    def acquire(self) -> None:
-        holder = self.holder()
-        if holder is not None and not self.is_stale(holder):
-            raise self.refusal(holder)
-        if holder is not None:
-            click.echo(f"{self.url}: taking over the lock of {_describe(holder)}, which is gone", err=True)
-        if not self._write(create=holder is None):
-            raise self.refusal(self.holder())
-        # Read back: of two writers that found no lock at the same moment on a store without conditional
-        # writes, the one whose name is not there gives way.
-        holder = self.holder()
-        if (holder or {}).get("token") != self.me["token"]:
-            raise self.refusal(holder)
-        self._renewer = threading.Thread(target=self._renew, name="remote-lock-renewer", daemon=True)
-        self._renewer.start()
-
-    def _renew(self) -> None:
-        while not self._stop.wait(LOCK_RENEW_S):
-            with contextlib.suppress(VaegenError):  # a storage hiccup: the next renewal tries again
-                if (self.holder() or {}).get("token") != self.me["token"]:
-                    click.echo(f"warning: {self.url} was taken over by {_describe(self.holder())} (this writer "
-                               f"stopped renewing it for {LOCK_EXPIRES_S} s); two writers may now write {self.run}",
-                               err=True)
-                    return
-                self._write(create=False)
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join()
-        try:
-            if (self.holder() or {}).get("token") == self.me["token"]:
-                with self.run.storage_errors("deleting its lock object"), contextlib.suppress(FileNotFoundError):
-                    self.run.fs.rm_file(self.key)
-        except VaegenError as e:
-            click.echo(f"warning: {e} (the next writer on this machine takes it over)", err=True)
-
-
-def local_lock_dir(run: sf.RemoteRunDir) -> Path:
-    """This machine's stand-in directory for a remote run, whose `vaegen.runlock` lock file the writer holds."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "vaegen" / "remote-runs" / hashlib.sha256(str(run).encode()).hexdigest()[:32]
-
-
-@contextlib.contextmanager
-def remote_run_lock(run: sf.RemoteRunDir, main_process: bool = True):
-    """One writer per run on object storage, which has no flock (what `vaegen.runlock` gives a directory):
-
-    this machine: the flock of a local file named after the URL (`local_lock_dir`, under ~/.cache/vaegen), which
-        the kernel releases when its holder dies;
-    any machine: a lock object next to the run (`RemoteLockObject`), renewed every LOCK_RENEW_S while held and
-        deleted at the end. A writer refuses, naming the holder, while it names a live one. Its holder is gone
-        when it ran on this machine (we hold this machine's flock) or has not renewed it for LOCK_EXPIRES_S (a
-        writer killed on another machine); then the lock is taken over. Made with a conditional write where the
-        store supports one (S3: If-None-Match) and read back after writing, so of two writers starting at once
-        one gives way.
-    """
-    if not main_process:
-        yield
-        return
-    lock = RemoteLockObject(run)
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(run_lock(local_lock_dir(run)))
-        except VaegenError:  # another writer of this URL on this machine
-            raise lock.refusal(lock.holder()) from None
-        lock.acquire()
-        stack.callback(lock.release)
-        yield
-
 
 @contextlib.contextmanager
 def cuda_matmul_precision(tf32: bool):
@@ -346,9 +199,9 @@ class BackgroundShardWriter:
     caller at its next `put` or at `close`, with its original type (a full disk stays an ENOSPC error).
     """
 
-    def __init__(self, out: str | Path | sf.RunDir, plan: sf.ShardPlan, marker_fields: dict, maxsize: int,
+    def __init__(self, out: str | Path | RunDir, plan: sf.ShardPlan, marker_fields: dict, maxsize: int,
                  on_shard_done=None):
-        self.out, self.plan, self.marker_fields, self.on_shard_done = sf.run_dir_at(out), plan, marker_fields, \
+        self.out, self.plan, self.marker_fields, self.on_shard_done = run_dir_at(out), plan, marker_fields, \
             on_shard_done
         self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
@@ -412,7 +265,7 @@ class BackgroundShardWriter:
 class Setup:
     """Everything `_generate` resolved before sampling: the model, the numerics and the run's identity."""
 
-    run: sf.RunDir                # where the run lives (cfg.out)
+    run: RunDir                # where the run lives (cfg.out)
     data: TrainingData
     dm: object                    # generator.sampling.DiffusionModel
     sampler: object               # generator.sampling.SamplerConfig
@@ -435,7 +288,7 @@ def generate_run(cfg: GenerateConfig) -> dict:
     """Generate (or complete) the run directory `cfg.out`; returns its generation.json record."""
     state = launch_state()
     set_resume_hint("rerun the same command to resume: finished shards are kept")
-    run = sf.run_dir_at(cfg.out)
+    run = run_dir_at(cfg.out)
     if run.is_local:
         lock = run_lock(run.path, main_process=state.is_main_process)
     else:
@@ -444,7 +297,7 @@ def generate_run(cfg: GenerateConfig) -> dict:
         return _generate(cfg, state, run)
 
 
-def _setup(cfg: GenerateConfig, device, run: sf.RunDir) -> Setup:
+def _setup(cfg: GenerateConfig, device, run: RunDir) -> Setup:
     """Resolve the numerics, load the DM and check `cfg.out` against the run it may already hold."""
     import torch
 
@@ -496,7 +349,7 @@ def _prepare_run_dir(cfg: GenerateConfig, setup: Setup) -> None:
         shard_size=cfg.shard_size, num_shards=plan.num_shards, complete=False))
 
 
-def _generate(cfg: GenerateConfig, state, run: sf.RunDir) -> dict:
+def _generate(cfg: GenerateConfig, state, run: RunDir) -> dict:
     import torch
     from tqdm import tqdm
 

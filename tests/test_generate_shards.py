@@ -609,7 +609,7 @@ def test_a_remote_run_held_by_a_live_writer_elsewhere_is_refused_and_an_expired_
 
     import fsspec
 
-    import generator.generate as generate_module
+    import vaegen.runlock as runlock_module
 
     fs = fsspec.filesystem("memory")
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -621,7 +621,7 @@ def test_a_remote_run_held_by_a_live_writer_elsewhere_is_refused_and_an_expired_
     assert "is being written by vaegen-generate --scale 1 (pid 4242 on node-7" in result.output
     assert stored_files(memory_url) == {}  # nothing touched
 
-    expired = now - datetime.timedelta(seconds=generate_module.LOCK_EXPIRES_S + 60)
+    expired = now - datetime.timedelta(seconds=runlock_module.LOCK_EXPIRES_S + 60)
     fs.pipe_file(lock_object(memory_url), json.dumps({**holder, "renewed": expired.isoformat()}).encode())
     import shutil as shutil_module
 

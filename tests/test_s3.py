@@ -249,7 +249,7 @@ def test_a_store_that_refuses_the_credentials_is_one_line_and_exit_2(prefix, sup
 
 def test_training_from_the_bucket_ends_with_the_weights_of_training_from_the_local_copy(prefix, support, tmp_path,
                                                                                        monkeypatch):
-    from vaegen.shardformat import RemoteRunDir
+    from vaegen.rundir import RemoteRunDir
 
     support.store(tmp_path / "data")
     local = support.shard_run(tmp_path / "shards", 48 * 3, 40, n_train=48)  # 4 shards, the last of 24

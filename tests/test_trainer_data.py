@@ -225,7 +225,7 @@ def fetches(monkeypatch):
     """How often each object was downloaded whole (`RemoteRunDir.read_bytes`), by name."""
     import collections
 
-    from vaegen.shardformat import RemoteRunDir
+    from vaegen.rundir import RemoteRunDir
 
     counts, read = collections.Counter(), RemoteRunDir.read_bytes
 

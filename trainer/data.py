@@ -49,15 +49,13 @@ import webdataset as wds
 from tqdm import tqdm
 
 from vaegen.errors import VaegenError
+from vaegen.rundir import RunDir, is_url, run_dir_at
 from vaegen.seeding import derive, numpy_rng
 from vaegen.shardformat import (
     INDEX_NAME,
-    RunDir,
-    is_url,
     read_generation,
     read_index,
     read_markers,
-    run_dir_at,
     shard_id,
     shard_problems,
     unpack_block,

@@ -67,9 +67,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def json_text(obj) -> str:
+    """A JSON file's text, as every vaegen JSON file is written (locally or to object storage)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """JSON through `write_text_atomic`."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    write_text_atomic(path, json_text(obj))
 
 
 def append_jsonl(path: str | os.PathLike, obj) -> None:

@@ -11,6 +11,9 @@ sits next to the directory, not inside it, so it never shows up among a run's fi
 
 The ranks of one multi-process launch are one writer: only the main process takes the lock (the others wait
 at the launch's first barrier, and die with it if the lock is refused).
+
+A run on object storage (an fsspec URL) has no flock: `remote_run_lock` holds the flock of a local file named after
+the URL and a lock object next to the run that names its holder and is renewed while held.
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
+import click
+
 from vaegen.errors import VaegenError
+from vaegen.rundir import RemoteRunDir
 
 
 def lock_path(directory: str | os.PathLike) -> Path:
@@ -57,8 +66,8 @@ def _check_holder_alive(path: Path, directory) -> None:
                       f"(if that process is gone, delete {path})")
 
 
-def _describe(info: dict) -> str:
-    if not {"command", "pid", "host", "since"} <= info.keys():
+def _describe(info: dict | None) -> str:
+    if not info or not {"command", "pid", "host", "since"} <= info.keys():
         return "another process"
     return f"{info['command']} (pid {info['pid']} on {info['host']}, since {info['since']})"
 
@@ -116,3 +125,140 @@ def run_lock(directory: str | os.PathLike, main_process: bool = True):
         with contextlib.suppress(OSError):
             os.unlink(path)  # while still holding it: a waiter re-checks the inode (see above)
         os.close(fd)
+
+
+# --- a run on object storage (vaegen.rundir.RemoteRunDir), which has no flock -----------------------------
+
+LOCK_RENEW_S = 60     # the holder of a remote run's lock object rewrites it this often ...
+LOCK_EXPIRES_S = 600  # ... so one not renewed for this long was left by a writer that died on another machine
+
+
+def _utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+class RemoteLockObject:
+    """`<parent>/.<name>.lock` next to a remote run (like `vaegen.runlock`'s lock file next to a directory):
+    JSON naming its holder (host, pid, command, since), rewritten every LOCK_RENEW_S ("renewed")."""
+
+    def __init__(self, run: RemoteRunDir):
+        parent, _, name = run.root.rpartition("/")
+        if not parent.strip("/"):
+            raise VaegenError(f"--out {run}: give the run a prefix inside the bucket (like {run}/shards/NAME), "
+                              "not the bucket itself")
+        self.run, self.key = run, f"{parent}/.{name}.lock"
+        self.url = f"{str(run).rpartition('/')[0]}/.{name}.lock"
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                   "since": _utc_now().isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def holder(self) -> dict | None:
+        """Who the lock object names (None: there is none; {}: unreadable)."""
+        with self.run.storage_errors("reading its lock object"):
+            try:
+                data = self.run.fs.cat_file(self.key)
+            except FileNotFoundError:
+                return None
+        try:
+            holder = json.loads(data)
+        except ValueError:
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _write(self, create: bool) -> bool:
+        """Write our name (`create`: only if there is no lock object, where the store can refuse; S3 does with
+        If-None-Match). False when refused."""
+        data = json.dumps({**self.me, "renewed": _utc_now().isoformat(timespec="seconds")}).encode()
+        with self.run.storage_errors("writing its lock object", missing_ok=False):
+            try:
+                self.run.fs.pipe_file(self.key, data, mode="create" if create else "overwrite")
+            except FileExistsError:
+                return False
+        return True
+
+    def is_stale(self, holder: dict) -> bool:
+        """Whether the holder is gone: it ran on this machine (whose local lock we hold now) or stopped renewing."""
+        if holder.get("host") == self.me["host"]:
+            return True
+        try:
+            renewed = datetime.datetime.fromisoformat(holder["renewed"])
+        except (KeyError, TypeError, ValueError):
+            return True  # not written by a vaegen writer
+        return (_utc_now() - renewed).total_seconds() > LOCK_EXPIRES_S
+
+    def refusal(self, holder: dict | None) -> VaegenError:
+        return VaegenError(f"{self.run} is being written by {_describe(holder)}; wait for it to finish or stop it "
+                           f"(a lock not renewed for {LOCK_EXPIRES_S} s is taken over; if that process is gone, "
+                           f"delete {self.url})")
+
+    def acquire(self) -> None:
+        holder = self.holder()
+        if holder is not None and not self.is_stale(holder):
+            raise self.refusal(holder)
+        if holder is not None:
+            click.echo(f"{self.url}: taking over the lock of {_describe(holder)}, which is gone", err=True)
+        if not self._write(create=holder is None):
+            raise self.refusal(self.holder())
+        # Read back: of two writers that found no lock at the same moment on a store without conditional
+        # writes, the one whose name is not there gives way.
+        holder = self.holder()
+        if (holder or {}).get("token") != self.me["token"]:
+            raise self.refusal(holder)
+        self._renewer = threading.Thread(target=self._renew, name="remote-lock-renewer", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LOCK_RENEW_S):
+            with contextlib.suppress(VaegenError):  # a storage hiccup: the next renewal tries again
+                if (self.holder() or {}).get("token") != self.me["token"]:
+                    click.echo(f"warning: {self.url} was taken over by {_describe(self.holder())} (this writer "
+                               f"stopped renewing it for {LOCK_EXPIRES_S} s); two writers may now write {self.run}",
+                               err=True)
+                    return
+                self._write(create=False)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        try:
+            if (self.holder() or {}).get("token") == self.me["token"]:
+                with self.run.storage_errors("deleting its lock object"), contextlib.suppress(FileNotFoundError):
+                    self.run.fs.rm_file(self.key)
+        except VaegenError as e:
+            click.echo(f"warning: {e} (the next writer on this machine takes it over)", err=True)
+
+
+def local_lock_dir(run: RemoteRunDir) -> Path:
+    """This machine's stand-in directory for a remote run, whose `vaegen.runlock` lock file the writer holds."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "vaegen" / "remote-runs" / hashlib.sha256(str(run).encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def remote_run_lock(run: RemoteRunDir, main_process: bool = True):
+    """One writer per run on object storage, which has no flock (what `vaegen.runlock` gives a directory):
+
+    this machine: the flock of a local file named after the URL (`local_lock_dir`, under ~/.cache/vaegen), which
+        the kernel releases when its holder dies;
+    any machine: a lock object next to the run (`RemoteLockObject`), renewed every LOCK_RENEW_S while held and
+        deleted at the end. A writer refuses, naming the holder, while it names a live one. Its holder is gone
+        when it ran on this machine (we hold this machine's flock) or has not renewed it for LOCK_EXPIRES_S (a
+        writer killed on another machine); then the lock is taken over. Made with a conditional write where the
+        store supports one (S3: If-None-Match) and read back after writing, so of two writers starting at once
+        one gives way.
+    """
+    if not main_process:
+        yield
+        return
+    lock = RemoteLockObject(run)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(local_lock_dir(run)))
+        except VaegenError:  # another writer of this URL on this machine
+            raise lock.refusal(lock.holder()) from None
+        lock.acquire()
+        stack.callback(lock.release)
+        yield

@@ -43,13 +43,10 @@ disk cost within a few percent of the raw pixel bytes; one tar member per 32x32 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
-import posixpath
-import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +55,7 @@ from typing import BinaryIO
 import numpy as np
 
 from vaegen.errors import VaegenError
-from vaegen.provenance import _json_default, fsync_dir, write_json_atomic
+from vaegen.rundir import RunDir, run_dir_at
 
 BLOCK_SIZE = 256
 INDEX_NAME = "index.json"
@@ -116,234 +113,6 @@ def read_shard(shard: str | Path | BinaryIO) -> tuple[np.ndarray, np.ndarray]:
     if not blocks:
         return np.zeros((0, 0, 0, 0), np.uint8), np.zeros(0, np.int64)
     return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
-
-
-# --- where a run lives: a local directory or an fsspec URL ----------------------------------------------
-
-class LocalRunDir:
-    """A run in a local (or shared POSIX) directory: files are written under a temporary name, fsynced and
-    renamed, so a reader never sees half a file and a crash never loses a renamed one."""
-
-    is_local = True
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    def url(self, name: str) -> str:
-        """What a reader (webdataset, `open`) opens for file `name` of the run."""
-        return str(self.path / name)
-
-    def refresh(self) -> None:
-        """Nothing is cached: `names` and `size` ask the filesystem every time."""
-
-    def names(self) -> list[str]:
-        """Every entry of the run directory ([] when there is none)."""
-        return [p.name for p in self.path.iterdir()] if self.path.is_dir() else []
-
-    def size(self, name: str) -> int | None:
-        """The size of file `name`, None when it is missing (or not a regular file)."""
-        try:
-            st = os.stat(self.path / name)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return st.st_size if stat.S_ISREG(st.st_mode) else None
-
-    def read_bytes(self, name: str) -> bytes:
-        return (self.path / name).read_bytes()
-
-    def read_many(self, names: list[str]) -> dict[str, bytes]:
-        """The files of `names` that can be read, by name."""
-        found = {}
-        for name in names:
-            with contextlib.suppress(OSError):
-                found[name] = self.read_bytes(name)
-        return found
-
-    def open(self, name: str) -> BinaryIO:
-        return open(self.path / name, "rb")
-
-    def write_json(self, name: str, obj) -> None:
-        write_json_atomic(self.path / name, obj)
-
-    def remove(self, name: str) -> None:
-        (self.path / name).unlink(missing_ok=True)
-
-    def makedirs(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-
-    def new_shard(self, j: int) -> BinaryIO:
-        """Where shard j's bytes go while it is written: its temporary file."""
-        return open(self.path / temp_name(j), "wb")
-
-    def publish_shard(self, j: int, file: BinaryIO) -> None:
-        """Make the written shard j durable under its final name: fsync, rename, fsync the directory."""
-        file.flush()
-        os.fsync(file.fileno())
-        file.close()
-        os.replace(self.path / temp_name(j), self.path / shard_name(j))
-        fsync_dir(self.path)
-
-    def discard_shard(self, j: int, file: BinaryIO) -> None:
-        file.close()
-        (self.path / temp_name(j)).unlink(missing_ok=True)
-
-
-class RemoteRunDir:
-    """A run under an fsspec URL (object storage: s3://bucket/prefix and the like). An object appears whole, at
-    once, when its upload completes, so a shard is built in memory and uploaded in one request straight to its
-    final key (`fs.pipe_file`: one PUT, or a multipart upload for a large one); nothing is ever renamed, and an
-    upload cut short leaves nothing a reader can see. JSON files are uploaded the same way.
-
-    `names` and `size` answer from one listing taken at `refresh` (and at creation), updated by this object's
-    own writes; call `refresh` when another process may have written since. Reads always fetch the object.
-    Storage errors other than a missing object become one-line VaegenErrors naming the URL."""
-
-    is_local = False
-
-    def __init__(self, url: str, fs, root: str):
-        self.fs, self.root, self._url = fs, root.rstrip("/"), url.rstrip("/")
-        self._listing: dict[str, int | None] = {}
-        self.refresh()
-
-    def __str__(self) -> str:
-        return self._url
-
-    @property
-    def name(self) -> str:
-        return posixpath.basename(self.root)
-
-    def url(self, name: str) -> str:
-        return f"{self._url}/{name}"
-
-    def key(self, name: str) -> str:
-        """The filesystem path of `name` (what `self.fs` calls take)."""
-        return f"{self.root}/{name}"
-
-    @contextlib.contextmanager
-    def storage_errors(self, doing: str, missing_ok: bool = True):
-        """Storage errors while `doing` something as one-line VaegenErrors (a FileNotFoundError passes through
-        when `missing_ok`: a missing object is an answer, not an error)."""
-        try:
-            yield
-        except FileNotFoundError as e:
-            if missing_ok:
-                raise
-            raise VaegenError(f"{self}: {doing} failed: {_one_line(e)} (does the bucket exist?)") from None
-        except PermissionError as e:
-            raise VaegenError(f"{self}: {doing} refused: {_one_line(e)}; credentials come from the environment "
-                              "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws) or fsspec's "
-                              "configuration (FSSPEC_S3_*)") from None
-        except VaegenError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the storage client's own types (botocore, aiohttp, ...)
-            raise VaegenError(f"{self}: {doing} failed: {type(e).__name__}: {_one_line(e)}") from None
-
-    def refresh(self) -> None:
-        """List the run again (fsspec's cached listing dropped first)."""
-        with self.storage_errors("listing"):
-            self.fs.invalidate_cache(self.root)
-            try:
-                entries = self.fs.ls(self.root, detail=True)
-            except FileNotFoundError:
-                entries = []
-        self._listing = {posixpath.basename(e["name"].rstrip("/")): e["size"] if e["type"] == "file" else None
-                         for e in entries}
-
-    def names(self) -> list[str]:
-        return list(self._listing)
-
-    def size(self, name: str) -> int | None:
-        return self._listing.get(name)
-
-    def read_bytes(self, name: str) -> bytes:
-        with self.storage_errors(f"reading {name}"):
-            return self.fs.cat_file(self.key(name))
-
-    def read_many(self, names: list[str]) -> dict[str, bytes]:
-        """The objects of `names` that exist, fetched concurrently where the filesystem can (s3fs does)."""
-        if not names:
-            return {}
-        with self.storage_errors(f"reading {len(names)} objects"):
-            found = self.fs.cat([self.key(name) for name in names], on_error="return")
-            for data in found.values():
-                if isinstance(data, Exception) and not isinstance(data, FileNotFoundError):
-                    raise data
-        return {posixpath.basename(key): data for key, data in found.items() if not isinstance(data, Exception)}
-
-    def open(self, name: str) -> BinaryIO:
-        """The object, downloaded whole (a shard is a few MiB): hashing and parsing it read it once."""
-        return io.BytesIO(self.read_bytes(name))
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        with self.storage_errors(f"writing {name}", missing_ok=False):
-            self.fs.pipe_file(self.key(name), data)
-        self._listing[name] = len(data)
-
-    def write_json(self, name: str, obj) -> None:
-        self.write_bytes(name, json_text(obj).encode())
-
-    def remove(self, name: str) -> None:
-        with self.storage_errors(f"deleting {name}"), contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self.key(name))
-        self._listing.pop(name, None)
-
-    def makedirs(self) -> None:
-        """Nothing to do: object storage has no directories (the first upload makes the prefix)."""
-
-    def new_shard(self, j: int) -> BinaryIO:
-        return io.BytesIO()
-
-    def publish_shard(self, j: int, file: BinaryIO) -> None:
-        self.write_bytes(shard_name(j), file.getvalue())
-
-    def discard_shard(self, j: int, file: BinaryIO) -> None:
-        file.close()  # nothing was uploaded
-
-
-RunDir = LocalRunDir | RemoteRunDir
-
-
-def is_url(location) -> bool:
-    """Whether `location` is an fsspec URL (`protocol://...`) rather than a local path."""
-    return isinstance(location, str) and "://" in location
-
-
-def run_dir_at(location: str | os.PathLike | RunDir) -> RunDir:
-    """The run at `location`: a local directory, or any fsspec URL (s3://bucket/prefix, gs://..., memory://...)
-    whose filesystem is configured the usual fsspec way (environment variables, config files, FSSPEC_* options).
-    A file:// URL is a local directory."""
-    if isinstance(location, (LocalRunDir, RemoteRunDir)):
-        return location
-    if not is_url(location):
-        return LocalRunDir(location)
-    try:
-        import fsspec
-        from fsspec.implementations.local import LocalFileSystem
-    except ImportError:
-        raise VaegenError(f"{location}: URLs need fsspec (for s3://: pip install 'vaegen[s3]')") from None
-    try:
-        fs, root = fsspec.core.url_to_fs(location)
-    except (ImportError, ValueError) as e:  # an unknown protocol, or its package (s3fs, gcsfs, ...) missing
-        raise VaegenError(f"{location}: {_one_line(e)}") from None
-    if isinstance(fs, LocalFileSystem):
-        return LocalRunDir(root)
-    return RemoteRunDir(location, fs, root)
-
-
-def json_text(obj) -> str:
-    """A JSON file's text, exactly as `write_json_atomic` writes it locally (so remote files have the same bytes)."""
-    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def read_index(run_dir: str | Path | RunDir) -> dict:
@@ -405,7 +174,7 @@ class _HashingFile:
 
 
 class ShardFile:
-    """Shard j of a run, written block by block where the run keeps unfinished shards (`RunDir.new_shard`: a
+    """Shard j of a run, written block by block where the run keeps unfinished shards (`RunDir.new_file`: a
     temporary file, or memory for object storage); `commit` makes it a finished shard.
 
     commit: tar closed, published under its final name (fsynced and renamed, or uploaded whole), and only then
@@ -420,7 +189,7 @@ class ShardFile:
         self.run, self.j, self.next, self.count = run_dir_at(run_dir), j, first, 0
         self.first = first
         self.run.remove(marker_name(j))  # never a marker describing another tar
-        self.file = self.run.new_shard(j)
+        self.file = self.run.new_file(temp_name(j))
         self.hashing = _HashingFile(self.file)
         self.tar = webdataset.TarWriter(self.hashing, **TAR_HEADER)
 
@@ -435,7 +204,7 @@ class ShardFile:
     def commit(self, marker_fields: dict) -> dict:
         """Finish the shard atomically (see the class docstring); returns its marker."""
         self.tar.close()
-        self.run.publish_shard(self.j, self.file)
+        self.run.publish(temp_name(self.j), shard_name(self.j), self.file)
         marker = {"shard": self.j, "first": self.first, "count": self.count,
                   "sha256": self.hashing.sha256.hexdigest(), "filesize": self.hashing.size, **marker_fields}
         self.run.write_json(marker_name(self.j), marker)
@@ -447,7 +216,7 @@ class ShardFile:
             self.tar.close()
         except Exception:  # noqa: BLE001 - the tar may be half-written; the file goes anyway
             pass
-        self.run.discard_shard(self.j, self.file)
+        self.run.discard(temp_name(self.j), self.file)
 
 
 def write_shard(run_dir: str | Path | RunDir, j: int, first: int, images: np.ndarray, marker_fields: dict) -> dict:
