@@ -158,7 +158,7 @@ def step_checkpoint(out: Path, step: int) -> Path:
 def check_resumable(out: Path, config: DMTrainConfig) -> None:
     """Refuse to resume with settings that would make the continuation a different run."""
     refuse_changed_settings(read_json(out / dmrun.TRAIN_RUN_NAME)["config"], asdict(config), RESUMABLE_CHANGES,
-                            what="--resume: the settings", hint="use the original ones or a new --out")
+                            where=f"--resume: {out}", hint="resume with the original settings or choose a new --out")
 
 
 def truncate_log(path: Path, step: int) -> None:

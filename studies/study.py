@@ -226,7 +226,7 @@ class Study:
             raise VaegenError(f"{self.dir} holds the {old.get('study')} study of {old.get('dataset')}; choose "
                               "another --out")
         refuse_changed_settings(dataclasses.asdict(preset_from_record(old.get("preset", {}))),
-                                dataclasses.asdict(self.preset), FREE_FIELDS, what=f"{self.dir}: the preset's settings",
+                                dataclasses.asdict(self.preset), FREE_FIELDS, where=f"the study in {self.dir}",
                                 hint="choose another --out")
 
 

@@ -70,6 +70,7 @@ from vaegen.provenance import (
     append_jsonl,
     read_json,
     read_jsonl,
+    refuse_changed_settings,
     run_record,
     write_json_atomic,
     write_text_atomic,
@@ -261,13 +262,11 @@ def prepare_out_dir(cfg: TrainConfig, saved: dict) -> int:
             raise VaegenError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
         previous = read_json(out / CONFIG_NAME)
         # A setting newer than the run is absent from its config.json; its default is what the run did.
-        changed = sorted(k for k, v in saved.items()
-                         if k not in RUN_CONTROL_KEYS and previous.get(k, TRAIN_DEFAULTS.get(k)) != v)
-        if previous.get("data", {}).get("pool_size") != saved["data"].get("pool_size"):
-            changed.append("shard pool size")
-        if changed:
-            raise VaegenError(f"{out} was started with different settings ({', '.join(changed)}); resume with "
-                              "the same options or choose another --out")
+        settings = {k: v for k, v in saved.items() if k != "data"}
+        settings["shard pool size"] = saved["data"].get("pool_size")
+        refuse_changed_settings({**previous, "shard pool size": previous.get("data", {}).get("pool_size")}, settings,
+                                RUN_CONTROL_KEYS, TRAIN_DEFAULTS, where=str(out),
+                                hint="resume with the same options or choose another --out")
         checkpoint = resume_point(out / CHECKPOINT)
         return read_json(checkpoint / STATE_NAME)["epoch"] if checkpoint else 0
     if out.exists() and any(out.iterdir()):

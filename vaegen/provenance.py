@@ -131,18 +131,27 @@ def run_record(config=None, **extra) -> dict:
     return record
 
 
-def refuse_changed_settings(previous: dict, current: dict, may_change=(), what: str = "settings",
-                            hint: str = "use the original ones or another output directory") -> None:
-    """The one rule for continuing an output directory: every setting it was made with must be the same, except
-    those in `may_change`; settings the directory never recorded (added to the code since) are not compared.
+def refuse_changed_settings(previous: dict, current: dict, may_change=(), defaults: dict | None = None,
+                            where: str = "the output directory",
+                            hint: str = "use the original settings or another output directory") -> None:
+    """The one rule for continuing an output directory (a DM run, a VAE run, a study): every setting it was made
+    with must be the same, except those in `may_change`. A setting the directory never recorded (added to the code
+    since) counts as its value in `defaults` (what the older code did), and is not compared without one.
     Raises a one-line VaegenError naming each changed setting."""
     from vaegen.errors import VaegenError
 
-    changed = sorted(k for k in current.keys() & previous.keys()
-                     if k not in may_change and _comparable(previous[k]) != _comparable(current[k]))
+    defaults = defaults or {}
+    changed = {}
+    for key, value in current.items():
+        if key in may_change or (key not in previous and key not in defaults):
+            continue
+        before = previous.get(key, defaults.get(key))
+        if _comparable(before) != _comparable(value):
+            changed[key] = f"{key}: {before!r} -> {value!r}"
     if changed:
-        diff = ", ".join(f"{k}: {previous[k]!r} -> {current[k]!r}" for k in changed)
-        raise VaegenError(f"{what} differ from the ones it was made with ({diff}); {hint}")
+        keys = sorted(changed)
+        raise VaegenError(f"{where} was made with different settings ({', '.join(keys)}): "
+                          f"{'; '.join(changed[k] for k in keys)}; {hint}")
 
 
 def _comparable(value):
