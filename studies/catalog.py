@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from studies.runs import SIGMA_DEFAULT, RunFactory, Store, VaeRun
+from studies.runs import RunFactory, Store, VaeRun
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,13 @@ KUZINA = (("eval-kuzina", ("--robustness-protocol", "kuzina", "--gaps", "robustn
 def robustness(runs: RunFactory) -> list[VaeRun]:
     """Why G_r orders the methods as it does: the four compare methods at each likelihood sigma of the preset (the
     default sigma at every seed, the others at the first), Aug.Naive with the augmentation's float output (no
-    rounding, no clamp) and DMaaPx on DPM-Solver++ 7 samples; every run's G_r measured by both protocols (eval/:
-    vaegen's, eval-kuzina/: Kuzina et al.'s code)."""
+    rounding, no clamp), DMaaPx on DPM-Solver++ 7 samples and the four with a calibrated Gaussian decoder (one seed);
+    every run's G_r measured by both protocols (eval/: vaegen's, eval-kuzina/: Kuzina et al.'s code)."""
+    from trainer.likelihoods import (
+        DEFAULT_SIGMA as default,  # runs at it pass no --sigma: other studies' runs
+    )
+
     p, k = runs.preset, runs.preset.compare_scale
-    default = SIGMA_DEFAULT
     both = dict(probes=True, extra_evaluations=KUZINA)  # probes: eval/ is then compare's, and reused with its run
     out = []
     for sigma in p.robustness_sigmas:
@@ -176,6 +179,10 @@ def robustness(runs: RunFactory) -> list[VaeRun]:
         out += [replace(runs.augmented(s, "naive", augment_output="float", **both),
                         name=f"sigma{default:g}-aug-naive-float-seed{s}"),
                 dpm.dmaapx(s, k, f"sigma{default:g}-dmaapx-k{k}-dpmsolver7-seed{s}", **both)]
+    # A calibrated decoder (sigma learned: Rybkin et al. 2021) costs what a fixed sigma costs; one seed.
+    out += [replace(r, name=f"calibrated-{r.name}", sigma=None, likelihood="gaussian-calibrated")
+            for s in p.seeds[:1] for r in (runs.normal(s, **both), runs.dmaapx(s, k, **both),
+                                           runs.augmented(s, "naive", **both), runs.augmented(s, "tuned", **both))]
     return out
 
 

@@ -72,6 +72,7 @@ class Run:
         out += ["early stopping"] if self.early_stopping else []
         out += [f"weight decay {self.weight_decay:g}"] if self.weight_decay else []
         out += ["float augmentation"] if self.augment_output == "float" else []
+        out += ["calibrated decoder"] if self.likelihood == "gaussian-calibrated" else []
         return out
 
     @property

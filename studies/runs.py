@@ -15,7 +15,6 @@ from vaegen.data import get_spec, store_name
 from vaegen.dmrun import DM_ROOT, dm_name, find_dm, snapshot_dir
 from vaegen.vaerun import EVAL_DIR
 
-SIGMA_DEFAULT = 0.1  # the trainer's default Gaussian sigma (runs at it pass no --sigma, so they match other studies')
 SUBSET_SEED = 0  # every study draws its D_train subsets with seed 0: a smaller subset is inside every larger one
 
 

@@ -340,3 +340,23 @@ def test_the_demo_uses_the_committed_reference_dm_whose_weights_match_their_sha2
     Study(STUDIES["demo"], "fmnist", preset, Path("/nonexistent/demo"), executor).prepare(
         STUDIES["demo"].declare(RunFactory("fmnist", preset))[-1], train=True)
     assert not any(c[:2] == ["dm", "train"] for c in executor.commands)
+
+
+def test_the_robustness_study_measures_g_r_by_both_protocols_and_shares_its_default_sigma_runs_with_compare():
+    from studies.study import train_key
+
+    preset = get_study_preset("cpu")
+    runs = {r.name: r for r in STUDIES["robustness"].declare(RunFactory("fmnist", preset))}
+    compare = {r.name: r for r in STUDIES["compare"].declare(RunFactory("fmnist", preset))}
+    out = Path("o")
+    for name in ("normal-seed1", "dmaapx-k10-seed2", "aug-tuned-seed0"):  # the same training: reused, not rerun
+        assert train_key(runs[f"sigma0.1-{name}"].train_args("data", out)) == \
+            train_key(compare[name].train_args("data", out))
+    assert runs["sigma0.05-normal-seed0"].train_args("data", out)[-2:] == ["--sigma", "0.05"]
+    assert "sigma0.2-aug-naive-seed1" not in runs  # the other sigmas at one seed
+    assert "--augment-output" in runs["sigma0.1-aug-naive-float-seed2"].train_args("data", out)
+    assert "dpm-solver++7" in str(runs["sigma0.1-dmaapx-k10-dpmsolver7-seed0"].pool.shards)
+    assert runs["calibrated-normal-seed0"].train_args("data", out)[-2:] == ["--likelihood", "gaussian-calibrated"]
+    for run in runs.values():
+        (_, main), (kuzina_dir, kuzina) = run.evaluations(out)
+        assert kuzina_dir == "eval-kuzina" and kuzina[kuzina.index("--robustness-protocol") + 1] == "kuzina"
