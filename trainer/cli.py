@@ -16,7 +16,8 @@ from vaegen.options import CONTEXT, dataset_options, tracking_options
 @dataset_options(required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/vae/NAME.")
 @click.option("--shards", default=None,
-              help="DMaaPx data: a shard run directory or a pattern like 'shards/fmnist/RUN/shard-{000000..000099}.tar'.")
+              help="DMaaPx data: a shard run directory or URL (s3://bucket/prefix/RUN, any fsspec URL), or a pattern "
+                   "like 'shards/fmnist/RUN/shard-{000000..000099}.tar'.")
 @click.option("--source", type=click.Choice(["shards", "real"]), default=Defaults.source,
               help="shards (DMaaPx, needs --shards) or real (normal training on D_train).")
 @click.option("--scale", default=None, type=click.IntRange(min=1),
