@@ -93,3 +93,18 @@ class Support:
 @pytest.fixture(scope="session")
 def support() -> Support:
     return Support()
+
+
+@pytest.fixture
+def memory_url():
+    """A run location on object storage, fsspec's in-process memory:// store (a real S3 server: tests/test_s3.py):
+    memory://bucket/<fresh prefix>/run, removed afterwards."""
+    import uuid
+
+    import fsspec
+
+    prefix = f"/bucket/{uuid.uuid4().hex[:8]}"
+    yield f"memory:/{prefix}/run"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(prefix):
+        fs.rm(prefix, recursive=True)

@@ -536,18 +536,6 @@ def test_two_machine_ranks_on_loopback_write_the_same_bytes_as_one_process(env, 
 
 # --- a run on object storage: any fsspec URL (fsspec's in-process memory:// here; a real S3 server in test_s3.py) --
 
-@pytest.fixture
-def memory_url():
-    """memory://bucket/<fresh prefix>/run, removed afterwards."""
-    import uuid
-
-    import fsspec
-
-    prefix = f"/bucket/{uuid.uuid4().hex[:8]}"
-    yield f"memory:/{prefix}/run"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(prefix):
-        fs.rm(prefix, recursive=True)
 
 
 def stored_files(url: str) -> dict[str, bytes]:

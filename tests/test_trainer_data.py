@@ -196,18 +196,6 @@ def test_a_pool_resident_on_the_gpu_gives_the_streamed_batches(tmp_path, support
 
 # --- shards on object storage: any fsspec URL (memory:// here; a real S3 server in test_s3.py) -----------------
 
-@pytest.fixture
-def memory_url():
-    """memory://bucket/<fresh prefix>/run, removed afterwards."""
-    import uuid
-
-    import fsspec
-
-    prefix = f"/bucket/{uuid.uuid4().hex[:8]}"
-    yield f"memory:/{prefix}/run"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(prefix):
-        fs.rm(prefix, recursive=True)
 
 
 def copy_to(run, url: str):
