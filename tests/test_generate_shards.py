@@ -537,7 +537,6 @@ def test_two_machine_ranks_on_loopback_write_the_same_bytes_as_one_process(env, 
 # --- a run on object storage: any fsspec URL (fsspec's in-process memory:// here; a real S3 server in test_s3.py) --
 
 
-
 def stored_files(url: str) -> dict[str, bytes]:
     """Every object under `url` (the run's files), by name."""
     import fsspec

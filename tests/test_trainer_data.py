@@ -197,7 +197,6 @@ def test_a_pool_resident_on_the_gpu_gives_the_streamed_batches(tmp_path, support
 # --- shards on object storage: any fsspec URL (memory:// here; a real S3 server in test_s3.py) -----------------
 
 
-
 def copy_to(run, url: str):
     """Upload a local shard run's files to `url`; the object store's filesystem and path."""
     import fsspec
