@@ -15,7 +15,7 @@ import click
 from vaegen import __version__
 from vaegen.errors import VaegenError
 from vaegen.interrupts import run_command
-from vaegen.options import CONTEXT, DATASET_NAMES, data_root_option, dataset_options
+from vaegen.options import CONTEXT, DATASET_NAMES, REPORT_TO, data_root_option, dataset_options
 
 
 def _stage(name: str):
@@ -140,6 +140,8 @@ def _study_command(kind):
                   help="--executor slurm: VAE runs of the array running at once.")
     @click.option("--sbatch", "sbatch_flags", default="",
                   help="--executor slurm: more sbatch flags, passed through, e.g. '--account=proj --qos=long'.")
+    @click.option("--report-to", default="none", type=click.Choice(REPORT_TO),
+                  help="An experiment tracker for every VAE run (one tracker run each, grouped by the study).")
     @click.option("--reuse/--no-reuse", default=True,
                   help="Copy a run that finished in another study directory instead of training it again.")
     @click.option("--out", default=None, type=click.Path(file_okay=False),
@@ -147,7 +149,7 @@ def _study_command(kind):
     @data_root_option
     def command(dataset, preset, scales, seeds, subset, epochs, dm_max_steps, sigma, budget_minutes, jobs,
                 runs_per_gpu, executor, partition, time_min, cpus_per_task, gpus_per_task, array_parallelism,
-                sbatch_flags, reuse, out, data_root):
+                sbatch_flags, report_to, reuse, out, data_root):
         from studies.jobs import LocalExecutor, default_jobs
         from studies.presets import get_study_preset
         from studies.study import default_study_dir, run_study
@@ -169,7 +171,7 @@ def _study_command(kind):
         else:
             runner = LocalExecutor(jobs or default_jobs(runs_per_gpu), runs_per_gpu)
         click.echo(f"{kind.name} study of {dataset}, {executor} executor, preset {chosen}", err=True)
-        study_dir = run_study(kind, dataset, chosen, str(study_dir), runner, data_root, reuse)
+        study_dir = run_study(kind, dataset, chosen, str(study_dir), runner, data_root, reuse, report_to)
         click.echo(str(study_dir / "report.md"))
 
     return command

@@ -56,22 +56,30 @@ def read_study_record(study_dir: Path) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
+NOT_TRAINING = ("--out", "--report-to", "--tracker-group")  # where a run goes and who watches it
+
+
 def train_key(train_args: list[str]) -> str:
-    """What makes two runs the same training: its command without --out (inputs are named by path, and a path
-    under runs/dm, models/ or shards/ holds one thing: DMs are never retrained in place, shards only grow)."""
-    args = list(train_args)
-    i = args.index("--out")
-    del args[i:i + 2]
-    return hashlib.sha256(json.dumps(args).encode()).hexdigest()[:20]
+    """What makes two runs the same training: its command without where it goes and who watches it (inputs are
+    named by path, and a path under runs/dm, models/ or shards/ holds one thing: DMs are never retrained in place,
+    shards only grow)."""
+    args, kept = list(train_args), []
+    while args:
+        arg = args.pop(0)
+        if arg in NOT_TRAINING:
+            args.pop(0)
+        else:
+            kept.append(arg)
+    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:20]
 
 
 class Study:
     """Runs one study's declared runs through `executor`, building their inputs first."""
 
     def __init__(self, kind: StudyKind, dataset: str, preset: StudyPreset, study_dir: Path, executor: Executor,
-                 data_root: str = "data", reuse: bool = True):
+                 data_root: str = "data", reuse: bool = True, report_to: str = "none"):
         self.kind, self.dataset, self.preset, self.dir = kind, dataset, preset, Path(study_dir)
-        self.executor, self.data_root, self.reuse = executor, data_root, reuse
+        self.executor, self.data_root, self.reuse, self.report_to = executor, data_root, reuse, report_to
         self.runs = kind.declare(RunFactory(dataset, preset))
         self.started = time.monotonic()
         self.stopped_at: str | None = None
@@ -83,7 +91,9 @@ class Study:
 
     def job(self, run: VaeRun) -> RunJob:
         out = self.run_dir(run)
-        return RunJob(run.name, str(out), tuple(run.train_args(self.data_root, out)),
+        # One tracker run per VAE run, grouped by the study (its directory's name).
+        watched = ["--report-to", self.report_to, "--tracker-group", self.dir.name] if self.report_to != "none" else []
+        return RunJob(run.name, str(out), tuple([*run.train_args(self.data_root, out), *watched]),
                       tuple((name, tuple(args)) for name, args in run.evaluations(out)))
 
     # --- the skeleton -------------------------------------------------------------------------------------
@@ -235,10 +245,10 @@ def describe(executor: Executor) -> dict:
 
 
 def run_study(kind: StudyKind, dataset: str, preset: StudyPreset, out: str | None, executor: Executor,
-              data_root: str = "data", reuse: bool = True) -> Path:
+              data_root: str = "data", reuse: bool = True, report_to: str = "none") -> Path:
     """Run (or resume) a study, then write its report; returns the study directory."""
     study_dir = Path(out) if out else default_study_dir(kind.name, dataset, preset.name)
-    study = Study(kind, dataset, preset, study_dir, executor, data_root, reuse)
+    study = Study(kind, dataset, preset, study_dir, executor, data_root, reuse, report_to)
     with run_lock(study_dir):
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 

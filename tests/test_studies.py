@@ -102,8 +102,8 @@ def test_budget_minutes_and_sigma_override_the_preset(tmp_path, monkeypatch):
 
     chosen = {}
 
-    def record(kind, dataset, preset, out, executor, data_root, reuse):  # the CLI's job ends at choosing these
-        chosen.update(preset=preset, executor=executor, reuse=reuse)
+    def record(kind, dataset, preset, out, executor, data_root, reuse, report_to):  # the CLI's job ends here
+        chosen.update(preset=preset, executor=executor, reuse=reuse, report_to=report_to)
         return tmp_path
 
     monkeypatch.setattr(studies.study, "run_study", record)
@@ -360,3 +360,14 @@ def test_the_robustness_study_measures_g_r_by_both_protocols_and_shares_its_defa
     for run in runs.values():
         (_, main), (kuzina_dir, kuzina) = run.evaluations(out)
         assert kuzina_dir == "eval-kuzina" and kuzina[kuzina.index("--robustness-protocol") + 1] == "kuzina"
+
+
+def test_a_studys_runs_report_to_one_tracker_run_each_grouped_by_the_study_and_still_match_for_reuse(tmp_path):
+    from studies.study import train_key
+
+    watched = Study(STUDIES["compare"], "fmnist", get_study_preset("smoke"), tmp_path / "compare-x",
+                    RecordingExecutor(), report_to="tensorboard")
+    plain = Study(STUDIES["compare"], "fmnist", get_study_preset("smoke"), tmp_path / "other", RecordingExecutor())
+    job = watched.job(watched.runs[0])
+    assert job.train[-4:] == ("--report-to", "tensorboard", "--tracker-group", "compare-x")
+    assert train_key(list(job.train)) == train_key(list(plain.job(plain.runs[0]).train))
