@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -40,16 +39,12 @@ from pathlib import Path
 import click
 import submitit
 
-from studies.jobs import RunJob, run_vaegen, vaegen_command
+from studies.jobs import RunJob, run_vaegen, shown, vaegen_command
 from vaegen.errors import VaegenError
 from vaegen.interrupts import Terminated
 
 RECORD_NAME = "submitted.json"
 STOP_GRACE_S = 60  # how long a signalled `vaegen` command may take to save its checkpoint before it is killed
-
-
-def shown(args: list[str]) -> str:
-    return shlex.join(["vaegen", *args])
 
 
 # --- in the Slurm task -----------------------------------------------------------------------------------------
