@@ -80,6 +80,7 @@ class StudyPreset:
     early_stopping_split: float = 0.1
     early_stopping_patience: int = 10
     robustness_sigmas: tuple[float, ...] = (0.05, 0.1, 0.2)  # the robustness study's likelihood sigmas
+    cuts: str = ""                        # how the preset departs from the paper's sizes (every report says it)
     score_images: int = 1000              # `vaegen dm score --n`
     score_classifier_steps: int = 800     # `vaegen dm score --classifier-steps` (part of the classifier's cache key)
 
@@ -92,7 +93,7 @@ class StudyPreset:
 # directory may be resumed with other values of these.
 FREE_FIELDS = ("seeds", "scales", "budget_minutes", "mix_fractions", "dm_subset_fractions", "mz_grid", "nc_grid",
                "nc_sweep_mz", "dm_quality_steps", "real_scales", "weight_decays", "overparam_seeds",
-               "robustness_sigmas")
+               "robustness_sigmas", "cuts")
 
 PRESETS = {
     # Every study's whole pipeline in minutes on 2 CPU cores: a 200-image subset, the tiny DM sampled with few steps,
@@ -141,6 +142,12 @@ PRESETS = {
         overparam_eval=EvalSettings(amortization_images=100, qstar_max_iters=300, iwae_k=200, iwae_images=200),
         track_robustness_every=25, track_robustness_images=20, track_robustness_seeds=5,
         dm_quality_steps=(200, 400, 700, 1400, 2800),
+        cuts="Cut from the paper's sizes to fit a 2-core CPU: |D_train| = 1000 (the paper: 60,000), 500 epochs (1000), "
+             "k = 10 in compare (the paper trains on T x N unique samples), SCALE <= 20 in the ablation and "
+             "real-vs-synthetic (the paper: up to 1000), G_a on 200 test images with <= 500 q* steps and IWAE "
+             "k = 1000 on 500 images (the paper: all of D_test, k = 5000), gap curves every 25 epochs on 20 x 5 "
+             "attacks (the paper: every 10, 50 x 10), overparam at one seed on a smaller grid, 200 epochs (the "
+             "paper: 3 seeds, m_z to 64 at n_c = 256). The DM is the committed `small` one (the paper: EDM's DDPM++).",
     ),
     # The paper: full training split, 1000 effective epochs, 3 seeds, Heun-18 (the paper prints it), k up to 1000.
     # Table 7 trains DMaaPx on T x N unique samples (Alg. 2: a fresh sample every step, k = the number of epochs):

@@ -85,6 +85,8 @@ def build_report(study_dir: str | Path) -> Path:
                   f"`{preset.get('dm_preset')}`, sampler {preset.get('sampler')} with {preset.get('sampler_steps')} "
                   f"steps. Wall time of the study's last invocation (a rerun skips finished work): "
                   f"{study.get('minutes')} min with {executor.get('jobs') or 1} job(s).", ""]
+        if preset.get("cuts"):
+            lines += [preset["cuts"], ""]
         lines += dm_identities(study)
         if study.get("stopped_at"):
             lines += [f"**The time budget stopped the study before run `{study['stopped_at']}`**; the runs below "
