@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from studies.plots import plot_elbo_curves, plot_gaps, plot_smoothness
+from studies.presets import preset_from_record
 from studies.results import RESULT_COLUMNS, Run, group_key, mean_sd, read_result
 from studies.sections import SECTIONS, dm_identities, headline, results_table
 from vaegen.errors import VaegenError
@@ -85,8 +86,9 @@ def build_report(study_dir: str | Path) -> Path:
                   f"`{preset.get('dm_preset')}`, sampler {preset.get('sampler')} with {preset.get('sampler_steps')} "
                   f"steps. Wall time of the study's last invocation (a rerun skips finished work): "
                   f"{study.get('minutes')} min with {executor.get('jobs') or 1} job(s).", ""]
-        if preset.get("cuts"):
-            lines += [preset["cuts"], ""]
+        cuts = preset.get("cuts", preset_from_record(preset).cuts)  # a record older than the field: its preset's
+        if cuts:
+            lines += [cuts, ""]
         lines += dm_identities(study)
         if study.get("stopped_at"):
             lines += [f"**The time budget stopped the study before run `{study['stopped_at']}`**; the runs below "
