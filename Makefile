@@ -16,7 +16,9 @@ PRESET ?= small
 SEED ?= 0
 EPOCHS ?= 1000
 SAMPLER_ARGS ?=
-DM ?= runs/dm/$(DATASET)$(if $(SUBSET),-n$(SUBSET)-s$(SUBSET_SEED))-$(PRESET)
+DM_NAME = $(DATASET)$(if $(SUBSET),-n$(SUBSET)-s$(SUBSET_SEED))-$(PRESET)
+# A committed reference DM (models/, e.g. SUBSET=1000 PRESET=small) is used as it is; otherwise runs/dm/.
+DM ?= $(if $(wildcard runs/dm/$(DM_NAME)),runs/dm/$(DM_NAME),$(if $(wildcard models/$(DM_NAME)/dm.json),models/$(DM_NAME),runs/dm/$(DM_NAME)))
 SHARDS ?= shards/$(DATASET)$(if $(SUBSET),-n$(SUBSET)-s$(SUBSET_SEED))/$(notdir $(DM))-seed$(SEED)
 VAE ?= runs/vae/$(DATASET)$(if $(SUBSET),-n$(SUBSET)-s$(SUBSET_SEED))-dmaapx-k$(SCALE)-seed$(SEED)
 SUBSET_ARGS := $(if $(SUBSET),--subset $(SUBSET) --subset-seed $(SUBSET_SEED))
