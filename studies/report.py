@@ -21,18 +21,25 @@ from vaegen.provenance import read_json, write_text_atomic
 
 
 def write_tables(runs: list[Run], groups: dict[str, list[Run]], out: Path) -> None:
+    """runs.csv (a row per run; G_r's two MS-SSIM terms for eval/ and each further evaluation, e.g. eval-kuzina/)
+    and summary.csv (a row per group)."""
+    extra = sorted({name for r in runs for name in r.more_gaps})
+    robustness_columns = [f"{column}{'' if name == 'eval' else f'[{name}]'}" for name in ("eval", *extra)
+                          for column in ("G_r", "msssim_clean", "msssim_attacked")]
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "method", "seed", "scale", "m_z", "n_c", "mix_real", "real_k", "sigma", "parameters",
-                    "parameters_z", "parameters_not_z", "finished", *RESULT_COLUMNS, "msssim_clean",
-                    "msssim_attacked"])
+        w.writerow(["run", "method", "seed", "scale", "m_z", "n_c", "mix_real", "real_k", "sigma", "likelihood",
+                    "parameters", "parameters_z", "parameters_not_z", "finished", *RESULT_COLUMNS,
+                    *robustness_columns[1:]])
         for r in runs:
-            robustness = r.gaps.get("robustness", {})
-            w.writerow([r.name, r.method, r.seed, r.scale, r.mz, r.nc, r.mix_real, r.real_k, r.sigma,
+            cells = []
+            for gaps in (r.gaps, *(r.more_gaps.get(name, {}) for name in extra)):
+                robust = gaps.get("robustness", {})
+                cells += [robust.get("gap", ""), robust.get("msssim_input", {}).get("mean", ""),
+                          robust.get("msssim_recon", {}).get("mean", "")]
+            w.writerow([r.name, r.method, r.seed, r.scale, r.mz, r.nc, r.mix_real, r.real_k, r.sigma, r.likelihood,
                         r.parameters.get("total", ""), r.parameters.get("z", ""), r.parameters.get("not_z", ""),
-                        r.finished, *(r.results.get(c, "") for c in RESULT_COLUMNS),
-                        robustness.get("msssim_input", {}).get("mean", ""),
-                        robustness.get("msssim_recon", {}).get("mean", "")])
+                        r.finished, *(r.results.get(c, "") for c in RESULT_COLUMNS), *cells[1:]])
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["group", "n_seeds", *(f"{c}_{s}" for c in RESULT_COLUMNS for s in ("mean", "sd"))])

@@ -191,3 +191,25 @@ def test_the_demo_report_says_in_one_line_what_it_shows_and_names_its_dm(tmp_pat
     assert lines[2].startswith("**What this shows:** on 1000 fmnist training images (200 epochs, 1 seed)")
     assert "generalization gap of 51 nats against 540" in lines[2] and "test ELBO of 718 against 590" in lines[2]
     assert any("`models/fmnist-n1000-s0-small` (weights sha256 `" + "cd" * 32 in line for line in lines)
+
+
+def test_the_robustness_section_and_runs_csv_show_g_r_and_its_two_terms_for_each_protocol(tmp_path):
+    for seed in (0, 1):
+        robust = {"gap": 0.1 + seed / 100, "ci95": [0.05, 0.15], "msssim_input": {"mean": 0.9},
+                  "msssim_recon": {"mean": 0.8 - seed / 100}, "protocol": "vaegen"}
+        write_result_run(tmp_path, f"normal-seed{seed}", seed, 500.0, 100.0, gaps={"robustness": robust})
+        kuzina = tmp_path / "runs" / f"normal-seed{seed}" / "eval-kuzina"
+        kuzina.mkdir()
+        (kuzina / "gaps.json").write_text(json.dumps({"robustness": {
+            "gap": 0.3, "ci95": [0.2, 0.4], "msssim_input": {"mean": 0.95}, "msssim_recon": {"mean": 0.65},
+            "protocol": "kuzina"}}))
+    (tmp_path / "study.json").write_text(json.dumps({"study": "robustness", "dataset": "fmnist",
+                                                     "preset": {"name": "cpu"}}))
+    text = build_report(tmp_path).read_text()
+    assert "| Normal | vaegen | 2 | 0.105 ± 0.007 | [0.050, 0.150] | 0.900 | 0.795 ± 0.007 |" in text
+    assert "| Normal | kuzina | 2 | 0.300 | [0.200, 0.400] | 0.950 | 0.650 |" in text
+    with open(tmp_path / "runs.csv") as f:
+        row = next(csv.DictReader(f))
+    assert (row["G_r"], row["msssim_clean"], row["msssim_attacked"]) == ("0.1", "0.9", "0.8")
+    assert (row["G_r[eval-kuzina]"], row["msssim_clean[eval-kuzina]"], row["msssim_attacked[eval-kuzina]"]) == \
+        ("0.3", "0.95", "0.65")
