@@ -297,3 +297,31 @@ def test_a_prerequisite_over_several_gpus_runs_under_accelerate_launch(studies, 
     assert job.exception() is None, job.stdout()
     assert json.loads((out / "train_run.json").read_text())["starts"][-1]["num_processes"] == 2
     assert file_hashes(out, "*.safetensors") == torchrun_dm
+
+
+# --- a whole study through the CLI: `vaegen study ... --executor slurm` -------------------------------------------
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist is missing")
+def test_a_study_on_slurm_builds_its_inputs_in_jobs_and_trains_the_runs_a_local_study_trains(tmp_path):
+    study = ["study", "compare", "--preset", "smoke", "--subset", "50", "--epochs", "2", "--dm-max-steps", "5",
+             "--no-reuse"]
+    env = {**launch_env(), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    slurm = subprocess.run([sys.executable, "-m", "vaegen", *study, "--executor", "slurm", "--time-min", "10",
+                            "--array-parallelism", "2", "--out", "runs/studies/on-slurm"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert slurm.returncode == 0, slurm.stderr[-3000:]
+    submitted = json.loads((tmp_path / "runs/studies/on-slurm/slurm/submitted.json").read_text())
+    runs = ("normal-seed0", "dmaapx-k5-seed0", "aug-naive-seed0", "aug-tuned-seed0")
+    assert {f"runs/studies/on-slurm/runs/{run}" for run in runs} <= set(submitted)  # every run a task
+    assert any(key.startswith("vaegen dm train") for key in submitted)  # and the prerequisites jobs
+    assert (tmp_path / "runs/dm/fmnist-n50-s0-tiny-steps5/dm.json").exists()  # the DM was trained in a Slurm job
+    local = subprocess.run([sys.executable, "-m", "vaegen", *study, "--jobs", "2", "--out", "runs/studies/local"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert "$ vaegen dm train" not in local.stderr  # the inputs the Slurm study built serve the local one
+    for run in runs:
+        on_slurm, here = (tmp_path / f"runs/studies/{d}/runs/{run}" for d in ("on-slurm", "local"))
+        assert file_hashes(on_slurm, "*.safetensors") == file_hashes(here, "*.safetensors"), run
+        assert json.loads((on_slurm / "eval/gaps.json").read_text())["generalization"] == \
+            json.loads((here / "eval/gaps.json").read_text())["generalization"]
+    assert (tmp_path / "runs/studies/on-slurm/report.md").exists()
