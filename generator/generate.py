@@ -41,7 +41,7 @@ from vaegen.data import IMAGE_SIZE, get_spec, store_path
 from vaegen.errors import VaegenError
 from vaegen.interrupts import set_resume_hint
 from vaegen.launch import launch_state
-from vaegen.provenance import run_record
+from vaegen.provenance import refuse_changed_settings, run_record
 from vaegen.rundir import RunDir, run_dir_at
 from vaegen.runlock import remote_run_lock, run_lock
 
@@ -150,10 +150,7 @@ def check_identity(out: RunDir, previous: dict | None, identity: dict) -> None:
     if previous is None:
         return
     recorded = dict(previous["identity"], noise_stream=sf.noise_stream_of(previous["identity"]))
-    diff = [k for k in identity if recorded.get(k) != identity[k]]
-    if diff:
-        names = ", ".join(f"{k} ({recorded.get(k)!r} there, {identity[k]!r} now)" for k in diff)
-        raise VaegenError(f"--out {out} holds a run with a different {names}; use a new --out directory")
+    refuse_changed_settings(recorded, identity, where=f"--out {out}", hint="use a new --out directory")
 
 
 def check_one_noise_stream(out: RunDir, noise: str) -> None:
