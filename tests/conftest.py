@@ -78,9 +78,21 @@ def write_shard_run(run_dir, n_samples: int, shard_size: int, dataset: str = "fm
                      {"sampler": "test", "dm_sha256": "0" * 64})
 
 
+class RecordingVAE:
+    """The real VAE, plus a record of every image the attack asks it to encode."""
+
+    def __init__(self, vae):
+        self.vae, self.seen = vae, []
+
+    def encode(self, x):
+        self.seen.append(x.detach().clone())
+        return self.vae.encode(x)
+
+
 class Support:
     """The factories above, as one fixture: `support.store(root, ...)`, `support.dm(root)`,
-    `support.shard_run(run_dir, n, shard_size)`, `support.numbered_images(n)`, `support.image_ids(batch)`."""
+    `support.shard_run(run_dir, n, shard_size)`, `support.numbered_images(n)`, `support.image_ids(batch)`,
+    `support.recording_vae(vae)`."""
 
     store = staticmethod(write_tiny_store)
     dm = staticmethod(write_tiny_dm)
@@ -88,6 +100,7 @@ class Support:
     numbered_images = staticmethod(numbered_images)
     image_ids = staticmethod(image_ids)
     smooth_images = staticmethod(smooth_images)
+    recording_vae = RecordingVAE
 
 
 @pytest.fixture(scope="session")

@@ -32,17 +32,6 @@ def encoder_vae(seed=0):
     return vae
 
 
-class RecordingVAE:
-    """The real VAE, plus a record of every image the attack asks it to encode."""
-
-    def __init__(self, vae):
-        self.vae, self.seen = vae, []
-
-    def encode(self, x):
-        self.seen.append(x.detach().clone())
-        return self.vae.encode(x)
-
-
 @pytest.mark.parametrize("channels", [1, 3])
 def test_msssim_of_an_image_with_itself_is_one(channels):
     noise = torch.rand(3, channels, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -78,8 +67,8 @@ def test_symmetric_kl_is_the_sum_of_both_kl_divergences():
 
 
 @pytest.mark.parametrize("update,step_size", [("sgd", 1.0), ("sign", 0.25)])
-def test_attack_never_leaves_the_delta_ball_or_the_pixel_range(update, step_size):
-    vae, x_ref, delta = RecordingVAE(encoder_vae()), images(), 0.1
+def test_attack_never_leaves_the_delta_ball_or_the_pixel_range(update, step_size, support):
+    vae, x_ref, delta = support.recording_vae(encoder_vae()), images(), 0.1
     start = random_start(x_ref, delta, torch.Generator().manual_seed(0))
     result = pgd_symmetric_kl(vae, x_ref, start, AttackConfig(delta, 20, step_size, update))
     assert len(vae.seen) == 22  # the reference, then the start and 20 steps

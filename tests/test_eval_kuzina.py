@@ -25,17 +25,6 @@ def images(n=3, seed=0, size=32):
     return 0.1 + 0.7 * torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
 
 
-class RecordingVAE:
-    """The real VAE, plus a record of every image the attack asks it to encode."""
-
-    def __init__(self, vae):
-        self.vae, self.seen = vae, []
-
-    def encode(self, x):
-        self.seen.append(x.detach().clone())
-        return self.vae.encode(x)
-
-
 def one_image_attack(vae, x_ref, eps0, delta, iterations, lr):
     """Their AttackVAE.train_eps (unsupervised) restated for one image (1, C, H, W): a Parameter, torch's SGD
     and ReduceLROnPlateau, the loop order of attack/attacker.py:76-95."""
@@ -74,8 +63,8 @@ def test_batched_attack_equals_their_loop_one_image_at_a_time(lr):
         torch.testing.assert_close(batched, kuzina.attack(vae, x_ref, eps0, AttackConfig(0.1, 1, lr)), rtol=0, atol=0)
 
 
-def test_the_attack_starts_from_unprojected_gaussian_noise_in_the_images_range():
-    vae, x_ref, delta = RecordingVAE(fc_vae()), images(4), 0.1
+def test_the_attack_starts_from_unprojected_gaussian_noise_in_the_images_range(support):
+    vae, x_ref, delta = support.recording_vae(fc_vae()), images(4), 0.1
     eps0 = kuzina.start_noise(x_ref.shape, torch.Generator().manual_seed(2))
     torch.testing.assert_close(eps0, 0.2 * torch.randn(x_ref.shape, generator=torch.Generator().manual_seed(2)),
                                rtol=0, atol=0)
@@ -88,8 +77,8 @@ def test_the_attack_starts_from_unprojected_gaussian_noise_in_the_images_range()
     assert (first >= low - 1e-6).all() and (first <= high + 1e-6).all()  # their x_r + (clamp(...) - x_r)
 
 
-def test_the_attack_returns_its_last_iterate():
-    vae, x_ref = RecordingVAE(fc_vae()), images(3)
+def test_the_attack_returns_its_last_iterate(support):
+    vae, x_ref = support.recording_vae(fc_vae()), images(3)
     eps0 = kuzina.start_noise(x_ref.shape, torch.Generator().manual_seed(3))
     for n in (4, 9):
         vae.seen.clear()

@@ -70,26 +70,17 @@ class Bernoulli(Likelihood):
         return torch.bernoulli(self.mean(params), generator=generator)
 
 
-class Gaussian(Likelihood):
-    """N(x; mu, sigma^2 I) with a fixed sigma; params are the mean mu (unconstrained, so the linear VAE's
-    decoder x = W z + b is exactly this likelihood)."""
+class _Gaussian(Likelihood):
+    """What the two Gaussian decoders share: params are the mean mu, read and sampled with the decoder's sigma."""
 
-    name = "gaussian"
     continuous = True
-
-    def __init__(self, sigma: float):
-        super().__init__()
-        if not sigma > 0:
-            raise VaegenError(f"the Gaussian likelihood needs sigma > 0, got {sigma}")
-        self.sigma = float(sigma)
 
     def num_params(self, channels: int) -> int:
         return channels
 
-    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
-        z = (x.float() - params.float()) / self.sigma
-        per_pixel = -0.5 * z.square() - math.log(self.sigma) - 0.5 * math.log(2 * math.pi)
-        return per_pixel.flatten(1).sum(1)
+    @abc.abstractmethod
+    def scale(self) -> float | Tensor:
+        """The decoder's sigma."""
 
     def mean(self, params: Tensor) -> Tensor:
         return params.float().clamp(0, 1)
@@ -97,10 +88,31 @@ class Gaussian(Likelihood):
     def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         mu = params.float()
         noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        return (mu + self.sigma * noise).clamp(0, 1)
+        return (mu + self.scale() * noise).clamp(0, 1)
 
 
-class CalibratedGaussian(Likelihood):
+class Gaussian(_Gaussian):
+    """N(x; mu, sigma^2 I) with a fixed sigma; params are the mean mu (unconstrained, so the linear VAE's
+    decoder x = W z + b is exactly this likelihood)."""
+
+    name = "gaussian"
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        if not sigma > 0:
+            raise VaegenError(f"the Gaussian likelihood needs sigma > 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        z = (x.float() - params.float()) / self.sigma
+        per_pixel = -0.5 * z.square() - math.log(self.sigma) - 0.5 * math.log(2 * math.pi)
+        return per_pixel.flatten(1).sum(1)
+
+    def scale(self) -> float:
+        return self.sigma
+
+
+class CalibratedGaussian(_Gaussian):
     """N(x; mu, sigma^2 I) with one sigma shared by all pixels and calibrated to the data: the "optimal
     sigma-VAE" of Rybkin, Daniilidis & Levine 2021 ("Simple and effective VAE training with calibrated
     decoders"), the variant they recommend over learning sigma by gradient: in a training step sigma is its
@@ -117,7 +129,6 @@ class CalibratedGaussian(Likelihood):
     """
 
     name = "gaussian-calibrated"
-    continuous = True
     MSE_MOMENTUM = 0.01
     LOG_SIGMA_MIN = -6.0
 
@@ -126,16 +137,12 @@ class CalibratedGaussian(Likelihood):
         self.register_buffer("mse", torch.zeros((), dtype=torch.float64))  # running average (before correction)
         self.register_buffer("updates", torch.zeros((), dtype=torch.float64))
 
-    def num_params(self, channels: int) -> int:
-        return channels
-
     def log_sigma(self) -> Tensor:
         """The trained model's log sigma (from the running MSE; 0 before any training step)."""
         if self.updates == 0:
             return torch.zeros((), device=self.mse.device)
         mse = self.mse / (1 - (1 - self.MSE_MOMENTUM) ** self.updates)
         return (0.5 * mse.float().log()).clamp(min=self.LOG_SIGMA_MIN)
-
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         residual = x.float() - params.float()
@@ -150,13 +157,8 @@ class CalibratedGaussian(Likelihood):
         per_pixel = -0.5 * (residual * torch.exp(-log_sigma)).square() - log_sigma - 0.5 * math.log(2 * math.pi)
         return per_pixel.flatten(1).sum(1)
 
-    def mean(self, params: Tensor) -> Tensor:
-        return params.float().clamp(0, 1)
-
-    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        mu = params.float()
-        noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        return (mu + self.log_sigma().exp() * noise).clamp(0, 1)
+    def scale(self) -> Tensor:
+        return self.log_sigma().exp()
 
 
 class DiscretizedMixtureOfLogistics(Likelihood):
