@@ -1,13 +1,15 @@
 """The one skeleton every study runs on: its declared runs, each with the inputs it needs built first.
 
-A study is a list of `VaeRun`s (studies/catalog.py declares them). For each run, in order:
+A study is a list of `VaeRun`s (studies/catalog.py declares them). First, for each run in order:
 
     finished (done.json and eval/gaps.json)          skip it
     the same run finished in another study           copy it here (reused.json says from where)
-    past the time budget                             stop starting runs (the report says where)
     otherwise: its store, its DM (trained, or the committed reference, and scored when the study reports DM
-    scores), its shard set grown to the samples it needs -- each built once, in the foreground -- then the run's
-    train + eval is submitted to the executor (local processes or Slurm).
+    scores), its shard set grown to the samples it needs -- each built once, in the foreground.
+
+Then each run's train + eval is submitted to the executor (local processes or Slurm), until the time budget is
+spent (the report says where it stopped). Inputs come first so that no core idles while a later run's shards are
+made, and no shard set grows under a job that reads it.
 
 Stages talk through files, exactly as when a user types the commands; every output records its own completion,
 so rerunning a study skips what is finished and resumes what was interrupted. Layout of a study directory:
@@ -100,20 +102,22 @@ class Study:
     def execute(self) -> None:
         self.check_resumable()
         self.save()
-        started = time.monotonic()
+        # Every input first, then the runs: a run waiting for a later run's shards would leave its core idle, and
+        # a shard set must not grow under a job that reads it.
+        pending = []
         for run in self.runs:
-            job = self.job(run)
-            if not job.commands():
+            if not self.job(run).commands():
                 continue
-            if not (self.run_dir(run) / DONE_NAME).exists():
-                if self.reuse_finished(run, job):
-                    job = self.job(run)
-                    if not job.commands():
-                        continue
-                elif self.over_budget(run.name):
-                    break
+            if not (self.run_dir(run) / DONE_NAME).exists() and self.reuse_finished(run, self.job(run)):
+                if not self.job(run).commands():
+                    continue
             self.prepare(run, train=not (self.run_dir(run) / DONE_NAME).exists())
-            if not self.executor.submit(job):
+            pending.append(run)
+        started = time.monotonic()
+        for run in pending:
+            if not (self.run_dir(run) / DONE_NAME).exists() and self.over_budget(run.name):
+                break
+            if not self.executor.submit(self.job(run)):
                 break
         self.executor.wait()
         self.vae_seconds += time.monotonic() - started

@@ -29,13 +29,15 @@ class RecordingExecutor:
     jobs = 1
 
     def __init__(self):
-        self.commands, self.jobs_submitted = [], []
+        self.commands, self.jobs_submitted, self.events = [], [], []
 
     def run(self, label, args):
         self.commands.append(args)
+        self.events.append(("input", args[0]))
 
     def submit(self, job):
         self.jobs_submitted.append(job)
+        self.events.append(("run", job.label))
         return True
 
     def wait(self):
@@ -193,6 +195,17 @@ def test_a_study_uses_the_committed_reference_dm_and_trains_none(tmp_path, monke
     assert json.loads((tmp_path / "study" / "study.json").read_text())["dms"] == {
         "models/fmnist-n200-s0-tiny": "ab" * 32}
     assert len(executor.jobs_submitted) == 4
+
+
+def test_a_study_builds_every_input_before_its_first_run_starts(tmp_path, monkeypatch):
+    """Otherwise a run whose shards are not made yet waits for the running ones, and a core idles meanwhile."""
+    monkeypatch.chdir(tmp_path)
+    executor = RecordingExecutor()
+    Study(STUDIES["robustness"], "fmnist", get_study_preset("smoke"), tmp_path / "study", executor).execute()
+    kinds = [kind for kind, _ in executor.events]
+    assert kinds.count("run") == len(executor.jobs_submitted) > 0
+    assert "generate" in [name for kind, name in executor.events if kind == "input"]
+    assert "input" not in kinds[kinds.index("run"):]
 
 
 def test_a_run_finished_in_another_study_is_copied_not_retrained(tmp_path, monkeypatch):
