@@ -29,7 +29,7 @@ def write_tables(runs: list[Run], groups: dict[str, list[Run]], out: Path) -> No
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "method", "seed", "scale", "m_z", "n_c", "mix_real", "real_k", "sigma", "likelihood",
-                    "parameters", "parameters_z", "parameters_not_z", "finished", *RESULT_COLUMNS,
+                    "sampler", "parameters", "parameters_z", "parameters_not_z", "finished", *RESULT_COLUMNS,
                     *robustness_columns[1:]])
         for r in runs:
             cells = []
@@ -38,7 +38,7 @@ def write_tables(runs: list[Run], groups: dict[str, list[Run]], out: Path) -> No
                 cells += [robust.get("gap", ""), robust.get("msssim_input", {}).get("mean", ""),
                           robust.get("msssim_recon", {}).get("mean", "")]
             w.writerow([r.name, r.method, r.seed, r.scale, r.mz, r.nc, r.mix_real, r.real_k, r.sigma, r.likelihood,
-                        r.parameters.get("total", ""), r.parameters.get("z", ""), r.parameters.get("not_z", ""),
+                        r.sampler, r.parameters.get("total", ""), r.parameters.get("z", ""), r.parameters.get("not_z", ""),
                         r.finished, *(r.results.get(c, "") for c in RESULT_COLUMNS), *cells[1:]])
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -61,11 +61,12 @@ def build_report(study_dir: str | Path) -> Path:
         raise VaegenError(f"{runs_dir} holds no VAE runs yet")
     finished = [r for r in runs if r.finished]
     with_sigma = len({r.sigma for r in finished}) > 1
+    with_sampler = len({r.sampler for r in finished if r.source == "shards"}) > 1
     groups: dict[str, list[Run]] = defaultdict(list)
     for r in sorted(finished, key=lambda r: (r.method != "Normal", r.real_k or 0, r.method, r.scale or 0,
                                              r.dm_n is None, r.dm_n or 0, str(r.dm), r.mz or 0, r.nc or 0,
                                              r.sigma or 0)):
-        groups[group_key(r, with_sigma)].append(r)
+        groups[group_key(r, with_sigma, with_sampler)].append(r)
 
     write_tables(runs, groups, study_dir)
     figures, sections = [], []

@@ -35,6 +35,7 @@ class Run:
     sigma: float | None = None
     likelihood: str | None = None
     dm: str | None = None           # the DM behind the shards
+    sampler: str | None = None      # how the shards were sampled ("edm-heun 12")
     dm_n: int | None = None         # its training-set size, when smaller than the VAE's D_train (dm-subsets)
     real_k: int | None = None       # Normal training on k*N real images at N's compute (real-vs-synthetic)
     metrics: list[dict] = field(default_factory=list)
@@ -110,6 +111,8 @@ def run_of(config: dict, name: str = "run", metrics: list[dict] | None = None) -
     if shards:
         generation = data.get("generation", {})
         run.dm = generation.get("dm", {}).get("path")
+        sampler = generation.get("sampler") or {}
+        run.sampler = f"{sampler['name']} {sampler['steps']}" if "name" in sampler else None
         vae_n = data.get("pool_size", 0) // max(data.get("scale") or 1, 1)
         if generation.get("n_train") and generation["n_train"] < vae_n:
             run.dm_n = generation["n_train"]
@@ -154,13 +157,20 @@ def results_of(gaps: dict, metrics: list[dict]) -> dict:
     return r
 
 
-def group_key(run: Run, with_sigma: bool = False) -> str:
-    parts = [run.label]
-    if run.mz is not None:
-        parts.append(f"m_z={run.mz} n_c={run.nc}")
-    if with_sigma and run.sigma is not None:
-        parts.append(f"sigma={run.sigma:g}")
-    return ", ".join(parts)
+def group_key(run: Run, with_sigma: bool = False, with_sampler: bool = False) -> str:
+    """A report's group: the run's label, with the model size, the likelihood's fixed sigma and the shards'
+    sampler where the study varies them."""
+    return ", ".join([run.label, *factors(run, with_sigma, with_sampler)])
+
+
+def factors(run: Run, with_sigma: bool = False, with_sampler: bool = False) -> list[str]:
+    """What sets a run apart from its method's other runs in a study that varies these."""
+    out = [f"m_z={run.mz} n_c={run.nc}"] if run.mz is not None else []
+    if with_sampler and run.sampler:
+        out.append(run.sampler)
+    if with_sigma and run.sigma is not None and run.likelihood != "gaussian-calibrated":
+        out.append(f"sigma={run.sigma:g}")
+    return out
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:

@@ -213,3 +213,44 @@ def test_the_robustness_section_and_runs_csv_show_g_r_and_its_two_terms_for_each
     assert (row["G_r"], row["msssim_clean"], row["msssim_attacked"]) == ("0.1", "0.9", "0.8")
     assert (row["G_r[eval-kuzina]"], row["msssim_clean[eval-kuzina]"], row["msssim_attacked[eval-kuzina]"]) == \
         ("0.3", "0.95", "0.65")
+
+
+def test_the_robustness_report_orders_the_four_methods_by_g_r_under_each_factor_against_table_7(tmp_path):
+    """Each factor changes one choice; methods it leaves alone keep their baseline G_r; the DPM-Solver++ DMaaPx
+    runs are a group of their own, not pooled with the Heun ones."""
+    heun = {"data": {"generation": {"sampler": {"name": "edm-heun", "steps": 12}}}}
+    dpm = {"data": {"generation": {"sampler": {"name": "dpm-solver++", "steps": 7}}}}
+    baseline = {"normal": 0.30, "aug-naive": 0.28, "aug-tuned": 0.16, "dmaapx": 0.15}
+
+    def run(name, seed, g_r, sigma=0.1, **kw):
+        config = {"sigma": sigma, "likelihood": "gaussian", **kw.pop("config", {})}
+        if "augment" in kw:
+            config["augment_output"] = kw.pop("augment_output", "uint8")
+        robust = {"gap": g_r, "msssim_input": {"mean": 0.9}, "msssim_recon": {"mean": 0.9 - g_r}}
+        write_result_run(tmp_path, f"{name}-seed{seed}", seed, 500.0, 100.0, config=config,
+                         gaps={"robustness": robust}, **kw)
+
+    for seed in (0, 1):
+        run("sigma0.1-normal", seed, baseline["normal"] + seed / 100)
+        run("sigma0.1-aug-naive", seed, baseline["aug-naive"], augment="naive")
+        run("sigma0.1-aug-tuned", seed, baseline["aug-tuned"], augment="tuned")
+        run("sigma0.1-dmaapx", seed, baseline["dmaapx"], source="shards", scale=10, config=heun)
+    run("sigma0.1-aug-naive-float", 0, 0.10, augment="naive", augment_output="float")
+    run("sigma0.1-dmaapx-dpm", 0, 0.24, source="shards", scale=10, config=dpm)
+    for method, g_r in (("normal", 0.39), ("aug-naive", 0.11), ("aug-tuned", 0.21)):
+        run(f"sigma0.2-{method}", 0, g_r, sigma=0.2, **({"augment": method[4:]} if method != "normal" else {}))
+    run("sigma0.2-dmaapx", 0, 0.31, sigma=0.2, source="shards", scale=10, config=heun)
+    (tmp_path / "study.json").write_text(json.dumps({"study": "robustness", "dataset": "fmnist",
+                                                     "preset": {"name": "cpu"}}))
+    text = build_report(tmp_path).read_text()
+    assert "| DMaaPx k=10, dpm-solver++ 7, sigma=0.1 | vaegen | 1 | 0.240 |" in text
+    assert "| DMaaPx k=10, edm-heun 12, sigma=0.1 | vaegen | 2 | 0.150 |" in text
+    with open(tmp_path / "runs.csv") as f:
+        assert {row["run"]: row["sampler"] for row in csv.DictReader(f)}["sigma0.1-dmaapx-dpm-seed0"] == "dpm-solver++ 7"
+    assert ("| baseline | vaegen | DMaaPx 0.150 < Aug.Tuned 0.160 < Aug.Naive 0.280 < Normal 0.305 | 3/6 |"
+            in text)
+    assert "| sigma=0.2 | vaegen | Aug.Naive 0.110 < Aug.Tuned 0.210 < DMaaPx 0.310 < Normal 0.390 | 6/6 |" in text
+    assert ("| Aug.* output float | vaegen | Aug.Naive 0.100 < DMaaPx 0.150* < Aug.Tuned 0.160* < Normal 0.305* | 5/6 |"
+            in text)
+    assert ("| DMaaPx shards by dpm-solver++ 7 | vaegen | Aug.Tuned 0.160* < DMaaPx 0.240 < Aug.Naive 0.280* < "
+            "Normal 0.305* | 4/6 |" in text)
