@@ -373,6 +373,7 @@ def test_the_robustness_study_measures_g_r_by_both_protocols_and_shares_its_defa
     for run in runs.values():
         (_, main), (kuzina_dir, kuzina) = run.evaluations(out)
         assert kuzina_dir == "eval-kuzina" and kuzina[kuzina.index("--robustness-protocol") + 1] == "kuzina"
+        assert kuzina[kuzina.index("--gaps") + 1] == "robustness" and kuzina[kuzina.index("--iwae-k") + 1] == "0"
 
 
 def test_a_studys_runs_report_to_one_tracker_run_each_grouped_by_the_study_and_still_match_for_reuse(tmp_path):
