@@ -252,6 +252,16 @@ def measure_amortization(inp: EvalInputs, config: EvalConfig, progress: bool = T
     return summary, arrays
 
 
+def g_r_summary(msssim_input: torch.Tensor, msssim_recon: torch.Tensor) -> dict:
+    """G_r with its 95% interval over attack seeds, and its two terms, from (seeds, N) MS-SSIMs."""
+    gap = (msssim_input - msssim_recon).cpu()
+    over_seeds = mean_ci(gap.mean(1))
+    return {"gap": over_seeds["mean"], "se": over_seeds["se"], "ci95": over_seeds["ci95"],
+            "ci_over": "attack seeds (per-seed mean over images)", "per_seed": gap.mean(1).tolist(),
+            "over_images": mean_ci(gap.mean(0)),
+            "msssim_input": mean_ci(msssim_input.cpu()), "msssim_recon": mean_ci(msssim_recon.cpu())}
+
+
 def measure_robustness(inp: EvalInputs, config: EvalConfig, progress: bool = True) -> tuple[dict, dict]:
     """G_r: MS-SSIM of attacked inputs minus MS-SSIM of their reconstructions, under Kuzina et al. 2022's
     encoder attack, measured by vaegen's protocol or by theirs (`evaluator.kuzina`; README: the differences)."""
@@ -267,18 +277,15 @@ def measure_robustness(inp: EvalInputs, config: EvalConfig, progress: bool = Tru
         result = robustness_gap(inp.vae, inp.x_test[pick], config.attack, seeds, config.msssim, config.batch_size,
                                 progress=progress)
         protocol = {"reconstruction": "decoder mean at the posterior mean", "msssim_config": config.msssim.describe()}
-    per_seed = result.gap.mean(1).cpu()
-    over_seeds = mean_ci(per_seed)
     summary = {
-        "gap": over_seeds["mean"], "se": over_seeds["se"], "ci95": over_seeds["ci95"],
-        "ci_over": "attack seeds (per-seed mean over images)", "per_seed": per_seed.tolist(),
-        "over_images": mean_ci(result.gap.mean(0).cpu()),
-        "msssim_input": mean_ci(result.msssim_input.cpu()), "msssim_recon": mean_ci(result.msssim_recon.cpu()),
+        **g_r_summary(result.msssim_input, result.msssim_recon),
         "symmetric_kl": mean_ci(result.skl.cpu()), "n_images": len(pick), "seeds": seeds,
         "protocol": config.robustness_protocol, **protocol, "attack": dataclasses.asdict(config.attack),
         "definition": "E[MS-SSIM(x_r, x_a) - MS-SSIM(x~_r, x~_a)] = msssim_input - msssim_recon, x_a = L-inf "
                       f"attack maximizing SKL(q(z|x_r), q(z|x_a)), x~ = {protocol['reconstruction']}",
     }
+    if result.variants:  # the same attacked inputs, scored with vaegen's MS-SSIM and/or x~ (evaluator.kuzina)
+        summary["variants"] = {name: g_r_summary(*scores) for name, scores in result.variants.items()}
     arrays = {"robustness/index": inp.test_idx[pick], "robustness/seeds": np.asarray(seeds, dtype=np.uint64),
               "robustness/msssim_input": result.msssim_input, "robustness/msssim_recon": result.msssim_recon,
               "robustness/skl": result.skl}

@@ -10,7 +10,7 @@ Each returns per-image arrays; `evaluator.evaluate` turns them into means with c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -162,6 +162,8 @@ class RobustnessResult:
     msssim_input: torch.Tensor  # (seeds, N) MS-SSIM(x_r, x_a)
     msssim_recon: torch.Tensor  # (seeds, N) MS-SSIM(x~_r, x~_a)
     skl: torch.Tensor  # (seeds, N) symmetric KL the attack reached
+    # The same attacked inputs scored otherwise: {name: (MS-SSIM(x_r, x_a), MS-SSIM(x~_r, x~_a))}, each (seeds, N)
+    variants: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def gap(self) -> torch.Tensor:

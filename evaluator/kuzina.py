@@ -22,6 +22,10 @@ beside vaegen's own protocol (`evaluator.attack`, `evaluator.gaps.robustness_gap
     G_r       mean over images and restarts of MS-SSIM(x_r, x_a) - MS-SSIM(x~_r, x~_a)
                                                                        vae/model/vae.py:432-444, trainer.py:74-90
 
+Which of these differences matter is measured, not guessed: the attacked inputs are also scored with vaegen's
+MS-SSIM and/or vaegen's reconstruction (the posterior mean), so that gaps.json's `variants` separate the attack's
+share of a difference between the protocols (images, start, loop, kept iterate) from the scoring's (VARIANTS).
+
 What cannot be theirs: their VAEs see the 28x28 MNIST-type images, vaegen's see them zero-padded to 32x32
 (`vaegen.data.pad_to_32`), so the attack also moves the 2 px border; MS-SSIM is taken on the central 28x28,
 the pixels their images had. Their random numbers came from torch's global generator in one process; here
@@ -31,6 +35,7 @@ every restart has its own seeded stream (`vaegen.seeding`, "eval-attack-start").
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -41,6 +46,7 @@ from tqdm.auto import tqdm
 
 from evaluator.attack import AttackConfig, symmetric_kl
 from evaluator.gaps import RobustnessResult, batches
+from evaluator.msssim import ms_ssim as vaegen_ms_ssim
 from vaegen.data import IMAGE_SIZE, get_spec
 from vaegen.errors import VaegenError
 
@@ -197,9 +203,19 @@ def describe(frame: int) -> dict:
 
 # --- the gap -----------------------------------------------------------------------------------------------
 
+# Which of the protocols' differences move G_r: the attacked inputs of this protocol (its images, start, loop
+# and kept iterate) scored with each mix of the two MS-SSIMs and the two reconstructions. (MS-SSIM, x~) -> the
+# variant's name in gaps.json; theirs, sampled is this protocol itself.
+VARIANTS = {("theirs", "sampled"): None,
+            ("vaegen", "mean"): "attack",
+            ("theirs", "mean"): "attack+msssim",
+            ("vaegen", "sampled"): "attack+reconstruction"}
+
 def robustness_gap(vae, x_ref: Tensor, config: AttackConfig, seeds: list[int], frame: int | None = None,
                    batch_size: int = 1000, progress: bool = True) -> RobustnessResult:
-    """Attack every image once per seed (their restarts) and score each attacked input as their eval_attack.
+    """Attack every image once per seed (their restarts) and score each attacked input as their eval_attack,
+    and also by each mix of MS-SSIMs and reconstructions in VARIANTS (no extra random numbers: the posterior mean
+    draws none, and the sampled reconstructions are those of their scoring).
 
     Restart i draws everything from its own generator (seed seeds[i]), in this order: its start noise for all
     images, then the z ~ q of its attacked inputs' reconstructions. The reference images' reconstructions (one
@@ -216,11 +232,22 @@ def robustness_gap(vae, x_ref: Tensor, config: AttackConfig, seeds: list[int], f
     with torch.no_grad():
         rec_ref = torch.cat([sampled_reconstruction(vae, x_ref[sl], ref_noise[sl])
                              for sl in batches(len(x_ref), batch_size)]).repeat(len(seeds), 1, 1, 1)
-        ms_in, ms_rec, skl = [], [], []
+        scores = defaultdict(list)  # (MS-SSIM, x~) -> [(MS-SSIM(x_r, x_a), MS-SSIM(x~_r, x~_a)) per batch]
+        skl = []
         for sl in tqdm(list(batches(len(x_rep), batch_size)), desc="kuzina scores", leave=False,
                        disable=not progress):
-            ms_in.append(ms_ssim(x_rep[sl], x_adv[sl], frame))
-            ms_rec.append(ms_ssim(rec_ref[sl], sampled_reconstruction(vae, x_adv[sl], adv_noise[sl]), frame))
-            skl.append(symmetric_kl(*vae.encode(x_adv[sl]), *vae.encode(x_rep[sl])))
+            x, x_a = x_rep[sl], x_adv[sl]
+            reconstructions = {"sampled": (rec_ref[sl], sampled_reconstruction(vae, x_a, adv_noise[sl])),
+                               "mean": (vae.reconstruct(x), vae.reconstruct(x_a))}
+            similarity = {"theirs": lambda a, b: ms_ssim(a, b, frame), "vaegen": vaegen_ms_ssim}
+            for (measure, recon), _ in VARIANTS.items():
+                scores[measure, recon].append((similarity[measure](x, x_a),
+                                               similarity[measure](*reconstructions[recon])))
+            skl.append(symmetric_kl(*vae.encode(x_a), *vae.encode(x)))
     shape = (len(seeds), len(x_ref))
-    return RobustnessResult(torch.cat(ms_in).view(shape), torch.cat(ms_rec).view(shape), torch.cat(skl).view(shape))
+
+    def joined(key):
+        return tuple(torch.cat([batch[i] for batch in scores[key]]).view(shape) for i in (0, 1))
+
+    return RobustnessResult(*joined(("theirs", "sampled")), torch.cat(skl).view(shape),
+                            variants={name: joined(key) for key, name in VARIANTS.items() if name})

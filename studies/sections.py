@@ -273,14 +273,24 @@ def gap_curves_section(groups: dict[str, list[Run]], study_dir: Path) -> Section
 PAPER_G_R_ORDER = ("Aug.Naive", "Aug.Tuned", "DMaaPx", "Normal")
 
 
-def g_r_by_protocol(run: Run) -> dict[str, dict]:
-    """{protocol: the robustness entry of its gaps.json} over every evaluation of the run (eval/, eval-kuzina/)."""
+def g_r_by_protocol(run: Run, steps: bool = False) -> dict[str, dict]:
+    """{protocol: the robustness entry of its gaps.json} over every evaluation of the run (eval/, eval-kuzina/),
+    vaegen's first; with `steps`, the Kuzina protocol's rescorings as protocols of their own ("kuzina: attack")."""
     out = {}
     for gaps in (run.gaps, *run.more_gaps.values()):
         robust = gaps.get("robustness", {})
         if "msssim_input" in robust:
-            out[robust.get("protocol", "vaegen")] = robust
-    return out
+            protocol = robust.get("protocol", "vaegen")
+            out[protocol] = robust
+            if steps:
+                out.update({f"{protocol}: {name}": variant for name, variant in robust.get("variants", {}).items()})
+    return dict(sorted(out.items(), key=lambda item: (item[0] != "vaegen", ":" not in item[0], item[0])))
+
+
+PROTOCOL_STEPS = ("Protocols: vaegen's; Kuzina et al.'s (kuzina); and between them, Kuzina et al.'s attacked inputs "
+                  "(their images, start, loop and kept iterate) scored with vaegen's MS-SSIM and posterior-mean x~ "
+                  "(kuzina: attack), with their MS-SSIM (kuzina: attack+msssim) or with their sampled x~ "
+                  "(kuzina: attack+reconstruction).")
 
 
 def robustness_section(groups: dict[str, list[Run]]) -> Section:
@@ -292,7 +302,7 @@ def robustness_section(groups: dict[str, list[Run]]) -> Section:
         for m in members:
             for protocol, robust in g_r_by_protocol(m).items():
                 by_protocol[protocol].append(robust)
-        for protocol, robust in sorted(by_protocol.items()):
+        for protocol, robust in by_protocol.items():
             ci = [r["ci95"] for r in robust if r.get("ci95")]
             interval = f"[{np.mean([c[0] for c in ci]):.3f}, {np.mean([c[1] for c in ci]):.3f}]" if ci else "–"
             cells = [fmt(*mean_sd([r["gap"] for r in robust]), 3), interval,
@@ -305,7 +315,8 @@ def robustness_section(groups: dict[str, list[Run]]) -> Section:
     return ["## Robustness gap by training factor and protocol", "",
             "G_r = MS-SSIM(x, x_a) - MS-SSIM(x~, x~_a) (clean-vs-attacked similarity of the inputs and of their "
             "reconstructions; mean over runs). Its 95% interval is over attack seeds, averaged over the group's "
-            "runs. G_g, G_a and the test ELBO (from the vaegen evaluation) show whether a factor moves them too.", "",
+            "runs. G_g, G_a and the test ELBO (from the vaegen evaluation) show whether a factor moves them too.",
+            "",
             "| group | protocol | runs | G_r | G_r 95% interval | MS-SSIM(x, x_a) | MS-SSIM(x~, x~_a) | G_g | G_a | "
             "test ELBO |", "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
             *g_r_orderings([m for members in groups.values() for m in members])], []
@@ -340,10 +351,11 @@ def g_r_orderings(runs: list[Run]) -> list[str]:
     g_r = defaultdict(lambda: defaultdict(list))  # {(factor, protocol): {method: [G_r of each run]}}
     for run in runs:
         factor = ", ".join(names[k](v) for k, v in training_choices(run).items() if v != baseline[k]) or "baseline"
-        for protocol, robust in g_r_by_protocol(run).items():
+        for protocol, robust in g_r_by_protocol(run, steps=factor == "baseline").items():
             g_r[factor, protocol][run.base].append(robust["gap"])
     rows = []
-    for (factor, protocol), methods in sorted(g_r.items(), key=lambda item: (item[0][0] != "baseline", item[0])):
+    # baseline first, then the factors by name; each factor's protocols in g_r_by_protocol's order
+    for (factor, protocol), methods in sorted(g_r.items(), key=lambda item: (item[0][0] != "baseline", item[0][0])):
         base = g_r.get(("baseline", protocol), {})
         means = {m: (float(np.mean(v)), "") for m, v in base.items()}
         if factor != "baseline":
@@ -362,7 +374,8 @@ def g_r_orderings(runs: list[Run]) -> list[str]:
     return ["### G_r order of Table 7's methods, per factor", "",
             f"Table 7 (FashionMNIST): {' < '.join(PAPER_G_R_ORDER)} (0.11, 0.21, 0.31, 0.39). Baseline: {settings}. "
             "A factor changes one choice; * marks a method it does not change (its baseline G_r). The last column "
-            "counts the method pairs in Table 7's order (6/6: the same order).", "",
+            "counts the method pairs in Table 7's order (6/6: the same order).",
+            *(["", PROTOCOL_STEPS] if any(":" in protocol for _, protocol in g_r) else []), "",
             "| factor | protocol | G_r, lowest first | pairs as in Table 7 |", "|---|---|---|---|", *rows, ""]
 
 

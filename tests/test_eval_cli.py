@@ -95,6 +95,11 @@ def test_robustness_protocol_kuzina_is_recorded_with_both_msssim_components(run_
     assert theirs["kept_iterate"] == "last" and theirs["reconstruction"] == "decoder mean at one z ~ q(z|x)"
     # G_r is the difference of its two MS-SSIM means
     assert theirs["gap"] == pytest.approx(theirs["msssim_input"]["mean"] - theirs["msssim_recon"]["mean"])
+    # the same attacked inputs scored with vaegen's MS-SSIM and/or reconstruction, each a G_r of its own
+    assert set(theirs["variants"]) == {"attack", "attack+msssim", "attack+reconstruction"}
+    for variant in theirs["variants"].values():
+        assert variant["gap"] == pytest.approx(variant["msssim_input"]["mean"] - variant["msssim_recon"]["mean"])
+    assert theirs["variants"]["attack+msssim"]["msssim_input"] == theirs["msssim_input"]
     arrays = zarr.open_group(str(run_dir / "eval" / "per_example.zarr"), mode="r")
     labels = np.arange(40) % 4  # write_eval_store's test labels
     assert sorted(labels[arrays["robustness/index"][...]]) == [0, 1, 2, 3]  # one image per class

@@ -109,6 +109,25 @@ def test_a_restarts_numbers_depend_only_on_its_own_seed():
     torch.testing.assert_close(first.gap, first.msssim_input - first.msssim_recon)
 
 
+def test_the_same_attacked_inputs_are_rescored_with_vaegens_ms_ssim_and_reconstruction():
+    """An attack that cannot move (delta 0) leaves x_a = x_r: the posterior-mean reconstructions of the two are
+    the same image (G_r exactly 0), the sampled ones are two draws (G_r > 0), whichever MS-SSIM scores them."""
+    vae, x_ref = fc_vae(), images(3)
+    still = kuzina.robustness_gap(vae, x_ref, AttackConfig(0.0, 2), seeds=[7, 8], progress=False)
+    assert set(still.variants) == {"attack", "attack+msssim", "attack+reconstruction"}
+    for name in ("attack", "attack+msssim"):  # posterior-mean x~
+        ms_in, ms_rec = still.variants[name]
+        torch.testing.assert_close(ms_in - ms_rec, torch.zeros(2, 3))
+    for ms_in, ms_rec in (still.variants["attack+reconstruction"], (still.msssim_input, still.msssim_recon)):
+        assert ((ms_in - ms_rec) > 0.01).all()  # sampled x~
+    moved = kuzina.robustness_gap(vae, x_ref, AttackConfig(0.1, 5), seeds=[7], progress=False)
+    vaegen_in, vaegen_rec = moved.variants["attack"]
+    theirs_in, theirs_rec = moved.variants["attack+msssim"]
+    torch.testing.assert_close(theirs_in, moved.msssim_input, rtol=0, atol=0)  # the same pairs, their MS-SSIM
+    torch.testing.assert_close(moved.variants["attack+reconstruction"][0], vaegen_in, rtol=0, atol=0)
+    assert not torch.allclose(vaegen_in, theirs_in)  # the two MS-SSIMs differ on attacked images
+
+
 def test_the_objective_is_the_average_of_the_two_kl_divergences():
     g = torch.Generator().manual_seed(5)
     m_a, m_b, lv_a, lv_b = (torch.randn(5, 4, generator=g) for _ in range(4))

@@ -235,6 +235,13 @@ def test_the_robustness_report_orders_the_four_methods_by_g_r_under_each_factor_
         run("sigma0.1-aug-naive", seed, baseline["aug-naive"], augment="naive")
         run("sigma0.1-aug-tuned", seed, baseline["aug-tuned"], augment="tuned")
         run("sigma0.1-dmaapx", seed, baseline["dmaapx"], source="shards", scale=10, config=heun)
+        for method, g_r in baseline.items():  # Kuzina et al.'s protocol, and one of its steps toward vaegen's
+            theirs = tmp_path / "runs" / f"sigma0.1-{method}-seed{seed}" / "eval-kuzina"
+            theirs.mkdir()
+            step = {"gap": 1 - g_r, "msssim_input": {"mean": 1.0}, "msssim_recon": {"mean": g_r}}
+            (theirs / "gaps.json").write_text(json.dumps({"robustness": {
+                "gap": g_r / 2, "msssim_input": {"mean": 0.9}, "msssim_recon": {"mean": 0.9 - g_r / 2},
+                "protocol": "kuzina", "variants": {"attack": step}}}))
     run("sigma0.1-aug-naive-float", 0, 0.10, augment="naive", augment_output="float")
     run("sigma0.1-dmaapx-dpm", 0, 0.24, source="shards", scale=10, config=dpm)
     for method, g_r in (("normal", 0.39), ("aug-naive", 0.11), ("aug-tuned", 0.21)):
@@ -250,6 +257,10 @@ def test_the_robustness_report_orders_the_four_methods_by_g_r_under_each_factor_
     assert ("| baseline | vaegen | DMaaPx 0.150 < Aug.Tuned 0.160 < Aug.Naive 0.280 < Normal 0.305 | 3/6 |"
             in text)
     assert "| sigma=0.2 | vaegen | Aug.Naive 0.110 < Aug.Tuned 0.210 < DMaaPx 0.310 < Normal 0.390 | 6/6 |" in text
+    assert "| baseline | kuzina | DMaaPx 0.075 < Aug.Tuned 0.080 < Aug.Naive 0.140 < Normal 0.150 | 3/6 |" in text
+    assert ("| baseline | kuzina: attack | Normal 0.700 < Aug.Naive 0.720 < Aug.Tuned 0.840 < DMaaPx 0.850 | 3/6 |"
+            in text)
+    assert text.count("kuzina: attack |") == 1  # the protocol's steps: in the baseline's order only
     assert ("| Aug.* output float | vaegen | Aug.Naive 0.100 < DMaaPx 0.150* < Aug.Tuned 0.160* < Normal 0.305* | 5/6 |"
             in text)
     assert ("| DMaaPx shards by dpm-solver++ 7 | vaegen | Aug.Tuned 0.160* < DMaaPx 0.240 < Aug.Naive 0.280* < "
