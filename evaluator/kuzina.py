@@ -211,6 +211,7 @@ VARIANTS = {("theirs", "sampled"): None,
             ("theirs", "mean"): "attack+msssim",
             ("vaegen", "sampled"): "attack+reconstruction"}
 
+
 def robustness_gap(vae, x_ref: Tensor, config: AttackConfig, seeds: list[int], frame: int | None = None,
                    batch_size: int = 1000, progress: bool = True) -> RobustnessResult:
     """Attack every image once per seed (their restarts) and score each attacked input as their eval_attack,

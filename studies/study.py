@@ -108,9 +108,12 @@ class Study:
         for run in self.runs:
             if not self.job(run).commands():
                 continue
-            if not (self.run_dir(run) / DONE_NAME).exists() and self.reuse_finished(run, self.job(run)):
-                if not self.job(run).commands():
-                    continue
+            if not (self.run_dir(run) / DONE_NAME).exists():
+                if self.reuse_finished(run, self.job(run)):
+                    if not self.job(run).commands():
+                        continue
+                elif self.over_budget(run.name):  # no inputs for runs the budget will not start
+                    break
             self.prepare(run, train=not (self.run_dir(run) / DONE_NAME).exists())
             pending.append(run)
         started = time.monotonic()
@@ -126,8 +129,9 @@ class Study:
     def over_budget(self, next_run: str) -> bool:
         budget = self.preset.budget_minutes
         if budget is not None and (time.monotonic() - self.started) / 60 > budget:
-            self.stopped_at = self.stopped_at or next_run
-            click.echo(f"budget of {budget} min spent: not starting {next_run}", err=True)
+            if self.stopped_at is None:
+                self.stopped_at = next_run
+                click.echo(f"budget of {budget} min spent: not starting {next_run}", err=True)
             return True
         return False
 

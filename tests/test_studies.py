@@ -99,6 +99,16 @@ def test_budget_stops_starting_runs_and_records_where(tmp_path):
                      RecordingExecutor()).over_budget("x")
 
 
+def test_a_spent_budget_builds_no_inputs_for_the_runs_it_will_not_start(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    executor = RecordingExecutor()
+    study = Study(STUDIES["compare"], "fmnist", get_study_preset("smoke", budget_minutes=0), tmp_path / "s", executor)
+    study.started -= 1
+    study.execute()
+    assert not executor.commands and not executor.jobs_submitted
+    assert study.stopped_at == study.runs[0].name
+
+
 def test_budget_minutes_and_sigma_override_the_preset(tmp_path, monkeypatch):
     import studies.study
 
