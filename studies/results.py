@@ -12,6 +12,8 @@ import numpy as np
 from vaegen import vaerun
 from vaegen.provenance import read_json
 
+Section = tuple[list[str], list[tuple[str, str]]]  # a report section: markdown lines, (caption, png) figures
+
 RESULT_COLUMNS = ("test_elbo", "train_elbo", "pool_elbo", "G_g", "G_a", "G_r", "iwae_test", "psnr")
 
 
