@@ -114,7 +114,7 @@ def run_of(config: dict, name: str = "run", metrics: list[dict] | None = None) -
         generation = data.get("generation", {})
         run.dm = generation.get("dm", {}).get("path")
         sampler = generation.get("sampler") or {}
-        run.sampler = f"{sampler['name']} {sampler['steps']}" if "name" in sampler else None
+        run.sampler = f"{sampler['name']} {sampler['steps']}" if isinstance(sampler, dict) and "name" in sampler else None
         vae_n = data.get("pool_size", 0) // max(data.get("scale") or 1, 1)
         if generation.get("n_train") and generation["n_train"] < vae_n:
             run.dm_n = generation["n_train"]
