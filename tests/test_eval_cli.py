@@ -111,6 +111,16 @@ def test_robustness_protocol_kuzina_refuses_signed_steps_in_one_line(run_dir):
     assert not (run_dir / "eval").exists()
 
 
+def test_iwae_comes_with_the_generalization_gap_unless_asked_for(run_dir):
+    quick = [a for a in QUICK_SMALL if a not in ("--iwae-k", "20")]
+    assert invoke(run_dir, *quick, "--gaps", "robustness", "--smoothness-pairs", "0").exit_code == 0
+    assert "log_likelihood" not in json.loads((run_dir / "eval" / "gaps.json").read_text())
+    assert invoke(run_dir, *quick, "--gaps", "robustness", "--iwae-k", "3", "--smoothness-pairs", "0").exit_code == 0
+    assert json.loads((run_dir / "eval" / "gaps.json").read_text())["log_likelihood"]["k"] == 3
+    assert invoke(run_dir, *quick, "--gaps", "generalization", "--smoothness-pairs", "0").exit_code == 0
+    assert json.loads((run_dir / "eval" / "gaps.json").read_text())["log_likelihood"]["k"] > 0
+
+
 def test_probes_on_train_to_test_are_an_explicit_option(run_dir):
     result = invoke(run_dir, *QUICK_SMALL, "--gaps", "", "--iwae-k", "0", "--probes", "--probe-split", "train-test")
     assert result.exit_code == 0, result.output
