@@ -12,7 +12,7 @@ from pathlib import Path
 
 from studies.presets import EvalSettings, StudyPreset
 from vaegen.data import get_spec, store_name
-from vaegen.dmrun import DM_ROOT, dm_name, find_dm, snapshot_dir
+from vaegen.dmrun import dm_name, find_dm, is_reference, retraining_dir, snapshot_dir
 from vaegen.vaerun import EVAL_DIR
 
 SUBSET_SEED = 0  # every study draws its D_train subsets with seed 0: a smaller subset is inside every larger one
@@ -53,20 +53,26 @@ class DMSpec:
         return find_dm(dm_name(self.store.dataset, self.store.subset, SUBSET_SEED, self.preset, self.steps))
 
     @property
+    def training_dir(self) -> Path:
+        """Where the run trains: runs/dm/<name>; for a committed reference DM, its retraining (for snapshots)."""
+        return retraining_dir(self.run_dir) if is_reference(self.run_dir) else self.run_dir
+
+    @property
     def path(self) -> Path:
         """The DM itself: the run's exported model, or one of its snapshots."""
-        return self.run_dir if self.snapshot is None else snapshot_dir(self.run_dir, self.snapshot)
+        return self.run_dir if self.snapshot is None else snapshot_dir(self.training_dir, self.snapshot)
 
     @property
     def label(self) -> str:
         name = self.run_dir.name
         return name if self.snapshot is None else f"{name}-at{self.snapshot}"
 
-    def train_args(self, data_root: str) -> list[str]:
-        out = self.run_dir if self.run_dir.parent == DM_ROOT else DM_ROOT / self.run_dir.name
+    def train_args(self, data_root: str, snapshots: list[int] = ()) -> list[str]:
+        """`dm train` of the run, keeping the EMA model at each step of `snapshots`."""
         return ["dm", "train", "--dataset", self.store.dataset, *self.store.args(), "--preset", self.preset,
                 "--data-root", data_root, *(["--max-steps", str(self.steps)] if self.steps else []),
-                *(["--snapshot-steps", str(self.snapshot)] if self.snapshot else []), "--out", str(out)]
+                *(["--snapshot-steps", ",".join(map(str, snapshots))] if snapshots else []),
+                "--out", str(self.training_dir)]
 
 
 @dataclass(frozen=True)

@@ -153,21 +153,36 @@ class Study:
             self._built.add(store)
 
     def ensure_dm(self, dm: DMSpec) -> None:
-        if dmrun.is_trained(dm.path):
-            return
+        reference_snapshot = dm.snapshot is not None and dmrun.is_reference(dm.run_dir)
+        # A reference's retraining runs to its end: its final weights are the check that the snapshots are its.
+        if not dmrun.is_trained(dm.path) or reference_snapshot and not dmrun.is_trained(dm.training_dir):
+            self.train_dm(dm)
+        if reference_snapshot:
+            self.check_retraining(dm)
+
+    def train_dm(self, dm: DMSpec) -> None:
         self.ensure_store(dm.store)
-        out = dmrun.DM_ROOT / dm.run_dir.name
+        out = dm.training_dir
         if dm.snapshot is not None and dmrun.is_trained(out):
             raise VaegenError(f"{out} was trained without a snapshot at step {dm.snapshot}; move it away so that "
                               "it can be trained again with --snapshot-steps (the last snapshot is the same model)")
         # Every snapshot this study needs from that training run, in one run.
         steps = sorted({r.pool.dm.snapshot for r in self.runs if r.pool and r.pool.dm.snapshot is not None
-                        and r.pool.dm.run_dir == dm.run_dir})
-        args = DMSpec(dm.store, dm.preset, dm.steps).train_args(self.data_root)
-        args[args.index("--out") + 1] = str(out)
-        if steps:
-            args += ["--snapshot-steps", ",".join(map(str, steps))]
+                        and r.pool.dm.training_dir == out})
+        args = DMSpec(dm.store, dm.preset, dm.steps).train_args(self.data_root, steps)
+        if dmrun.is_reference(dm.run_dir) and (threads := dmrun.recorded_threads(dmrun.read_record(dm.run_dir))):
+            args += ["--threads", threads]
         self.vaegen(*args, *(["--resume"] if dmrun.checkpoint_dir(out).is_dir() else []))
+
+    def check_retraining(self, dm: DMSpec) -> None:
+        """A committed reference DM's snapshots come from training it again; they are its snapshots only if that
+        training ends in its weights, byte for byte (same code, seed and thread count)."""
+        ours, theirs = (dmrun.read_record(d) or {} for d in (dm.training_dir, dm.run_dir))
+        if ours.get("weights_sha256") != theirs.get("weights_sha256"):
+            ended = f"weights sha256 {ours['weights_sha256'][:12]}…" if ours else "no final model"
+            raise VaegenError(f"retraining {dm.run_dir} for its snapshots ended in {ended}, not its "
+                              f"{theirs.get('weights_sha256', '?')[:12]}…: {dm.training_dir} does not hold its "
+                              "snapshots (was it trained at another commit or thread count than its dm.json says?)")
 
     def ensure_score(self, dm: DMSpec) -> None:
         """`dm score` once per DM; its feature classifier trains on the full training split, so that store too."""

@@ -207,6 +207,65 @@ def test_a_study_uses_the_committed_reference_dm_and_trains_none(tmp_path, monke
     assert len(executor.jobs_submitted) == 4
 
 
+class DMTrainingExecutor(RecordingExecutor):
+    """Runs nothing but `dm train`, which it answers with the records a real run leaves: dm.json (with
+    `weights_sha256`) and one snapshot directory per --snapshot-steps."""
+
+    def __init__(self, sha="ab" * 32):
+        super().__init__()
+        self.sha = sha
+
+    def run(self, label, args):
+        super().run(label, args)
+        if args[:2] == ["dm", "train"]:
+            out = Path(args[args.index("--out") + 1])
+            steps = args[args.index("--snapshot-steps") + 1].split(",") if "--snapshot-steps" in args else []
+            for step in steps:
+                snap = out / "snapshots" / f"step-{int(step):08d}"
+                snap.mkdir(parents=True)
+                (snap / "dm.json").write_text(json.dumps({"finished": False, "snapshot_of": str(out)}))
+            (out / "dm.json").write_text(json.dumps({"finished": True, "weights_sha256": self.sha}))
+
+
+def test_graded_dms_train_one_run_once_and_are_found_on_the_rerun(tmp_path, monkeypatch):
+    """A snapshot's dm.json says `finished: false` (its run went on); it is still a model ready to sample."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        executor = DMTrainingExecutor()
+        Study(STUDIES["dm-quality"], "fmnist", get_study_preset("smoke"), tmp_path / "study", executor).execute()
+        assert len(executor.jobs_submitted) == 2
+    trainings = [c for c in executor.commands if c[:2] == ["dm", "train"]]
+    assert trainings == []  # the rerun found every graded DM
+
+
+@pytest.mark.parametrize("retrained_sha", ["ab" * 32, "cd" * 32])
+def test_a_committed_reference_dm_is_retrained_beside_it_for_its_snapshots_and_checked(tmp_path, monkeypatch,
+                                                                                     support, retrained_sha):
+    import vaegen.dmrun as dmrun
+
+    monkeypatch.chdir(tmp_path)
+    reference = tmp_path / "models" / "fmnist-n200-s0-tiny"
+    support.dm(reference)
+    (reference / "dm.json").write_text(json.dumps({
+        "dataset": "fmnist", "subset": 200, "subset_seed": 0, "finished": True, "weights_sha256": "ab" * 32,
+        "command": "vaegen dm train --dataset fmnist --preset tiny --threads 1"}))
+    monkeypatch.setattr(dmrun, "REFERENCE_ROOT", tmp_path / "models")
+    executor = DMTrainingExecutor(retrained_sha)
+    study = Study(STUDIES["dm-quality"], "fmnist", get_study_preset("smoke"), tmp_path / "study", executor)
+    if retrained_sha != "ab" * 32:
+        with pytest.raises(VaegenError, match="does not hold its snapshots"):
+            study.execute()
+        assert executor.jobs_submitted == []
+        return
+    study.execute()
+    [train] = [c for c in executor.commands if c[:2] == ["dm", "train"]]
+    assert train[train.index("--out") + 1] == "runs/dm/fmnist-n200-s0-tiny-retrained"
+    assert train[train.index("--threads") + 1] == "1" and train[train.index("--snapshot-steps") + 1] == "50"
+    dms = {c[c.index("--dm") + 1] for c in executor.commands if c[0] == "generate"}
+    assert dms == {"models/fmnist-n200-s0-tiny", "runs/dm/fmnist-n200-s0-tiny-retrained/snapshots/step-00000050"}
+    assert not Path("runs/dm/fmnist-n200-s0-tiny").exists()  # every other study still finds the committed DM
+
+
 def test_a_study_builds_every_input_before_its_first_run_starts(tmp_path, monkeypatch):
     """Otherwise a run whose shards are not made yet waits for the running ones, and a core idles meanwhile."""
     monkeypatch.chdir(tmp_path)

@@ -63,9 +63,31 @@ def read_record(dm_dir: str | os.PathLike) -> dict | None:
 
 
 def is_trained(dm_dir: str | os.PathLike) -> bool:
-    """A finished export: dm.json is written with the weights, and only for a completed run."""
+    """A model ready to sample: a completed run's final export, or a snapshot (dm.json is written with the weights;
+    a snapshot's says `finished: false`, since its run went on)."""
     record = read_record(dm_dir)
-    return record is not None and record.get("finished", True)
+    return record is not None and (record.get("finished", True) or "snapshot_of" in record)
+
+
+def is_reference(dm_dir: str | os.PathLike) -> bool:
+    """A reference DM committed under models/ (its snapshots are not committed)."""
+    return Path(dm_dir).resolve().parent == REFERENCE_ROOT
+
+
+def retraining_dir(reference: str | os.PathLike) -> Path:
+    """Where a committed reference DM is trained again for its snapshots: beside runs/dm/<name>, never in it, so
+    that every other study keeps finding the committed model."""
+    return DM_ROOT / f"{Path(reference).name}-retrained"
+
+
+def recorded_threads(record: dict) -> int | None:
+    """The torch thread count a DM was trained with (training is bit-exact only at the same count), read off the
+    command line dm.json recorded: `dm train` has no other record of it."""
+    words = str(record.get("command", "")).split()
+    if "--threads" in words[:-1]:
+        value = words[words.index("--threads") + 1]
+        return int(value) if value.isdigit() else None
+    return next((int(w.split("=", 1)[1]) for w in words if w.startswith("--threads=") and w[10:].isdigit()), None)
 
 
 def write_score(dm_dir: str | os.PathLike, score: dict, path: str | os.PathLike | None = None) -> Path:
