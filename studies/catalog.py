@@ -135,7 +135,8 @@ def real_vs_synthetic(runs: RunFactory) -> list[VaeRun]:
         for s in p.seeds:
             if k in p.real_scales and k * n <= full and p.subset is not None:
                 store = Store(runs.dataset, None if k * n >= full else k * n)
-                out.append(runs.normal(s, f"real-k{k}", store=store, epoch_size=n))
+                # k = 1 is Normal itself (the same command, so a finished Normal run is reused, not retrained)
+                out.append(runs.normal(s, f"real-k{k}", store=store, epoch_size=n if k > 1 else None))
             if k in p.scales:
                 out.append(runs.dmaapx(s, k))
     return out

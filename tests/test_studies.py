@@ -169,6 +169,7 @@ def test_real_vs_synthetic_draws_k_times_n_real_images_at_n_images_per_epoch():
     assert set(runs) == {"real-k1-seed0", "real-k2-seed0", "dmaapx-k1-seed0", "dmaapx-k2-seed0"}
     real = runs["real-k2-seed0"]
     assert real[real.index("--subset") + 1] == "400" and real[real.index("--epoch-size") + 1] == "200"
+    assert runs["real-k1-seed0"] == declared("compare")[0]["normal-seed0"]  # reused from Normal, never retrained
 
 
 def test_the_study_plans_hold_the_papers_protocols():
