@@ -380,6 +380,33 @@ def test_dm_subsets_scores_each_dm_once_and_reports_it(tmp_path):
 
 @pytest.mark.slow
 @needs_fmnist
+def test_a_committed_reference_dms_snapshots_come_from_a_retraining_that_ends_in_its_weights(tmp_path, monkeypatch):
+    """The real retraining: `dm train` again at the reference's recorded thread count, byte for byte the same."""
+    import vaegen.dmrun as dmrun
+
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    reference = tmp_path / "models" / "fmnist-n50-s0-tiny-steps6"
+    subprocess.run([sys.executable, "-m", "vaegen", "data", "fmnist", "--subset", "50", "--subset-seed", "0"], env=env,
+                   check=True, capture_output=True)
+    trained = subprocess.run([sys.executable, "-m", "vaegen", "dm", "train", "--dataset", "fmnist", "--subset", "50",
+                              "--subset-seed", "0", "--preset", "tiny", "--max-steps", "6", "--threads", "1",
+                              "--out", str(reference)], env=env, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    monkeypatch.setattr(dmrun, "REFERENCE_ROOT", tmp_path / "models")
+    preset = get_study_preset("smoke", subset=50, epochs=2, dm_max_steps=6, dm_quality_steps=(3,))
+    Study(STUDIES["dm-quality"], "fmnist", preset, tmp_path / "study", LocalExecutor(jobs=1)).execute()
+    retrained = tmp_path / "runs/dm/fmnist-n50-s0-tiny-steps6-retrained"
+    weights = "diffusion_pytorch_model.safetensors"
+    assert (retrained / weights).read_bytes() == (reference / weights).read_bytes()
+    assert (retrained / "snapshots/step-00000003" / weights).is_file()
+    assert not (tmp_path / "runs/dm/fmnist-n50-s0-tiny-steps6").exists()
+    for run in ("dm-steps3-seed0", "dm-steps6-seed0"):
+        assert (tmp_path / "study/runs" / run / "eval/gaps.json").is_file()
+
+
+@pytest.mark.slow
+@needs_fmnist
 def test_two_jobs_give_bit_identical_runs_to_one_and_a_reused_run_is_the_retrained_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     base = [sys.executable, "-m", "vaegen", "study", "compare", "--preset", "smoke", "--subset", "50",
