@@ -15,6 +15,7 @@ SIGTERM on).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -180,18 +181,15 @@ class LocalExecutor:
                               "command to resume")
 
     def forward(self, signum: int) -> None:
-        """Pass a signal on to every running command and let them stop cleanly."""
+        """Pass a signal on to every running command; no new one starts. Each stops cleanly (a training loop
+        saves a checkpoint first), and `wait` then raises Terminated once they have."""
         self.failed = self.failed or INTERRUPTED
         with self.lock:
             procs = list(self.running.values())
         for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
-        for proc in procs:
-            try:
-                proc.wait(timeout=600)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
 
 
 def relay(stream, prefix: str) -> None:

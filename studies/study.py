@@ -39,7 +39,7 @@ from studies.runs import DMSpec, Pool, RunFactory, Store, VaeRun
 from vaegen import dmrun
 from vaegen import shardformat as sf
 from vaegen.errors import VaegenError
-from vaegen.interrupts import Interrupted
+from vaegen.interrupts import Interrupted, Terminated
 from vaegen.provenance import read_json, refuse_changed_settings, run_record, write_json_atomic
 from vaegen.runlock import run_lock
 from vaegen.vaerun import DONE_NAME, EVAL_DIR, GAPS_NAME
@@ -274,18 +274,27 @@ def run_study(kind: StudyKind, dataset: str, preset: StudyPreset, out: str | Non
     study = Study(kind, dataset, preset, study_dir, executor, data_root, reuse, report_to)
     with run_lock(study_dir):
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        received = []
 
-        def pass_on(signum, frame):  # stop the stage commands cleanly, then stop the study
+        def pass_on(signum, frame):
+            # Only pass the signal on: the executor sees its commands stop and ends the study (Terminated). The
+            # handler must not wait for them itself: it may have interrupted the very wait() on a command in
+            # the foreground, whose lock it would then wait on until a timeout.
+            received.append(signum)
             executor.forward(signum)
-            raise Interrupted(signum, "the running stage commands stopped cleanly; rerun the same study command "
-                                      "to resume")
 
         for s in previous:
             signal.signal(s, pass_on)
         try:
             study.execute()
+        except Terminated:
+            if not received:
+                raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        if received:
+            raise Interrupted(received[0], "the running stage commands stopped cleanly; rerun the same study "
+                                           "command to resume")
         study.vaegen("report", study_dir)
     return study_dir

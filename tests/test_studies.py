@@ -3,8 +3,10 @@ finished elsewhere, and ends in a report."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -376,6 +378,32 @@ def test_dm_subsets_scores_each_dm_once_and_reports_it(tmp_path):
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "$ vaegen dm score" not in second.stderr and "$ vaegen train" not in second.stderr
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_sigterm_during_an_input_stops_the_study_as_soon_as_the_input_has_saved_its_checkpoint(tmp_path):
+    """The study passes the signal on and returns once the command stops: before, its handler waited on the very
+    command its main thread was waiting on, and hung for ten minutes."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    study = subprocess.Popen([sys.executable, "-m", "vaegen", "study", "dm-subsets", "--preset", "smoke", "--subset",
+                              "50", "--dm-max-steps", "100000"], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    log = tmp_path / "runs/dm/fmnist-n25-s0-tiny-steps100000/train_log.jsonl"
+    deadline = time.monotonic() + 300
+    while not log.is_file() and study.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert log.is_file(), "the DM training never started"
+    study.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    try:
+        _, err = study.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(study.pid, signal.SIGKILL)
+        pytest.fail("the study did not stop within 90 s of SIGTERM")
+    assert time.monotonic() - started < 60 and study.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM: checkpoint saved at step" in err  # the DM training stopped cleanly
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM: the running stage commands stopped cleanly")
 
 
 @pytest.mark.slow
