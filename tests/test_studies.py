@@ -423,14 +423,15 @@ def test_a_committed_reference_dms_snapshots_come_from_a_retraining_that_ends_in
     assert trained.returncode == 0, trained.stderr[-3000:]
     monkeypatch.setattr(dmrun, "REFERENCE_ROOT", tmp_path / "models")
     preset = get_study_preset("smoke", subset=50, epochs=2, dm_max_steps=6, dm_quality_steps=(3,))
-    Study(STUDIES["dm-quality"], "fmnist", preset, tmp_path / "study", LocalExecutor(jobs=1)).execute()
+    study = Study(STUDIES["dm-quality"], "fmnist", preset, tmp_path / "study", LocalExecutor(jobs=1))
+    graded = next(r.pool.dm for r in study.runs if r.pool.dm.snapshot == 3)
+    study.ensure_dm(graded)  # the study's own step: train, then check
     retrained = tmp_path / "runs/dm/fmnist-n50-s0-tiny-steps6-retrained"
     weights = "diffusion_pytorch_model.safetensors"
     assert (retrained / weights).read_bytes() == (reference / weights).read_bytes()
-    assert (retrained / "snapshots/step-00000003" / weights).is_file()
-    assert not (tmp_path / "runs/dm/fmnist-n50-s0-tiny-steps6").exists()
-    for run in ("dm-steps3-seed0", "dm-steps6-seed0"):
-        assert (tmp_path / "study/runs" / run / "eval/gaps.json").is_file()
+    assert graded.path == Path("runs/dm/fmnist-n50-s0-tiny-steps6-retrained/snapshots/step-00000003")
+    assert (graded.path / weights).is_file()
+    assert not (tmp_path / "runs/dm/fmnist-n50-s0-tiny-steps6").exists()  # others still find the committed DM
 
 
 @pytest.mark.slow
