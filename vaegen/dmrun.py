@@ -9,6 +9,8 @@
     runs/dm/<name>/train_run.json, train_log.jsonl        resolved config and every (re)start; the loss log
     runs/dm/<name>/checkpoints/step-NNNNNNNN/             Accelerate state for --resume (last 2 kept)
     runs/dm/<name>/snapshots/step-NNNNNNNN/               --snapshot-steps: the EMA model at that step, a DM directory
+    runs/dm/<name>-retrained/                             a committed reference DM trained again for its snapshots;
+                                                          studies use them only if it ends in the reference's weights
 
 A directory without dm.json (any diffusers UNet or pipeline) is a foreign DM: it says nothing about its training
 data, so the commands that need D_train ask for --dataset. Reference DMs committed with the repository live in
