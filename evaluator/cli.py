@@ -56,7 +56,8 @@ def _parse_gaps(ctx, param, value: str) -> tuple[str, ...]:
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--gaps", default=",".join(GAPS), callback=_parse_gaps,
               help="Comma-separated gaps to measure (empty string: none).")
-@setting("--iwae-k", click.IntRange(min=0), per_mode(PAPER.iwae_k, QUICK.iwae_k) + " with --gaps generalization, else 0",
+@setting("--iwae-k", click.IntRange(min=0),
+         f"with --gaps generalization: {per_mode(PAPER.iwae_k, QUICK.iwae_k)}; else 0",
          "Importance samples for IWAE log p(x) on train and test; 0 skips it.")
 @click.option("--probes", is_flag=True, help="Fit logistic regression, linear/RBF SVM and 5-NN on posterior means.")
 @click.option("--probe-split", type=click.Choice(["test-halves", "train-test"]), default=EvalConfig.probe_split,

@@ -169,7 +169,7 @@ class Study:
         # Every snapshot this study needs from that training run, in one run.
         steps = sorted({r.pool.dm.snapshot for r in self.runs if r.pool and r.pool.dm.snapshot is not None
                         and r.pool.dm.training_dir == out})
-        args = DMSpec(dm.store, dm.preset, dm.steps).train_args(self.data_root, steps)
+        args = dm.train_args(self.data_root, steps)
         if dmrun.is_reference(dm.run_dir) and (threads := dmrun.recorded_threads(dmrun.read_record(dm.run_dir))):
             args += ["--threads", threads]
         self.vaegen(*args, *(["--resume"] if dmrun.checkpoint_dir(out).is_dir() else []))
