@@ -42,7 +42,7 @@ from vaegen.errors import VaegenError
 from vaegen.interrupts import Interrupted, Terminated
 from vaegen.provenance import read_json, refuse_changed_settings, run_record, write_json_atomic
 from vaegen.runlock import run_lock
-from vaegen.vaerun import DONE_NAME, EVAL_DIR, GAPS_NAME
+from vaegen.vaerun import DONE_NAME, EVAL_DIR, GAPS_NAME, SNAPSHOTS
 
 STUDY_RECORD = "study.json"
 REUSED_NAME = "reused.json"
@@ -59,18 +59,22 @@ def read_study_record(study_dir: Path) -> dict | None:
 
 
 NOT_TRAINING = ("--out", "--report-to", "--tracker-group")  # where a run goes and who watches it
+# --track-gaps only saves the model at its tracking epochs on the way (trainer/regimes.py GapTracking): a tracked run
+# is the untracked one plus snapshots, so it serves an untracked request too (not the other way round).
+GAP_TRACKING = ("--track-amortization-every", "--track-robustness-every", "--track-amortization-images",
+                "--track-robustness-images", "--track-robustness-seeds")
 
 
-def train_key(train_args: list[str]) -> str:
+def train_key(train_args: list[str], tracking: bool = True) -> str:
     """What makes two runs the same training: its command without where it goes and who watches it (inputs are
     named by path, and a path under runs/dm, models/ or shards/ holds one thing: DMs are never retrained in place,
-    shards only grow)."""
+    shards only grow). tracking=False: also without its gap tracking."""
     args, kept = list(train_args), []
     while args:
         arg = args.pop(0)
-        if arg in NOT_TRAINING:
+        if arg in NOT_TRAINING or (not tracking and arg in GAP_TRACKING):
             args.pop(0)
-        else:
+        elif tracking or arg != "--track-gaps":
             kept.append(arg)
     return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:20]
 
@@ -211,23 +215,29 @@ class Study:
         if not self.reuse or out.exists():
             return False
         key = train_key(list(job.train))
+        untracked = key == train_key(list(job.train), tracking=False)
         for study_dir in sorted(p for p in self.dir.parent.iterdir() if p.is_dir() and p != self.dir):
             record = read_study_record(study_dir) or {}
             for other in record.get("runs", []):
                 source = study_dir / "runs" / other.get("name", "")
-                if other.get("train_key") == key and (source / DONE_NAME).exists():
-                    self.copy_run(source, out, same_eval=other.get("eval") == list(job.evals[0][1][2:]), key=key)
+                same = other.get("train_key") == key or (
+                    untracked and train_key(other.get("train", []), tracking=False) == key)
+                if same and (source / DONE_NAME).exists():
+                    self.copy_run(source, out, same_eval=other.get("eval") == list(job.evals[0][1][2:]), key=key,
+                                  snapshots=not untracked)
                     click.echo(f"[{run.name}] reused {source} (the same training, finished)", err=True)
                     return True
         return False
 
     @staticmethod
-    def copy_run(source: Path, out: Path, same_eval: bool, key: str) -> None:
+    def copy_run(source: Path, out: Path, same_eval: bool, key: str, snapshots: bool) -> None:
         with run_lock(out):
             tmp = out.with_name(f".{out.name}.copying")
             shutil.rmtree(tmp, ignore_errors=True)
             keep_eval = same_eval and (source / EVAL_DIR / GAPS_NAME).exists()
-            shutil.copytree(source, tmp, ignore=None if keep_eval else shutil.ignore_patterns(EVAL_DIR))
+            # A tracked run's snapshots (tens of MB) serve only gap curves, which an untracked request has none of.
+            skip = (*(() if keep_eval else (EVAL_DIR,)), *(() if snapshots else (SNAPSHOTS,)))
+            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(*skip))
             write_json_atomic(tmp / REUSED_NAME, run_record(reused_from=str(source), train_key=key,
                                                             evaluation_reused=keep_eval))
             tmp.rename(out)

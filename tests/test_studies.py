@@ -3,6 +3,7 @@ finished elsewhere, and ends in a report."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -500,6 +501,41 @@ def test_the_robustness_study_measures_g_r_by_both_protocols_and_shares_its_defa
         (_, main), (kuzina_dir, kuzina) = run.evaluations(out)
         assert kuzina_dir == "eval-kuzina" and kuzina[kuzina.index("--robustness-protocol") + 1] == "kuzina"
         assert kuzina[kuzina.index("--gaps") + 1] == "robustness" and kuzina[kuzina.index("--iwae-k") + 1] == "0"
+
+
+def finish(study: Study, name: str, snapshots: bool = False) -> Path:
+    """A finished run of `study` as the trainer and evaluator leave it (weights, done.json, eval/), + study.json."""
+    run = study.run_dir(next(r for r in study.runs if r.name == name))
+    (run / "eval").mkdir(parents=True)
+    (run / "eval/gaps.json").write_text("{}")
+    (run / "model.safetensors").write_bytes(name.encode())
+    (run / "done.json").write_text("{}")
+    if snapshots:
+        (run / "snapshots").mkdir()
+        (run / "snapshots/epoch-000050.safetensors").write_bytes(b"snapshot")
+    study.save()
+    return run
+
+
+def test_a_tracked_run_serves_an_untracked_request_but_not_the_other_way_round(tmp_path):
+    def study(kind, name):
+        return Study(STUDIES[kind], "fmnist", get_study_preset("smoke"), tmp_path / name, RecordingExecutor())
+
+    def reuse(s, name):
+        run = next(r for r in s.runs if r.name == name)
+        return s.reuse_finished(run, s.job(run)), s.run_dir(run)
+
+    finish(study("compare", "compare-a"), "normal-seed0")
+    regularizers = study("regularizers", "regularizers-b")
+    assert reuse(regularizers, "normal-seed0") == (False, regularizers.run_dir(regularizers.runs[0]))  # no curves
+    tracked = finish(regularizers, "normal-seed0", snapshots=True)
+    shutil.rmtree(tmp_path / "compare-a")
+    reused, out = reuse(study("compare", "compare-c"), "normal-seed0")
+    assert reused and (out / "model.safetensors").read_bytes() == b"normal-seed0"
+    assert json.loads((out / "reused.json").read_text())["reused_from"] == str(tracked)
+    assert not (out / "snapshots").exists()  # the curves' snapshots stay
+    reused, out = reuse(study("regularizers", "regularizers-d"), "normal-seed0")
+    assert reused and (out / "snapshots/epoch-000050.safetensors").is_file()  # a tracked copy keeps them
 
 
 def test_a_studys_runs_report_to_one_tracker_run_each_grouped_by_the_study_and_still_match_for_reuse(tmp_path):

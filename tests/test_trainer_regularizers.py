@@ -144,6 +144,16 @@ def test_a_real_pool_of_four_epochs_gives_fresh_images_for_four_epochs_at_the_sa
         RealSource(images, 32, seed=1, epoch_size=401)
 
 
+def test_gap_tracking_only_adds_snapshots_the_training_is_bit_identical(tmp_path, support):
+    # studies reuse a tracked run for an untracked request on this (studies/study.py train_key)
+    support.store(tmp_path / "data")
+    plain = train(config(tmp_path, "plain", epochs=3))
+    tracked = train(config(tmp_path, "tracked", epochs=3, track_gaps=True, track_amortization_every=2,
+                           track_robustness_every=1, track_amortization_images=6, track_robustness_images=4))
+    assert (tracked / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+    assert not (plain / "snapshots").exists() and len(list((tracked / "snapshots").iterdir())) == 3
+
+
 def test_tracked_gaps_at_the_last_epoch_equal_what_eval_measures_on_the_final_model(tmp_path, support):
     support.store(tmp_path / "data")
     run = train(config(tmp_path, epochs=4, track_gaps=True, track_amortization_every=2, track_robustness_every=1,
