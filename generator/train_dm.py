@@ -98,16 +98,21 @@ RESUMABLE_CHANGES = {"max_minutes", "max_steps", "resume", "checkpoint_every", "
 
 @dataclass
 class TrainState:
-    """The loop's own counters, saved in every checkpoint next to Accelerate's state."""
+    """The loop's own counters, saved in every checkpoint next to Accelerate's state. The loss summed since the
+    last log line is among them, so that the first line after a resume averages the same steps as without one."""
 
     step: int = 0
     images_seen: int = 0
+    interval_loss: float = 0.0
+    interval_steps: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
+        # checkpoints from before the loss was saved resume with an empty interval
+        self.interval_loss, self.interval_steps = float(state.get("interval_loss", 0.0)), int(state.get("interval_steps", 0))
 
 
 def load_train_images(config: DMTrainConfig) -> tuple[torch.Tensor, dict]:
@@ -305,7 +310,7 @@ def _train(config: DMTrainConfig) -> Path:
     deadline = start_time + config.max_minutes * 60 if config.max_minutes else math.inf
     bar = tqdm(total=config.max_steps, initial=state.step, unit="img", unit_scale=config.batch_size,
                disable=not accelerator.is_local_main_process, desc="dm train", dynamic_ncols=True)
-    interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
+    steps_timed, interval_start = 0, time.time()  # images/s counts this process's steps only
     unet.train()
     stops = StopRequests("the current step")  # a signal ends the loop after its step, with a checkpoint
     with stops:
@@ -327,20 +332,21 @@ def _train(config: DMTrainConfig) -> Path:
                                                   time.time() - start_time, state.step - start_step),
                               config.grid_samples)
 
-            interval_loss += loss.item()
-            interval_steps += 1
+            state.interval_loss += loss.item()
+            state.interval_steps += 1
+            steps_timed += 1
             bar.update(1)
             if state.step % preset.log_every == 0 or state.step == config.max_steps:
                 elapsed = time.time() - interval_start
                 entry = {"step": state.step, "images_seen": state.images_seen,
-                         "loss": interval_loss / interval_steps, "lr": lr_schedule.get_last_lr()[0],
-                         "images_per_s": interval_steps * config.batch_size / max(elapsed, 1e-9),
+                         "loss": state.interval_loss / state.interval_steps, "lr": lr_schedule.get_last_lr()[0],
+                         "images_per_s": steps_timed * config.batch_size / max(elapsed, 1e-9),
                          "elapsed_s": time.time() - start_time}
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
                 if accelerator.is_main_process:
                     append_jsonl(out / dmrun.TRAIN_LOG_NAME, entry)
                     log_values(accelerator, entry, state.step)
-                interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
+                state.interval_loss, state.interval_steps, steps_timed, interval_start = 0.0, 0, 0, time.time()
             if state.step % config.checkpoint_every == 0:
                 save_checkpoint(accelerator, step_checkpoint(out, state.step), prune="step-*", keep=2)
     bar.close()

@@ -97,6 +97,11 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(finished
     assert all(torch.equal(ours[i]["exp_avg_sq"], theirs[i]["exp_avg_sq"]) for i in theirs)
     log = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log == sorted(set(log))  # lines after the checkpoint were dropped, not duplicated
+    assert logged_losses(out) == logged_losses(finished_run)  # the line after the resume too (step 10, from 4)
+
+
+def logged_losses(run: Path) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())]
 
 
 @pytest.mark.slow
@@ -125,6 +130,7 @@ def test_a_signal_saves_a_checkpoint_at_the_current_step_and_the_resumed_run_end
     train_dm(DMTrainConfig(out=str(out), data_root=str(data_root), resume=True, **{**RUN, "checkpoint_every": 1000}))
     assert (out / "diffusion_pytorch_model.safetensors").read_bytes() == \
         (finished_run / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert logged_losses(out) == logged_losses(finished_run)
 
 
 def test_existing_run_is_not_overwritten_and_resume_refuses_changed_settings(finished_run, data_root, tmp_path):
