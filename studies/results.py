@@ -24,6 +24,7 @@ class Run:
     name: str
     seed: int
     source: str                     # "shards" | "real"
+    epochs: int | None = None       # effective epochs it was set to train (early stopping may end it sooner)
     augment: str | None = None
     augment_output: str | None = None
     mix_real: float | None = None
@@ -106,7 +107,8 @@ def run_of(config: dict, name: str = "run", metrics: list[dict] | None = None) -
               mz=model.get("m_z") if conv else None, nc=model.get("n_c") if conv else None,
               rha=bool(config.get("rha")), mollify=bool(config.get("mollify")),
               early_stopping=bool(config.get("early_stopping_split")), weight_decay=config.get("weight_decay") or None,
-              sigma=config.get("sigma"), likelihood=config.get("likelihood"), metrics=metrics or [])
+              sigma=config.get("sigma"), likelihood=config.get("likelihood"), metrics=metrics or [],
+              epochs=config.get("epochs"))
     epoch_size = data.get("epoch_size")
     if not shards and epoch_size and config.get("n_train", 0) > epoch_size:
         run.real_k = round(config["n_train"] / epoch_size)

@@ -135,8 +135,11 @@ def test_model_size_sweeps_plot_against_m_z_n_c_and_the_parameter_count(tmp_path
     for mz, nc in ((1, 8), (2, 8), (4, 8), (1, 4), (1, 16), (4, 4), (4, 16)):
         params = {"total": 88 * nc * nc + 43 * nc + mz * (3 * nc + 2), "z": mz * (3 * nc + 2), "not_z": 88 * nc * nc}
         write_result_run(tmp_path, f"normal-mz{mz}-nc{nc}-seed0", 0, 400.0 + mz + nc, 50.0,
-                  config={"model": {"arch": "conv", "m_z": mz, "n_c": nc}}, parameters=params)
+                  config={"model": {"arch": "conv", "m_z": mz, "n_c": nc}, "epochs": 200}, parameters=params)
+    (tmp_path / "study.json").write_text(json.dumps({"study": "overparam", "dataset": "fmnist", "minutes": 3,
+                                                     "preset": {"name": "cpu", "epochs": 500, "seeds": [0, 1, 2]}}))
     text = build_report(tmp_path).read_text()
+    assert "200 effective epochs, seeds [0]," in text  # as its runs were set, not the preset's other studies
     for png in ("mz.png", "nc.png", "trajectory.png"):
         assert (tmp_path / png).stat().st_size > 10_000 and f"({png})" in text
     assert "| 2 | 8 | 6,028 | 52 | 5,632 |" in text
