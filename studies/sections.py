@@ -211,7 +211,9 @@ def overparam_section(finished: list[Run], study_dir: Path) -> tuple[list[str], 
     sweep_nc = max(nc_counts, key=lambda nc: len({r.mz for r in conv if r.nc == nc}))
     plot_vs([r for r in conv if r.nc == sweep_nc], lambda r: r.mz, f"m_z (latent channels; n_c = {sweep_nc})",
             study_dir / "mz.png")
-    plot_vs(conv, lambda r: r.nc, "n_c (network width)", study_dir / "nc.png",
+    # only the m_z with an n_c sweep: the m_z sweep's single points at sweep_nc would crowd out the lines
+    swept = {mz for mz in {r.mz for r in conv} if len({r.nc for r in conv if r.mz == mz}) > 1}
+    plot_vs([r for r in conv if r.mz in swept], lambda r: r.nc, "n_c (network width)", study_dir / "nc.png",
             series_of=lambda r: f"{r.method}, m_z={r.mz}")
     figures += [(f"Latent width m_z at n_c = {sweep_nc}", "mz.png"), ("Network width n_c per m_z", "nc.png")]
     # The paper's double-descent trajectory: n_c up at the smallest m_z, m_z up at sweep_nc, n_c up at the largest m_z.

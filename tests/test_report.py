@@ -131,7 +131,12 @@ def test_probes_smoothness_and_gap_curves_get_their_sections(tmp_path):
         assert (tmp_path / png).stat().st_size > 10_000 and f"({png})" in text
 
 
-def test_model_size_sweeps_plot_against_m_z_n_c_and_the_parameter_count(tmp_path):
+def test_model_size_sweeps_plot_against_m_z_n_c_and_the_parameter_count(tmp_path, monkeypatch):
+    import studies.sections
+
+    plotted, plot_vs = {}, studies.sections.plot_vs
+    monkeypatch.setattr(studies.sections, "plot_vs", lambda runs, x, label, path, **kw: (
+        plotted.__setitem__(path.name, sorted(r.name for r in runs)), plot_vs(runs, x, label, path, **kw)))
     for mz, nc in ((1, 8), (2, 8), (4, 8), (1, 4), (1, 16), (4, 4), (4, 16)):
         params = {"total": 88 * nc * nc + 43 * nc + mz * (3 * nc + 2), "z": mz * (3 * nc + 2), "not_z": 88 * nc * nc}
         write_result_run(tmp_path, f"normal-mz{mz}-nc{nc}-seed0", 0, 400.0 + mz + nc, 50.0,
@@ -143,6 +148,7 @@ def test_model_size_sweeps_plot_against_m_z_n_c_and_the_parameter_count(tmp_path
     for png in ("mz.png", "nc.png", "trajectory.png"):
         assert (tmp_path / png).stat().st_size > 10_000 and f"({png})" in text
     assert "| 2 | 8 | 6,028 | 52 | 5,632 |" in text
+    assert plotted["nc.png"] == sorted(f"normal-mz{mz}-nc{nc}-seed0" for mz in (1, 4) for nc in (4, 8, 16))
     with open(tmp_path / "runs.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
     assert rows["normal-mz2-nc8-seed0"]["parameters_z"] == "52"
