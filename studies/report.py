@@ -93,7 +93,7 @@ def build_report(study_dir: str | Path) -> Path:
         epochs = sorted({r.epochs for r in runs if r.epochs}) or [preset.get("epochs")]
         seeds = sorted({r.seed for r in runs}) or preset.get("seeds")
         lines += [f"Preset `{preset.get('name')}`: |D_train| = {preset.get('subset') or 'full'}, "
-                  f"{'/'.join(map(str, epochs))} effective epochs, seeds {list(seeds)}, DM preset "
+                  f"{'/'.join(map(str, epochs))} effective epochs, seeds {seeds}, DM preset "
                   f"`{preset.get('dm_preset')}`, sampler {preset.get('sampler')} with {preset.get('sampler_steps')} "
                   f"steps. Wall time of the study's last invocation (a rerun skips finished work): "
                   f"{study.get('minutes')} min with {executor.get('jobs') or 1} job(s).", ""]

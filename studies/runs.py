@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from studies.presets import EvalSettings, StudyPreset
 from vaegen.data import get_spec, store_name
@@ -94,6 +95,11 @@ class Pool:
 class Tracking:
     """--track-gaps: G_a and G_r during training (the paper's Fig. 11)."""
 
+    FLAG: ClassVar[str] = "--track-gaps"
+    OPTIONS: ClassVar[tuple[str, ...]] = ("--track-amortization-every", "--track-robustness-every",
+                                          "--track-amortization-images", "--track-robustness-images",
+                                          "--track-robustness-seeds")
+
     amortization_every: int
     robustness_every: int
     amortization_images: int
@@ -101,11 +107,9 @@ class Tracking:
     robustness_seeds: int
 
     def args(self) -> list[str]:
-        return ["--track-gaps", "--track-amortization-every", str(self.amortization_every),
-                "--track-robustness-every", str(self.robustness_every),
-                "--track-amortization-images", str(self.amortization_images),
-                "--track-robustness-images", str(self.robustness_images),
-                "--track-robustness-seeds", str(self.robustness_seeds)]
+        values = (self.amortization_every, self.robustness_every, self.amortization_images, self.robustness_images,
+                  self.robustness_seeds)
+        return [self.FLAG, *(a for option, value in zip(self.OPTIONS, values) for a in (option, str(value)))]
 
 
 @dataclass(frozen=True)

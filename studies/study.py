@@ -35,7 +35,7 @@ import click
 from studies.catalog import StudyKind
 from studies.jobs import Executor, RunJob
 from studies.presets import FREE_FIELDS, StudyPreset, preset_from_record
-from studies.runs import DMSpec, Pool, RunFactory, Store, VaeRun
+from studies.runs import DMSpec, Pool, RunFactory, Store, Tracking, VaeRun
 from vaegen import dmrun
 from vaegen import shardformat as sf
 from vaegen.errors import VaegenError
@@ -59,22 +59,21 @@ def read_study_record(study_dir: Path) -> dict | None:
 
 
 NOT_TRAINING = ("--out", "--report-to", "--tracker-group")  # where a run goes and who watches it
-# --track-gaps only saves the model at its tracking epochs on the way (trainer/regimes.py GapTracking): a tracked run
-# is the untracked one plus snapshots, so it serves an untracked request too (not the other way round).
-GAP_TRACKING = ("--track-amortization-every", "--track-robustness-every", "--track-amortization-images",
-                "--track-robustness-images", "--track-robustness-seeds")
 
 
 def train_key(train_args: list[str], tracking: bool = True) -> str:
     """What makes two runs the same training: its command without where it goes and who watches it (inputs are
     named by path, and a path under runs/dm, models/ or shards/ holds one thing: DMs are never retrained in place,
-    shards only grow). tracking=False: also without its gap tracking."""
+    shards only grow). tracking=False: also without its gap tracking, which only saves the model at its tracking
+    epochs on the way (trainer/regimes.py GapTracking), so that a tracked run serves an untracked request too."""
+    dropped_options = NOT_TRAINING if tracking else (*NOT_TRAINING, *Tracking.OPTIONS)
+    dropped_flags = () if tracking else (Tracking.FLAG,)
     args, kept = list(train_args), []
     while args:
         arg = args.pop(0)
-        if arg in NOT_TRAINING or (not tracking and arg in GAP_TRACKING):
+        if arg in dropped_options:
             args.pop(0)
-        elif tracking or arg != "--track-gaps":
+        elif arg not in dropped_flags:
             kept.append(arg)
     return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:20]
 
