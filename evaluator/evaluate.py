@@ -395,7 +395,9 @@ def evaluate(config: EvalConfig) -> Path:
         for name, measure in measurements(config).items():
             summary[name], new_arrays = measure(inp, config)
             arrays.update(new_arrays)
-        curves = gap_curves(inp, config, run_config) if run_config.get("track_gaps") else None
+        # A tracked run copied for an untracked request (studies reuse it) comes without its snapshots: no curves.
+        tracked = run_config.get("track_gaps") and (run_dir / SNAPSHOTS).is_dir()
+        curves = gap_curves(inp, config, run_config) if tracked else None
         summary.update({
             "run_dir": str(run_dir), "dataset": run_config["dataset"], "model": inp.vae.config,
             "units": "nats per image, summed over pixels; x in [0, 1] (densities for gaussian, probabilities for "

@@ -1,6 +1,7 @@
 """RHA, Aug.Mollify, early stopping, weight decay, a k*N real pool, and gap curves from model snapshots."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -173,3 +174,10 @@ def test_tracked_gaps_at_the_last_epoch_equal_what_eval_measures_on_the_final_mo
         assert last[gap]["mean"] == gaps[gap]["gap"] and last[gap]["ci95"] == gaps[gap]["ci95"]
     assert all(np.isfinite(c["mean"]) and c["ci95"][0] <= c["mean"] <= c["ci95"][1] for c in curves)
     assert gaps["gap_curves"]["points"] == 6 and gaps["gap_curves"]["settings"]["robustness_images"] == 4
+    # without its snapshots (a study's copy for an untracked request), the run is evaluated without curves
+    shutil.rmtree(run / "snapshots")
+    result = CliRunner().invoke(main, ["eval", str(run), *small, "--amortization-images", "6",
+                                       "--attack-images", "4", "--attack-seeds", "2"])
+    assert result.exit_code == 0, result.output
+    assert "gap_curves" not in json.loads((run / "eval" / "gaps.json").read_text())
+    assert not (run / "eval" / "gap_curves.jsonl").exists()
