@@ -62,11 +62,13 @@ def build_report(study_dir: str | Path) -> Path:
     finished = [r for r in runs if r.finished]
     with_sigma = len({r.sigma for r in finished}) > 1
     with_sampler = len({r.sampler for r in finished if r.source == "shards"}) > 1
+    # several DMs of one training-set size (dm-quality's snapshots); dm-subsets' DMs are told apart by their size
+    with_dm = len({(r.dm_n, r.dm) for r in finished if r.dm}) > len({r.dm_n for r in finished if r.dm})
     groups: dict[str, list[Run]] = defaultdict(list)
     for r in sorted(finished, key=lambda r: (r.method != "Normal", r.real_k or 0, r.method, r.scale or 0,
-                                             r.dm_n is None, r.dm_n or 0, str(r.dm), r.mz or 0, r.nc or 0,
-                                             r.sigma or 0)):
-        groups[group_key(r, with_sigma, with_sampler)].append(r)
+                                             r.dm_n is None, r.dm_n or 0, r.dm_step is None, r.dm_step or 0,
+                                             str(r.dm), r.mz or 0, r.nc or 0, r.sigma or 0)):
+        groups[group_key(r, with_sigma, with_sampler, with_dm)].append(r)
 
     write_tables(runs, groups, study_dir)
     figures, sections = [], []

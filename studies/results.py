@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vaegen import vaerun
+from vaegen import dmrun, vaerun
 from vaegen.provenance import read_json
 
 Section = tuple[list[str], list[tuple[str, str]]]  # a report section: markdown lines, (caption, png) figures
@@ -82,6 +82,18 @@ class Run:
     @property
     def method(self) -> str:
         return " + ".join([self.base, *self.modifiers])
+
+    @property
+    def dm_step(self) -> int | None:
+        """The training step of a DM snapshot (`dm train --snapshot-steps`); None for a DM's final export."""
+        path = Path(self.dm or "")
+        if path.parent.name != dmrun.SNAPSHOTS_DIR or not path.name.startswith("step-"):
+            return None
+        return int(path.name.removeprefix("step-"))
+
+    @property
+    def dm_name(self) -> str:
+        return f"DM at step {self.dm_step}" if self.dm_step is not None else f"DM {Path(self.dm or '?').name}"
 
     @property
     def label(self) -> str:
@@ -161,15 +173,17 @@ def results_of(gaps: dict, metrics: list[dict]) -> dict:
     return r
 
 
-def group_key(run: Run, with_sigma: bool = False, with_sampler: bool = False) -> str:
-    """A report's group: the run's label, with the model size, the likelihood's fixed sigma and the shards'
-    sampler where the study varies them."""
-    return ", ".join([run.label, *factors(run, with_sigma, with_sampler)])
+def group_key(run: Run, with_sigma: bool = False, with_sampler: bool = False, with_dm: bool = False) -> str:
+    """A report's group: the run's label, with the model size, the likelihood's fixed sigma, the shards' sampler
+    and their DM where the study varies them."""
+    return ", ".join([run.label, *factors(run, with_sigma, with_sampler, with_dm)])
 
 
-def factors(run: Run, with_sigma: bool = False, with_sampler: bool = False) -> list[str]:
+def factors(run: Run, with_sigma: bool = False, with_sampler: bool = False, with_dm: bool = False) -> list[str]:
     """What sets a run apart from its method's other runs in a study that varies these."""
     out = [f"m_z={run.mz} n_c={run.nc}"] if run.mz is not None else []
+    if with_dm and run.dm:
+        out.append(run.dm_name)
     if with_sampler and run.sampler:
         out.append(run.sampler)
     if with_sigma and run.sigma is not None and run.likelihood != "gaussian-calibrated":

@@ -156,8 +156,12 @@ def test_model_size_sweeps_plot_against_m_z_n_c_and_the_parameter_count(tmp_path
 
 def test_dm_quality_correlates_each_score_with_each_outcome(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for i, steps in enumerate((100, 300, 1000)):
-        dm = f"runs/dm/fmnist-steps{steps}"
+    # three snapshots of one DM training run and a DM's final export, listed out of order
+    dms = {1000: "runs/dm/fmnist-retrained/snapshots/step-00001000", 2800: "runs/dm/fmnist",
+           100: "runs/dm/fmnist-retrained/snapshots/step-00000100",
+           300: "runs/dm/fmnist-retrained/snapshots/step-00000300"}
+    for steps, dm in dms.items():
+        i = sorted(dms).index(steps)
         (tmp_path / dm).mkdir(parents=True)
         (tmp_path / dm / "score.json").write_text(json.dumps({
             "samples": {"fd": 10.0 - 3 * i, "precision": 0.7 + 0.05 * i, "recall": 0.3 + 0.2 * i,
@@ -168,10 +172,15 @@ def test_dm_quality_correlates_each_score_with_each_outcome(tmp_path, monkeypatc
                       scale=10, config={"data": {"pool_size": 10000, "scale": 10,
                                                  "generation": {"n_train": 1000, "dm": {"path": dm}}}})
     text = build_report(tmp_path).read_text()
-    assert "## How much the DM's quality matters" in text and "(n = 3)" in text
-    assert "| fd | -1.00 (p=0) |" in text and "| recall | +1.00 (p=0) |" in text  # monotone in both
+    assert "## How much the DM's quality matters" in text and "(n = 4)" in text
+    # monotone in both; the exact permutation p-value of a perfect rank correlation of 4 points is 2/4! = 0.083
+    assert "| fd | -1.00 (p=0.083) |" in text and "| recall | +1.00 (p=0.083) |" in text
     assert (tmp_path / "dm_quality.png").stat().st_size > 10_000
-    assert "| `runs/dm/fmnist-steps100` | 10 | 0.3 | 600.5 ± 0.7 | +50.0 | 0.7 |" in text
+    assert "| `runs/dm/fmnist-retrained/snapshots/step-00000100` | 10 | 0.3 | 600.5 ± 0.7 | +50.0 | 0.7 |" in text
+    # one row per DM in the results table, snapshots by step and the final DM last
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| DMaaPx k=10")]
+    assert rows == ["| DMaaPx k=10, DM at step 100", "| DMaaPx k=10, DM at step 300", "| DMaaPx k=10, DM at step 1000",
+                    "| DMaaPx k=10, DM fmnist"]
 
 
 def test_real_vs_synthetic_reports_the_real_data_equivalent_of_a_synthetic_pool(tmp_path):
