@@ -465,8 +465,11 @@ def test_a_signal_ends_generation_with_one_line_and_the_rerun_gives_identical_by
     args = with_option(gen_args(env, out, 16), "--steps", "3")
     ref = tmp_path / "ref3"
     assert run_cli(with_option(args, "--out", str(ref))).exit_code == 0
+    # SIGINT as a terminal delivers it: a shell starts background jobs with SIGINT ignored, and the child would
+    # inherit that (a test run from `make test-slow &` saw no signal at all)
     proc = subprocess.Popen([sys.executable, "-m", "generator", *args[1:]], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while len(list(out.glob("*.done.json"))) < 4 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
