@@ -86,10 +86,7 @@ class Run:
     @property
     def dm_step(self) -> int | None:
         """The training step of a DM snapshot (`dm train --snapshot-steps`); None for a DM's final export."""
-        path = Path(self.dm or "")
-        if path.parent.name != dmrun.SNAPSHOTS_DIR or not path.name.startswith("step-"):
-            return None
-        return int(path.name.removeprefix("step-"))
+        return dmrun.snapshot_step(self.dm) if self.dm else None
 
     @property
     def dm_name(self) -> str:

@@ -90,8 +90,7 @@ def dm_table(runs: list[Run]) -> list[str]:
             "|---|---|---|---|---|---|", *rows, ""]
 
 
-PERMUTATIONS = 9999
-EXACT_PERMUTATION_N = 7  # 7! = 5040 pairings, fewer than PERMUTATIONS: scipy then enumerates them all
+PERMUTATIONS = 9999  # scipy enumerates every pairing instead when there are no more (n! <= 9999: n <= 7)
 
 
 def rank_correlation(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -101,7 +100,7 @@ def rank_correlation(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
     result = permutation_test((xs,), lambda x: spearmanr(x, ys).statistic, permutation_type="pairings",
                               n_resamples=PERMUTATIONS, rng=numpy_rng(0, "report-permutation"))
-    return float(spearmanr(xs, ys).statistic), float(result.pvalue)
+    return float(result.statistic), float(result.pvalue)
 
 
 def dm_quality_section(runs: list[Run], study_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
@@ -116,7 +115,7 @@ def dm_quality_section(runs: list[Run], study_dir: Path) -> tuple[list[str], lis
         return [], []
     outcome = {"test_elbo": "test ELBO", **{k: k for k in GAP_KEYS}}
     plt, fig, axes = figure(len(outcome), len(DM_SCORE_KEYS), figsize=(4 * len(DM_SCORE_KEYS), 3.3 * len(outcome)))
-    pairings = (f"exact: all {math.factorial(len(dms))} pairings" if len(dms) <= EXACT_PERMUTATION_N
+    pairings = (f"exact: all {math.factorial(len(dms))} pairings" if math.factorial(len(dms)) <= PERMUTATIONS
                 else f"from {PERMUTATIONS} random pairings")
     lines = ["## How much the DM's quality matters", "",
              "Each point is one DM (mean ± sd over its VAE seeds). Spearman rank correlation of each DM score with "

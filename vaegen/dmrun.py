@@ -50,6 +50,14 @@ def snapshot_dir(out: str | os.PathLike, step: int) -> Path:
     return Path(out) / SNAPSHOTS_DIR / f"step-{step:08d}"
 
 
+def snapshot_step(path: str | os.PathLike) -> int | None:
+    """The step of a `snapshot_dir`; None for any other DM directory (a training run's final export)."""
+    path = Path(path)
+    if path.parent.name != SNAPSHOTS_DIR or not path.name.startswith("step-"):
+        return None
+    return int(path.name.removeprefix("step-"))
+
+
 def checkpoint_dir(out: str | os.PathLike) -> Path:
     return Path(out) / CHECKPOINTS_DIR
 

@@ -53,7 +53,7 @@ PURPOSES: dict[str, tuple[int, int]] = {
     "eval-probe-split": (46, 0),       # which half of D_test fits the probes
     # studies
     "report-bootstrap": (60, 0),       # bootstrap resamples of seeds in a study report
-    "report-permutation": (61, 0),     # random pairings of a rank correlation's permutation test (n > 7)
+    "report-permutation": (61, 0),     # random pairings of a rank correlation's permutation test (n! > 9999)
 }
 
 SPLIT = {"train": 0, "test": 1, "validation": 2}
